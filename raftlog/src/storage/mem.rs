@@ -1,0 +1,1 @@
+//! Simulated in-memory log store (to be written).

@@ -1,0 +1,1 @@
+//! Per-core WAL (to be written).

@@ -1,0 +1,2 @@
+//! bd-server library: NBD front end, admin, HTTP status.
+pub mod nbd;

@@ -1,0 +1,1 @@
+//! bd end-to-end and simulation tests.
