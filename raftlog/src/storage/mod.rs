@@ -38,8 +38,10 @@ pub trait LogStore {
     fn set_hard_state(&mut self, group: GroupId, hs: HardState) -> Result<(), Self::Error>;
     /// Drops `group`'s entries `<= index` (after a snapshot covering them).
     /// `term` is the term of the entry at `index`. If `index` is beyond the
-    /// last entry the whole log is dropped and the next append must start at
-    /// `index + 1` (installing a snapshot that does not match the log).
+    /// last entry, or the log's entry at `index` has a term other than
+    /// `term`, the whole log is dropped (installing a snapshot that does not
+    /// match the log: raft's rule is to discard it) and the next append must
+    /// start at `index + 1`.
     fn compact(&mut self, group: GroupId, index: Index, term: Term) -> Result<(), Self::Error>;
     /// Removes `group` and all its entries (the group was deleted).
     fn remove_group(&mut self, group: GroupId) -> Result<(), Self::Error>;
