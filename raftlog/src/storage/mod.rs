@@ -14,6 +14,7 @@
 
 use crate::core::types::{Entry, GroupId, HardState, Index, Term};
 
+pub mod conformance;
 pub mod mem;
 
 /// What a group's log looks like after recovery.
