@@ -1,0 +1,81 @@
+//! What the application plugs into the snapshot path: a source on the sending node, a receiver (and the
+//! sinks it opens) on the receiving node.
+
+use std::io;
+
+use bytes::Bytes;
+
+use crate::{GroupId, NodeId};
+
+/// Produces a snapshot's bytes at any offset, so a transfer can resume wherever the receiver left off.
+///
+/// Called from the task that awaits [`crate::Transport::send_snapshot`], one chunk
+/// (`snapshot_chunk_bytes`) at a time; a slow read only slows that transfer.
+pub trait SnapshotSource: Send {
+    /// Fills `buf` with the bytes at `offset..offset + buf.len()`; the range is always within `total_len`.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+impl SnapshotSource for Bytes {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        read_slice(self, offset, buf)
+    }
+}
+
+impl SnapshotSource for Vec<u8> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        read_slice(self, offset, buf)
+    }
+}
+
+fn read_slice(data: &[u8], offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let src = start
+        .checked_add(buf.len())
+        .and_then(|end| data.get(start..end))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of snapshot"))?;
+    buf.copy_from_slice(src);
+    Ok(())
+}
+
+/// A snapshot offered by a peer (sent again on every resume).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotOffer {
+    pub from: NodeId,
+    pub group: GroupId,
+    pub snapshot_id: u64,
+    pub total_len: u64,
+}
+
+/// The receiving application: decides whether to take a snapshot and where its bytes go.
+pub trait SnapshotReceiver: Send + Sync + 'static {
+    /// Called for every offer, including the re-offer after a reconnect. To make a transfer resumable, return
+    /// a sink over the partial data kept from the earlier attempt of the same `(from, group, snapshot_id)`;
+    /// its [`SnapshotSink::durable_offset`] tells the sender where to continue. An error rejects the offer
+    /// (the sender's `send_snapshot` fails without retrying).
+    fn open(&self, offer: &SnapshotOffer) -> io::Result<Box<dyn SnapshotSink>>;
+}
+
+/// Where one transfer's verified chunks go. Called from the transport's connection task, one chunk at a
+/// time, in offset order; keep each call short (a write of one chunk).
+pub trait SnapshotSink: Send {
+    /// Bytes `0..durable_offset` are stored durably already; the sender resumes from here. Called once,
+    /// right after `open`. Must not exceed the offer's `total_len`.
+    fn durable_offset(&self) -> u64;
+    /// Stores `data` at `offset`. Offsets arrive contiguously from `durable_offset`, each chunk crc-checked.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// All `total_len` bytes have arrived: make them durable and hand the snapshot to the application.
+    /// The sender's `send_snapshot` succeeds only after this returned `Ok`.
+    fn finish(&mut self) -> io::Result<()>;
+}
+
+/// What a completed `send_snapshot` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotSent {
+    /// Streams opened (1 when nothing was interrupted).
+    pub attempts: u32,
+    /// The offset the receiver asked to start from, per attempt.
+    pub start_offsets: Vec<u64>,
+    /// Payload bytes written to the network over all attempts.
+    pub bytes_sent: u64,
+}
