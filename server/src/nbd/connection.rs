@@ -1,0 +1,89 @@
+//! One client connection from accept to close: socket setup, handshake under a deadline, then
+//! the transmission phase. Whatever goes wrong ends here with one log line; it never reaches
+//! the listener or other connections.
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use super::backend::ExportRegistry;
+use super::server::{NbdConfig, ShutdownSignal};
+use super::{handshake, transmission};
+use crate::error::Error;
+
+/// Socket read buffer: holds many small request headers, so pipelined requests cost one read.
+const READ_BUFFER_BYTES: usize = 256 << 10;
+/// Socket write buffer: batches reply headers; large read payloads bypass it.
+const WRITE_BUFFER_BYTES: usize = 256 << 10;
+
+pub(crate) async fn serve<R: ExportRegistry>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    registry: Arc<R>,
+    config: Arc<NbdConfig>,
+    shutdown: ShutdownSignal,
+) {
+    // Small replies must not wait for Nagle; the spec asks both sides to disable it.
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!("cannot set TCP_NODELAY: {e}");
+    }
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
+    let mut wr = BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr);
+
+    let deadline = Duration::from_millis(config.handshake_timeout_ms);
+    let negotiated = tokio::time::timeout(
+        deadline,
+        handshake::negotiate(&mut rd, &mut wr, &*registry, &config, peer, &shutdown),
+    )
+    .await;
+    let session = match negotiated {
+        Err(_) => {
+            warn!(
+                timeout_ms = config.handshake_timeout_ms,
+                "NBD handshake timed out; closing"
+            );
+            return;
+        }
+        Ok(Err(e)) => {
+            log_end(&e);
+            return;
+        }
+        Ok(Ok(None)) => {
+            debug!("client left during the handshake");
+            return;
+        }
+        Ok(Ok(Some(session))) => session,
+    };
+    let export = session.export.clone();
+    info!(
+        export,
+        size = session.size,
+        flags = session.flags,
+        "NBD client attached"
+    );
+    match transmission::run(&mut rd, wr, session, &config, shutdown, peer).await {
+        Ok(()) => info!(export, "NBD client detached"),
+        Err(e) => log_end(&e),
+    }
+}
+
+/// A vanished peer is routine; a protocol violation is worth a warning.
+fn log_end(e: &Error) {
+    match e {
+        Error::NbdIo { source, .. }
+            if matches!(
+                source.kind(),
+                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+            ) =>
+        {
+            debug!("NBD connection ended: {e}")
+        }
+        _ => warn!("NBD connection closed: {e}"),
+    }
+}
