@@ -796,6 +796,11 @@ impl Inner {
                     self.install(&peer, link);
                     continue;
                 }
+                Ok(Err(e)) if peer.live_link().is_some() => {
+                    // Lost the tie-break to the peer's own dial: expected, not a failure.
+                    debug!(peer = %peer.name(), "dial superseded by the peer's connection: {e}");
+                    continue;
+                }
                 Ok(Err(e)) => {
                     peer.counters.connect_failures.fetch_add(1, Ordering::Relaxed);
                     warn!(peer = %peer.name(), retry_in = ?backoff, "dial failed: {e}");
