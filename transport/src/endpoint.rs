@@ -93,17 +93,26 @@ impl Config {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(m.to_string()));
-        if self.frame_bytes_max < wire::FRAME_HEADER_BYTES || self.frame_bytes_max > u32::MAX as usize {
+        if self.frame_bytes_max < wire::FRAME_HEADER_BYTES
+            || self.frame_bytes_max > u32::MAX as usize
+        {
             return bad("frame_bytes_max must be between 9 and 2^32-1");
         }
-        if self.snapshot_chunk_bytes == 0 || self.snapshot_chunk_bytes > self.snapshot_chunk_bytes_max {
+        if self.snapshot_chunk_bytes == 0
+            || self.snapshot_chunk_bytes > self.snapshot_chunk_bytes_max
+        {
             return bad("snapshot_chunk_bytes must be in 1..=snapshot_chunk_bytes_max");
         }
         if self.snapshot_chunk_bytes_max > u32::MAX as usize {
             return bad("snapshot_chunk_bytes_max must fit in u32");
         }
-        if self.flush_bytes_max == 0 || self.recv_queue_frames_max == 0 || self.snapshot_attempts_max == 0 {
-            return bad("flush_bytes_max, recv_queue_frames_max and snapshot_attempts_max must be positive");
+        if self.flush_bytes_max == 0
+            || self.recv_queue_frames_max == 0
+            || self.snapshot_attempts_max == 0
+        {
+            return bad(
+                "flush_bytes_max, recv_queue_frames_max and snapshot_attempts_max must be positive",
+            );
         }
         if self.keep_alive >= self.idle_timeout {
             return bad("keep_alive must be shorter than idle_timeout");
@@ -182,7 +191,10 @@ impl Peer {
     fn name(&self) -> PeerName {
         let addr = *self.addr.lock().expect("addr lock");
         let addr = addr.or_else(|| self.link.borrow().as_ref().map(|l| l.conn.remote_address()));
-        PeerName { node: self.id, addr }
+        PeerName {
+            node: self.id,
+            addr,
+        }
     }
 
     async fn stopped(&self) {
@@ -222,7 +234,10 @@ fn transport_config(cfg: &Config) -> Result<quinn::TransportConfig> {
     };
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(varint(cfg.stream_window_bytes, "stream_window_bytes")?);
-    t.receive_window(varint(cfg.connection_window_bytes, "connection_window_bytes")?);
+    t.receive_window(varint(
+        cfg.connection_window_bytes,
+        "connection_window_bytes",
+    )?);
     t.send_window(cfg.connection_window_bytes);
     t.keep_alive_interval(Some(cfg.keep_alive));
     t.max_idle_timeout(Some(
@@ -303,12 +318,14 @@ impl Transport {
             }
         }
         let tcfg = Arc::new(transport_config(&cfg)?);
-        let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_crypto(&security)?)
-            .map_err(|e| Error::Tls(e.to_string()))?;
+        let server_crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_crypto(&security)?)
+                .map_err(|e| Error::Tls(e.to_string()))?;
         let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server_cfg.transport_config(tcfg.clone());
-        let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls::client_crypto(&security)?)
-            .map_err(|e| Error::Tls(e.to_string()))?;
+        let client_crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls::client_crypto(&security)?)
+                .map_err(|e| Error::Tls(e.to_string()))?;
         let mut client_cfg = quinn::ClientConfig::new(Arc::new(client_crypto));
         client_cfg.transport_config(tcfg);
 
@@ -326,7 +343,11 @@ impl Transport {
         let (tx, rx) = mpsc::channel(cfg.recv_queue_frames_max);
         let burst = cfg.snapshot_chunk_bytes as u64;
         let inner = Arc::new(Inner {
-            throttle: Mutex::new(TokenBucket::new(cfg.snapshot_bytes_per_sec_max, burst, Instant::now())),
+            throttle: Mutex::new(TokenBucket::new(
+                cfg.snapshot_bytes_per_sec_max,
+                burst,
+                Instant::now(),
+            )),
             cfg,
             endpoint,
             client_cfg,
@@ -369,7 +390,8 @@ impl Transport {
         if let Some(peer) = peer {
             peer.stop.send_replace(true);
             if let Some(link) = peer.link.send_replace(None) {
-                link.conn.close(VarInt::from_u32(code::BY_REQUEST), b"peer removed");
+                link.conn
+                    .close(VarInt::from_u32(code::BY_REQUEST), b"peer removed");
             }
         }
     }
@@ -421,13 +443,17 @@ impl Transport {
     pub fn disconnect(&self, node: NodeId) {
         if let Ok(peer) = self.inner.peer(node) {
             if let Some(link) = peer.live_link() {
-                link.conn.close(VarInt::from_u32(code::BY_REQUEST), b"disconnect requested");
+                link.conn
+                    .close(VarInt::from_u32(code::BY_REQUEST), b"disconnect requested");
             }
         }
     }
 
     pub fn is_connected(&self, node: NodeId) -> bool {
-        self.inner.peer(node).map(|p| p.live_link().is_some()).unwrap_or(false)
+        self.inner
+            .peer(node)
+            .map(|p| p.live_link().is_some())
+            .unwrap_or(false)
     }
 
     /// Waits until a connection to `node` is up, or `timeout` passes. Returns whether it is up.
@@ -563,7 +589,12 @@ async fn read_full(recv: &mut RecvStream, buf: &mut [u8]) -> std::result::Result
         match recv.read(&mut buf[filled..]).await {
             Ok(Some(n)) => filled += n,
             Ok(None) if filled == 0 => return Ok(false),
-            Ok(None) => return Err(format!("stream ended after {filled} of {} bytes", buf.len())),
+            Ok(None) => {
+                return Err(format!(
+                    "stream ended after {filled} of {} bytes",
+                    buf.len()
+                ))
+            }
             Err(e) => return Err(e.to_string()),
         }
     }
@@ -681,10 +712,14 @@ impl Inner {
             let inner = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                match tokio::time::timeout(inner.cfg.handshake_timeout, inner.accept_one(incoming)).await {
+                match tokio::time::timeout(inner.cfg.handshake_timeout, inner.accept_one(incoming))
+                    .await
+                {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => warn!(remote = %remote, "rejected incoming connection: {e}"),
-                    Err(_) => warn!(remote = %remote, "rejected incoming connection: handshake timed out"),
+                    Err(_) => {
+                        warn!(remote = %remote, "rejected incoming connection: handshake timed out")
+                    }
                 }
             });
         }
@@ -699,12 +734,10 @@ impl Inner {
         };
         // A TLS failure here (no certificate, or one not signed by the cluster CA) is the rejection of a node
         // without a valid certificate; the caller logs it with the remote address.
-        let conn = incoming
-            .await
-            .map_err(|e| Error::Connect {
-                peer: anon,
-                reason: format!("TLS handshake failed: {e}"),
-            })?;
+        let conn = incoming.await.map_err(|e| Error::Connect {
+            peer: anon,
+            reason: format!("TLS handshake failed: {e}"),
+        })?;
         let reject = |reason: String| {
             conn.close(VarInt::from_u32(code::HELLO_REJECTED), reason.as_bytes());
             Error::HelloRejected { peer: anon, reason }
@@ -736,7 +769,12 @@ impl Inner {
         } else if !self.insecure() {
             return Err(reject("no client certificate".into()));
         }
-        if send.write_all(&wire::encode_hello(self.cfg.node)).await.is_err() || send.finish().is_err() {
+        if send
+            .write_all(&wire::encode_hello(self.cfg.node))
+            .await
+            .is_err()
+            || send.finish().is_err()
+        {
             return Err(Error::Connect {
                 peer: PeerName {
                     node: claimed,
@@ -802,11 +840,15 @@ impl Inner {
                     continue;
                 }
                 Ok(Err(e)) => {
-                    peer.counters.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    peer.counters
+                        .connect_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     warn!(peer = %peer.name(), retry_in = ?backoff, "dial failed: {e}");
                 }
                 Err(_) => {
-                    peer.counters.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    peer.counters
+                        .connect_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     warn!(peer = %peer.name(), retry_in = ?backoff, "dial timed out");
                 }
             }
@@ -848,7 +890,8 @@ impl Inner {
         read_exact_msg(&mut recv, &mut ack)
             .await
             .map_err(|e| connect_err(format!("waiting for hello answer: {e}")))?;
-        let answered = wire::decode_hello(&ack).map_err(|e| connect_err(format!("malformed hello answer: {e}")))?;
+        let answered = wire::decode_hello(&ack)
+            .map_err(|e| connect_err(format!("malformed hello answer: {e}")))?;
         if answered != peer.id {
             conn.close(VarInt::from_u32(code::HELLO_REJECTED), b"wrong node");
             return Err(connect_err(format!("answered as node {answered}")));
@@ -879,7 +922,10 @@ impl Inner {
         // Forget the connection unless a newer one already replaced it.
         let mut cleared = false;
         peer.link.send_if_modified(|cur| {
-            if cur.as_ref().is_some_and(|l| l.conn.stable_id() == conn.stable_id()) {
+            if cur
+                .as_ref()
+                .is_some_and(|l| l.conn.stable_id() == conn.stable_id())
+            {
                 *cur = None;
                 cleared = true;
             }
@@ -900,7 +946,11 @@ impl Inner {
         match read_full(&mut recv, &mut kind).await {
             Ok(true) if kind[0] == wire::STREAM_FRAMES => {}
             Ok(true) => {
-                return self.protocol_violation(&peer, &conn, &format!("unknown unidirectional stream kind {}", kind[0]))
+                return self.protocol_violation(
+                    &peer,
+                    &conn,
+                    &format!("unknown unidirectional stream kind {}", kind[0]),
+                )
             }
             _ => return,
         }
@@ -910,14 +960,25 @@ impl Inner {
             loop {
                 match wire::decode_frame(&mut buf, max) {
                     Ok(Some(frame)) => {
-                        peer.counters.frames_received.fetch_add(1, Ordering::Relaxed);
-                        let msg = Received { from: peer.id, frame };
+                        peer.counters
+                            .frames_received
+                            .fetch_add(1, Ordering::Relaxed);
+                        let msg = Received {
+                            from: peer.id,
+                            frame,
+                        };
                         if self.received.send(msg).await.is_err() {
                             return; // The application dropped its receiver: shutting down.
                         }
                     }
                     Ok(None) => break,
-                    Err(e) => return self.protocol_violation(&peer, &conn, &format!("malformed frame: {e}")),
+                    Err(e) => {
+                        return self.protocol_violation(
+                            &peer,
+                            &conn,
+                            &format!("malformed frame: {e}"),
+                        )
+                    }
                 }
             }
             match recv.read_chunk(max.min(1 << 20), true).await {
@@ -960,11 +1021,16 @@ impl Inner {
                 }
                 continue;
             }
-            if stream.as_ref().is_none_or(|(id, _)| *id != link.conn.stable_id()) {
+            if stream
+                .as_ref()
+                .is_none_or(|(id, _)| *id != link.conn.stable_id())
+            {
                 stream = match open_frame_stream(&link.conn).await {
                     Ok(s) => Some((link.conn.stable_id(), s)),
                     Err(e) => {
-                        peer.counters.frames_dropped.fetch_add(frames, Ordering::Relaxed);
+                        peer.counters
+                            .frames_dropped
+                            .fetch_add(frames, Ordering::Relaxed);
                         debug!(peer = %peer.name(), "opening frame stream failed: {e}");
                         batch.clear();
                         continue;
@@ -974,13 +1040,19 @@ impl Inner {
             let (_, send) = stream.as_mut().expect("stream just ensured");
             match send.write_all(&batch).await {
                 Ok(()) => {
-                    peer.counters.frames_sent.fetch_add(frames, Ordering::Relaxed);
-                    peer.counters.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+                    peer.counters
+                        .frames_sent
+                        .fetch_add(frames, Ordering::Relaxed);
+                    peer.counters
+                        .bytes_sent
+                        .fetch_add(bytes as u64, Ordering::Relaxed);
                     peer.counters.flushes.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     // The connection is going away; raft retransmits, so the batch is dropped, not requeued.
-                    peer.counters.frames_dropped.fetch_add(frames, Ordering::Relaxed);
+                    peer.counters
+                        .frames_dropped
+                        .fetch_add(frames, Ordering::Relaxed);
                     debug!(peer = %peer.name(), "frame write failed: {e}");
                     stream = None;
                 }
@@ -996,7 +1068,10 @@ impl Inner {
         mut send: SendStream,
         mut recv: RecvStream,
     ) {
-        match self.receive_snapshot_inner(&peer, &mut send, &mut recv).await {
+        match self
+            .receive_snapshot_inner(&peer, &mut send, &mut recv)
+            .await
+        {
             Ok(()) => {}
             Err(SnapshotRecvError::Interrupted(reason)) => {
                 debug!(peer = %peer.name(), %reason, "snapshot stream interrupted");
@@ -1007,7 +1082,11 @@ impl Inner {
                 let _ = recv.stop(VarInt::from_u32(code::SNAPSHOT_ABORTED));
             }
             Err(SnapshotRecvError::NotSnapshot(kind)) => {
-                self.protocol_violation(&peer, &conn, &format!("unknown bidirectional stream kind {kind}"));
+                self.protocol_violation(
+                    &peer,
+                    &conn,
+                    &format!("unknown bidirectional stream kind {kind}"),
+                );
             }
         }
     }
@@ -1041,7 +1120,9 @@ impl Inner {
             Ok(s) => s,
             Err(e) => {
                 warn!(peer = %peer.name(), group = offer.group, snapshot_id = offer.snapshot_id, "snapshot offer rejected: {e}");
-                let _ = send.write_all(&wire::encode_snapshot_reply(wire::SNAPSHOT_REJECTED, 0)).await;
+                let _ = send
+                    .write_all(&wire::encode_snapshot_reply(wire::SNAPSHOT_REJECTED, 0))
+                    .await;
                 let _ = send.finish();
                 return Ok(());
             }
@@ -1053,9 +1134,12 @@ impl Inner {
                 offer.total_len
             )));
         }
-        send.write_all(&wire::encode_snapshot_reply(wire::SNAPSHOT_RESUME_AT, offset))
-            .await
-            .map_err(|e| Interrupted(e.to_string()))?;
+        send.write_all(&wire::encode_snapshot_reply(
+            wire::SNAPSHOT_RESUME_AT,
+            offset,
+        ))
+        .await
+        .map_err(|e| Interrupted(e.to_string()))?;
         debug!(peer = %peer.name(), group = offer.group, snapshot_id = offer.snapshot_id, offset, "receiving snapshot");
         let mut data = Vec::new();
         loop {
@@ -1066,7 +1150,10 @@ impl Inner {
             let h = wire::ChunkHeader::decode(&raw);
             let len = h.len as usize;
             if h.offset != offset {
-                return Err(Violation(format!("chunk at offset {} but expected {offset}", h.offset)));
+                return Err(Violation(format!(
+                    "chunk at offset {} but expected {offset}",
+                    h.offset
+                )));
             }
             if len == 0 || len > self.cfg.snapshot_chunk_bytes_max {
                 return Err(Violation(format!(
@@ -1101,7 +1188,8 @@ impl Inner {
                 offer.total_len
             )));
         }
-        sink.finish().map_err(|e| Violation(format!("sink finish: {e}")))?;
+        sink.finish()
+            .map_err(|e| Violation(format!("sink finish: {e}")))?;
         send.write_all(&wire::encode_snapshot_reply(wire::SNAPSHOT_DONE, offset))
             .await
             .map_err(|e| Interrupted(e.to_string()))?;
@@ -1128,7 +1216,9 @@ impl Inner {
         head[1..].copy_from_slice(&offer.encode());
         send.write_all(&head).await.map_err(|e| retry(&e))?;
         let mut reply = [0u8; wire::SNAPSHOT_REPLY_BYTES];
-        read_exact_msg(&mut recv, &mut reply).await.map_err(|e| retry(&e))?;
+        read_exact_msg(&mut recv, &mut reply)
+            .await
+            .map_err(|e| retry(&e))?;
         let (status, mut offset) = wire::decode_snapshot_reply(&reply).map_err(|e| retry(&e))?;
         match status {
             wire::SNAPSHOT_REJECTED => return Err(Rejected("receiver rejected the offer".into())),
@@ -1164,12 +1254,16 @@ impl Inner {
                 Bytes::copy_from_slice(&header.encode()),
                 Bytes::copy_from_slice(chunk),
             ];
-            send.write_all_chunks(&mut parts).await.map_err(|e| retry(&e))?;
+            send.write_all_chunks(&mut parts)
+                .await
+                .map_err(|e| retry(&e))?;
             sent.bytes_sent += len as u64;
             offset += len as u64;
         }
         send.finish().map_err(|e| retry(&e))?;
-        read_exact_msg(&mut recv, &mut reply).await.map_err(|e| retry(&e))?;
+        read_exact_msg(&mut recv, &mut reply)
+            .await
+            .map_err(|e| retry(&e))?;
         match wire::decode_snapshot_reply(&reply).map_err(|e| retry(&e))? {
             (wire::SNAPSHOT_DONE, _) => Ok(()),
             (status, off) => Err(Retry(format!("unexpected final status {status} at {off}"))),
@@ -1199,7 +1293,10 @@ fn take_batch(peer: &Peer, flush_bytes_max: usize, batch: &mut BytesMut) -> (u64
     let mut q = peer.queue.lock().expect("queue lock");
     let mut frames = 0u64;
     let q = &mut *q;
-    for (lane, lane_bytes) in [(&mut q.control, &mut q.control_bytes), (&mut q.data, &mut q.data_bytes)] {
+    for (lane, lane_bytes) in [
+        (&mut q.control, &mut q.control_bytes),
+        (&mut q.data, &mut q.data_bytes),
+    ] {
         while let Some(f) = lane.front() {
             if frames > 0 && batch.len() + f.wire_len() > flush_bytes_max {
                 return (frames, batch.len());

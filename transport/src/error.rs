@@ -45,7 +45,9 @@ pub enum Error {
     MissingPem { what: &'static str, path: PathBuf },
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("insecure mode refused on non-loopback address {addr}: it is only for a local dev cluster")]
+    #[error(
+        "insecure mode refused on non-loopback address {addr}: it is only for a local dev cluster"
+    )]
     InsecureNotLoopback { addr: SocketAddr },
     #[error("unknown peer node {node}")]
     UnknownPeer { node: NodeId },

@@ -57,8 +57,16 @@ mod tests {
     fn burst_then_rate() {
         let t0 = Instant::now();
         let mut b = TokenBucket::new(1_000_000, 100_000, t0);
-        assert_eq!(b.reserve(t0, 100_000), Duration::ZERO, "a full burst goes out at once");
-        assert_eq!(ms(b.reserve(t0, 500_000)), 500, "then 500 KB at 1 MB/s takes 500 ms");
+        assert_eq!(
+            b.reserve(t0, 100_000),
+            Duration::ZERO,
+            "a full burst goes out at once"
+        );
+        assert_eq!(
+            ms(b.reserve(t0, 500_000)),
+            500,
+            "then 500 KB at 1 MB/s takes 500 ms"
+        );
         // A second sender queued behind the first waits for both reservations.
         assert_eq!(ms(b.reserve(t0, 250_000)), 750);
         // After the debt is paid off time refills the bucket again, but never above the burst.
@@ -80,7 +88,10 @@ mod tests {
         }
         let elapsed = now.duration_since(t0).as_secs_f64();
         let expected = (sent - 131_072) as f64 / 1_000_000.0;
-        assert!((elapsed - expected).abs() < 0.01, "elapsed {elapsed} expected {expected}");
+        assert!(
+            (elapsed - expected).abs() < 0.01,
+            "elapsed {elapsed} expected {expected}"
+        );
     }
 
     #[test]

@@ -109,7 +109,11 @@ pub fn init_ca(dir: &Path) -> Result<PathBuf> {
     validity(&mut params, CA_VALID_YEARS);
     let cert = params.self_signed(&key)?;
     let cert_path = dir.join(CA_CERT_FILE);
-    write_new(&dir.join(CA_KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(
+        &dir.join(CA_KEY_FILE),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
     write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
     Ok(cert_path)
 }
@@ -142,11 +146,19 @@ pub fn issue_cert(ca_dir: &Path, node: NodeId, out_dir: &Path) -> Result<()> {
     let cert = params.signed_by(&key, &issuer, &ca_key)?;
 
     let roots = roots_from_pem(ca_pem.as_bytes(), &ca_cert_path)?;
-    verify_chain(cert.der(), &roots)
-        .map_err(|e| Error::Tls(format!("issued cert does not verify against {}: {e}", ca_cert_path.display())))?;
+    verify_chain(cert.der(), &roots).map_err(|e| {
+        Error::Tls(format!(
+            "issued cert does not verify against {}: {e}",
+            ca_cert_path.display()
+        ))
+    })?;
 
     fs::create_dir_all(out_dir).map_err(io_err("creating directory", out_dir))?;
-    write_new(&out_dir.join(NODE_KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(
+        &out_dir.join(NODE_KEY_FILE),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
     write_new(&out_dir.join(NODE_CERT_FILE), cert.pem().as_bytes(), 0o644)?;
     let ca_copy = out_dir.join(CA_CERT_FILE);
     if ca_copy != ca_cert_path {
@@ -311,9 +323,10 @@ pub fn server_crypto(security: &Security) -> Result<rustls::ServerConfig> {
     let provider = ring();
     let mut cfg = match security {
         Security::MutualTls(id) => {
-            let verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone())
-                .build()
-                .map_err(|e| Error::Tls(e.to_string()))?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone())
+                    .build()
+                    .map_err(|e| Error::Tls(e.to_string()))?;
             tls13_server(provider)?
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(id.cert_chain.clone(), id.key.clone_key())
@@ -399,7 +412,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
         init_ca(&ca).unwrap();
-        assert!(init_ca(&ca).is_err(), "an existing CA must not be overwritten");
+        assert!(
+            init_ca(&ca).is_err(),
+            "an existing CA must not be overwritten"
+        );
         let n7 = dir.path().join("n7");
         issue_cert(&ca, 7, &n7).unwrap();
         let id = NodeIdentity::load(&n7, 7).unwrap();
@@ -411,11 +427,8 @@ mod tests {
 
         let other_ca = dir.path().join("other");
         init_ca(&other_ca).unwrap();
-        let other_roots = roots_from_pem(
-            &fs::read(other_ca.join(CA_CERT_FILE)).unwrap(),
-            &other_ca,
-        )
-        .unwrap();
+        let other_roots =
+            roots_from_pem(&fs::read(other_ca.join(CA_CERT_FILE)).unwrap(), &other_ca).unwrap();
         assert!(verify_chain(&id.cert_chain[0], &other_roots).is_err());
         assert!(verify_chain(&id.cert_chain[0], &id.roots).is_ok());
     }
@@ -434,7 +447,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         init_ca(dir.path()).unwrap();
         issue_cert(dir.path(), 1, &dir.path().join("n1")).unwrap();
-        for p in [dir.path().join(CA_KEY_FILE), dir.path().join("n1").join(NODE_KEY_FILE)] {
+        for p in [
+            dir.path().join(CA_KEY_FILE),
+            dir.path().join("n1").join(NODE_KEY_FILE),
+        ] {
             let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", p.display());
         }

@@ -97,7 +97,10 @@ impl Frame {
 /// Takes one complete frame off the front of `buf`, or returns `Ok(None)` if more bytes are needed.
 /// The length prefix is checked before any payload is buffered, so an oversized claim is refused
 /// without allocating for it.
-pub fn decode_frame(buf: &mut BytesMut, frame_bytes_max: usize) -> Result<Option<Frame>, Malformed> {
+pub fn decode_frame(
+    buf: &mut BytesMut,
+    frame_bytes_max: usize,
+) -> Result<Option<Frame>, Malformed> {
     if buf.len() < FRAME_LEN_BYTES {
         return Ok(None);
     }

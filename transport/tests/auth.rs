@@ -2,51 +2,18 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use quinn::{ConnectionError, VarInt};
-use transport::tls::{client_crypto, node_dns_name};
 use transport::wire::{self, code};
-use transport::{Frame, Lane, NodeId, NodeIdentity, Security};
-
-/// A bare quinn client presenting `id`'s certificate, for speaking (or breaking) the protocol by hand.
-async fn raw_connect(
-    id: NodeIdentity,
-    server: SocketAddr,
-    server_node: NodeId,
-) -> Result<quinn::Connection, ConnectionError> {
-    let crypto = client_crypto(&Security::MutualTls(id)).unwrap();
-    let cfg = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
-    ));
-    let ep = quinn::Endpoint::client(loopback()).unwrap();
-    ep.connect_with(cfg, server, &node_dns_name(server_node)).unwrap().await
-}
-
-/// Sends a hello claiming `claim`; returns the node id the server answers with.
-async fn hello(conn: &quinn::Connection, claim: NodeId) -> Result<NodeId, String> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(&wire::encode_hello(claim)).await.map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())?;
-    let mut ack = [0u8; wire::HELLO_BYTES];
-    recv.read_exact(&mut ack).await.map_err(|e| e.to_string())?;
-    wire::decode_hello(&ack).map_err(|e| e.to_string())
-}
-
-async fn closed_with(conn: &quinn::Connection, expected: u32) {
-    let reason = tokio::time::timeout(WAIT, conn.closed()).await.expect("server did not close");
-    match reason {
-        ConnectionError::ApplicationClosed(c) => assert_eq!(c.error_code, VarInt::from_u32(expected), "{c:?}"),
-        other => panic!("expected application close {expected}, got {other}"),
-    }
-}
+use transport::{Frame, Lane, Security};
 
 /// Nodes 1 and 2 still talk to each other.
 async fn still_serving(nodes: &mut [Node]) {
-    nodes[1].t.send(1, Frame::new(4, 4, "still here"), Lane::Control).unwrap();
+    nodes[1]
+        .t
+        .send(1, Frame::new(4, 4, "still here"), Lane::Control)
+        .unwrap();
     let m = recv(&mut nodes[0]).await;
     assert_eq!((m.from, m.frame.payload.as_ref()), (2, &b"still here"[..]));
 }
@@ -64,7 +31,10 @@ async fn certificate_from_another_ca_is_rejected_and_logged() {
     let mut rogue = rogue_pki.identity(3);
     rogue.roots = pki.identity(1).roots.clone();
     if let Ok(conn) = raw_connect(rogue, server, 1).await {
-        assert!(hello(&conn, 3).await.is_err(), "a rejected client must never get a hello answer");
+        assert!(
+            hello(&conn, 3).await.is_err(),
+            "a rejected client must never get a hello answer"
+        );
         if let Ok(mut s) = conn.open_uni().await {
             let mut buf = bytes::BytesMut::from(&[wire::STREAM_FRAMES][..]);
             Frame::new(1, 1, "sneaky").encode_into(&mut buf);
@@ -75,14 +45,21 @@ async fn certificate_from_another_ca_is_rejected_and_logged() {
     let rogue_node = start(fast_config(3), Security::MutualTls(rogue_pki.identity(3)));
     rogue_node.t.add_peer(1, server).unwrap();
     let _ = rogue_node.t.send(1, Frame::new(1, 1, "sneaky"), Lane::Data);
-    assert!(!rogue_node.t.wait_connected(1, Duration::from_millis(500)).await);
+    assert!(
+        !rogue_node
+            .t
+            .wait_connected(1, Duration::from_millis(500))
+            .await
+    );
     assert!(rogue_node.t.peer_stats(1).unwrap().connect_failures > 0);
 
     assert_silent(&mut nodes[0], Duration::from_millis(200)).await;
     still_serving(&mut nodes).await;
     let text = logs.text();
     assert!(
-        text.lines().any(|l| l.contains("WARN") && l.contains("rejected incoming connection") && l.contains("127.0.0.1")),
+        text.lines().any(|l| l.contains("WARN")
+            && l.contains("rejected incoming connection")
+            && l.contains("127.0.0.1")),
         "rejection must be logged with the remote address:\n{text}"
     );
 }
@@ -99,7 +76,9 @@ async fn hello_claiming_another_node_than_the_certificate_is_rejected() {
     let err = hello(&conn, 2).await.unwrap_err();
     assert!(!err.is_empty());
     closed_with(&conn, code::HELLO_REJECTED).await;
-    assert!(logs.text().contains("hello claims node 2 but the certificate is not for node-2.bd.local"));
+    assert!(logs
+        .text()
+        .contains("hello claims node 2 but the certificate is not for node-2.bd.local"));
 
     // Claiming our own id, or the server's id, is refused the same way.
     let conn = raw_connect(pki.identity(3), server, 1).await.unwrap();

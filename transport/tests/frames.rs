@@ -15,8 +15,14 @@ async fn two_nodes_exchange_batched_frames_in_order_both_ways() {
     // Queue everything before the connection is even up: the writer must coalesce them into few writes.
     for i in 0..N {
         let payload = i.to_le_bytes().repeat(1 + (i % 5) as usize);
-        nodes[0].t.send(2, Frame::new(7, i % 3, payload.clone()), Lane::Data).unwrap();
-        nodes[1].t.send(1, Frame::new(8, i % 3, payload), Lane::Data).unwrap();
+        nodes[0]
+            .t
+            .send(2, Frame::new(7, i % 3, payload.clone()), Lane::Data)
+            .unwrap();
+        nodes[1]
+            .t
+            .send(1, Frame::new(8, i % 3, payload), Lane::Data)
+            .unwrap();
     }
     for (idx, from, kind) in [(1usize, 1u64, 7u8), (0, 2, 8)] {
         for i in 0..N {
@@ -24,13 +30,21 @@ async fn two_nodes_exchange_batched_frames_in_order_both_ways() {
             assert_eq!(m.from, from);
             assert_eq!(m.frame.kind, kind);
             assert_eq!(m.frame.group, i % 3);
-            assert_eq!(m.frame.payload, i.to_le_bytes().repeat(1 + (i % 5) as usize), "frame {i} out of order");
+            assert_eq!(
+                m.frame.payload,
+                i.to_le_bytes().repeat(1 + (i % 5) as usize),
+                "frame {i} out of order"
+            );
         }
     }
     let stats = nodes[0].t.peer_stats(2).unwrap();
     assert_eq!(stats.frames_sent, N);
     assert_eq!(stats.frames_dropped, 0);
-    assert!(stats.flushes < N / 10, "expected batching, got {} flushes for {N} frames", stats.flushes);
+    assert!(
+        stats.flushes < N / 10,
+        "expected batching, got {} flushes for {N} frames",
+        stats.flushes
+    );
     assert!(stats.connected);
     // Both dialed (node 2 after its defer, if at all): exactly one connection survives on each side.
     assert!(nodes[1].t.is_connected(1));
@@ -38,6 +52,7 @@ async fn two_nodes_exchange_batched_frames_in_order_both_ways() {
 }
 
 #[tokio::test]
+#[allow(clippy::needless_range_loop)] // a and b are node indices and ids at once
 async fn three_nodes_all_to_all() {
     let pki = Pki::new();
     let mut nodes = mesh(&pki, &[1, 2, 3]);
@@ -71,11 +86,24 @@ async fn control_lane_is_flushed_before_queued_data() {
     let mut nodes = mesh(&pki, &[1, 2]);
     // Queue data, then control, before the connection is up: the first flush must lead with control.
     for i in 0..100u64 {
-        nodes[0].t.send(2, Frame::new(1, 0, vec![0u8; 1000 + i as usize]), Lane::Data).unwrap();
+        nodes[0]
+            .t
+            .send(
+                2,
+                Frame::new(1, 0, vec![0u8; 1000 + i as usize]),
+                Lane::Data,
+            )
+            .unwrap();
     }
-    nodes[0].t.send(2, Frame::new(2, 0, "heartbeat"), Lane::Control).unwrap();
+    nodes[0]
+        .t
+        .send(2, Frame::new(2, 0, "heartbeat"), Lane::Control)
+        .unwrap();
     let first = recv(&mut nodes[1]).await;
-    assert_eq!(first.frame.kind, 2, "heartbeat must not wait behind queued appends");
+    assert_eq!(
+        first.frame.kind, 2,
+        "heartbeat must not wait behind queued appends"
+    );
 }
 
 #[tokio::test]
@@ -89,7 +117,10 @@ async fn full_queue_drops_and_counts_and_oversized_frames_are_refused() {
     node.t.add_peer(2, "127.0.0.1:9".parse().unwrap()).unwrap();
     let mut dropped = 0;
     for _ in 0..20 {
-        match node.t.send(2, Frame::new(1, 0, vec![0u8; 1000]), Lane::Data) {
+        match node
+            .t
+            .send(2, Frame::new(1, 0, vec![0u8; 1000]), Lane::Data)
+        {
             Ok(()) => {}
             Err(Error::QueueFull { peer, .. }) => {
                 assert_eq!(peer.node, 2);
@@ -101,11 +132,19 @@ async fn full_queue_drops_and_counts_and_oversized_frames_are_refused() {
     assert!(dropped >= 10, "dropped {dropped}");
     assert_eq!(node.t.peer_stats(2).unwrap().frames_dropped, dropped);
     // The control lane has its own budget, so heartbeats still get queued.
-    node.t.send(2, Frame::new(2, 0, "hb"), Lane::Control).unwrap();
-    let err = node.t.send(2, Frame::new(1, 0, vec![0u8; 5000]), Lane::Data).unwrap_err();
+    node.t
+        .send(2, Frame::new(2, 0, "hb"), Lane::Control)
+        .unwrap();
+    let err = node
+        .t
+        .send(2, Frame::new(1, 0, vec![0u8; 5000]), Lane::Data)
+        .unwrap_err();
     assert!(matches!(err, Error::FrameTooLarge { .. }), "{err}");
     assert!(err.to_string().contains("node 2 at 127.0.0.1:9"), "{err}");
-    assert!(matches!(node.t.send(5, Frame::new(1, 0, "x"), Lane::Data), Err(Error::UnknownPeer { node: 5 })));
+    assert!(matches!(
+        node.t.send(5, Frame::new(1, 0, "x"), Lane::Data),
+        Err(Error::UnknownPeer { node: 5 })
+    ));
 }
 
 #[tokio::test]
@@ -127,13 +166,23 @@ async fn simultaneous_dials_converge_on_one_connection() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = nodes[0].t.peer_stats(2).unwrap().connects;
     for round in 0..3u64 {
-        nodes[0].t.send(2, Frame::new(1, round, "ping"), Lane::Control).unwrap();
-        nodes[1].t.send(1, Frame::new(1, round, "pong"), Lane::Control).unwrap();
+        nodes[0]
+            .t
+            .send(2, Frame::new(1, round, "ping"), Lane::Control)
+            .unwrap();
+        nodes[1]
+            .t
+            .send(1, Frame::new(1, round, "pong"), Lane::Control)
+            .unwrap();
         assert_eq!(recv(&mut nodes[1]).await.frame.group, round);
         assert_eq!(recv(&mut nodes[0]).await.frame.group, round);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(nodes[0].t.peer_stats(2).unwrap().connects, before, "connection must be stable, not flapping");
+    assert_eq!(
+        nodes[0].t.peer_stats(2).unwrap().connects,
+        before,
+        "connection must be stable, not flapping"
+    );
     assert_eq!(nodes[0].t.peer_stats(2).unwrap().frames_dropped, 0);
 }
 
@@ -141,7 +190,10 @@ async fn simultaneous_dials_converge_on_one_connection() {
 async fn reconnects_after_disconnect() {
     let pki = Pki::new();
     let mut nodes = mesh(&pki, &[1, 2]);
-    nodes[0].t.send(2, Frame::new(1, 0, "before"), Lane::Data).unwrap();
+    nodes[0]
+        .t
+        .send(2, Frame::new(1, 0, "before"), Lane::Data)
+        .unwrap();
     assert_eq!(recv(&mut nodes[1]).await.frame.payload, "before");
     nodes[1].t.disconnect(1);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -149,8 +201,13 @@ async fn reconnects_after_disconnect() {
     // Frames sent while reconnecting may be lost (raft retransmits); keep sending until one arrives.
     let mut got = false;
     for _ in 0..100 {
-        nodes[0].t.send(2, Frame::new(1, 0, "after"), Lane::Data).unwrap();
-        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(50), nodes[1].rx.recv()).await {
+        nodes[0]
+            .t
+            .send(2, Frame::new(1, 0, "after"), Lane::Data)
+            .unwrap();
+        if let Ok(Some(m)) =
+            tokio::time::timeout(Duration::from_millis(50), nodes[1].rx.recv()).await
+        {
             assert_eq!(m.frame.payload, "after");
             got = true;
             break;
@@ -163,14 +220,19 @@ async fn reconnects_after_disconnect() {
 #[tokio::test]
 async fn insecure_mode_only_on_loopback() {
     let cfg = Config::new(1, "0.0.0.0:0".parse().unwrap());
-    let err = Transport::bind(cfg, Security::InsecureLoopback, None).err().expect("must refuse");
+    let err = Transport::bind(cfg, Security::InsecureLoopback, None)
+        .err()
+        .expect("must refuse");
     assert!(matches!(err, Error::InsecureNotLoopback { .. }), "{err}");
 
     let logs = LogCapture::default();
     let _guard = logs.install();
     let mut a = start(fast_config(1), Security::InsecureLoopback);
     let b = start(fast_config(2), Security::InsecureLoopback);
-    assert!(logs.text().contains("INSECURE TRANSPORT"), "insecure mode must say so loudly");
+    assert!(
+        logs.text().contains("INSECURE TRANSPORT"),
+        "insecure mode must say so loudly"
+    );
     a.t.add_peer(2, b.t.local_addr()).unwrap();
     b.t.add_peer(1, a.t.local_addr()).unwrap();
     b.t.send(1, Frame::new(3, 9, "dev"), Lane::Data).unwrap();
@@ -181,8 +243,13 @@ async fn insecure_mode_only_on_loopback() {
 #[tokio::test]
 async fn mismatched_identity_and_config_are_refused() {
     let pki = Pki::new();
-    let err = Transport::bind(fast_config(2), Security::MutualTls(pki.identity(1)), None).err().unwrap();
-    assert!(err.to_string().contains("certificate is for node 1"), "{err}");
+    let err = Transport::bind(fast_config(2), Security::MutualTls(pki.identity(1)), None)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("certificate is for node 1"),
+        "{err}"
+    );
     let mut cfg = fast_config(1);
     cfg.snapshot_chunk_bytes = cfg.snapshot_chunk_bytes_max + 1;
     assert!(matches!(

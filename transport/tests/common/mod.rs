@@ -4,14 +4,17 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use quinn::{ConnectionError, VarInt};
 use tokio::sync::mpsc;
+use transport::tls::{client_crypto, node_dns_name};
+use transport::wire;
 use transport::{
-    Config, NodeId, NodeIdentity, Received, Security, SnapshotOffer, SnapshotReceiver, SnapshotSink,
-    Transport,
+    Config, NodeId, NodeIdentity, Received, Security, SnapshotOffer, SnapshotReceiver,
+    SnapshotSink, Transport,
 };
 
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -61,7 +64,12 @@ pub struct Node {
 
 pub fn start(cfg: Config, security: Security) -> Node {
     let snaps = Arc::new(MemSnapshots::default());
-    let (t, rx) = Transport::bind(cfg, security, Some(snaps.clone() as Arc<dyn SnapshotReceiver>)).unwrap();
+    let (t, rx) = Transport::bind(
+        cfg,
+        security,
+        Some(snaps.clone() as Arc<dyn SnapshotReceiver>),
+    )
+    .unwrap();
     Node { t, rx, snaps }
 }
 
@@ -95,10 +103,13 @@ pub async fn assert_silent(node: &mut Node, quiet: Duration) {
     }
 }
 
+/// (from, group, snapshot_id)
+pub type SnapshotKey = (NodeId, u64, u64);
+
 /// In-memory snapshot store that keeps partial transfers, so a re-offer resumes.
 #[derive(Default)]
 pub struct MemSnapshots {
-    pub parts: Mutex<HashMap<(NodeId, u64, u64), Arc<Mutex<Partial>>>>,
+    pub parts: Mutex<HashMap<SnapshotKey, Arc<Mutex<Partial>>>>,
 }
 
 #[derive(Default, Debug)]
@@ -212,6 +223,42 @@ impl LogCapture {
     }
 }
 
-pub fn path_exists(p: &Path) -> bool {
-    p.exists()
+/// A bare quinn client presenting `id`'s certificate, for speaking (or breaking) the protocol by hand.
+pub async fn raw_connect(
+    id: NodeIdentity,
+    server: SocketAddr,
+    server_node: NodeId,
+) -> Result<quinn::Connection, ConnectionError> {
+    let crypto = client_crypto(&Security::MutualTls(id)).unwrap();
+    let cfg = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
+    ));
+    let ep = quinn::Endpoint::client(loopback()).unwrap();
+    ep.connect_with(cfg, server, &node_dns_name(server_node))
+        .unwrap()
+        .await
+}
+
+/// Sends a hello claiming `claim`; returns the node id the server answers with.
+pub async fn hello(conn: &quinn::Connection, claim: NodeId) -> Result<NodeId, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(&wire::encode_hello(claim))
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let mut ack = [0u8; wire::HELLO_BYTES];
+    recv.read_exact(&mut ack).await.map_err(|e| e.to_string())?;
+    wire::decode_hello(&ack).map_err(|e| e.to_string())
+}
+
+pub async fn closed_with(conn: &quinn::Connection, expected: u32) {
+    let reason = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("server did not close");
+    match reason {
+        ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, VarInt::from_u32(expected), "{c:?}")
+        }
+        other => panic!("expected application close {expected}, got {other}"),
+    }
 }
