@@ -131,9 +131,19 @@ where
         // Clients without FIXED_NEWSTYLE only ever send EXPORT_NAME, which we handle the same way.
         let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
 
+        let mut stop = self.shutdown.clone();
         for _ in 0..self.config.handshake_options_max {
             let mut head = [0u8; 16];
-            match self.rd.read_exact(&mut head).await {
+            let read = tokio::select! {
+                read = self.rd.read_exact(&mut head) => read,
+                // A client idle between options would otherwise hold up shutdown until its
+                // handshake deadline.
+                _ = stop.triggered() => {
+                    debug!(peer = %self.peer, "server shutdown during the handshake");
+                    return Ok(None);
+                }
+            };
+            match read {
                 Ok(_) => {}
                 // Closing between options is how some clients (and port probes) leave.
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
