@@ -91,6 +91,17 @@ impl Config {
         }
     }
 
+    /// Sizes the flow-control windows for a path of `bytes_per_sec` and round-trip time `rtt`: one stream
+    /// gets the bandwidth-delay product (at least 1 MiB) so a single transfer can fill the path, and the
+    /// connection four times that so frames, snapshots and retransmissions share it without stalling.
+    pub fn with_windows_for(mut self, bytes_per_sec: u64, rtt: Duration) -> Config {
+        let bdp = (bytes_per_sec as u128 * rtt.as_micros() / 1_000_000) as u64;
+        self.stream_window_bytes = bdp.max(1 << 20);
+        self.connection_window_bytes = self.stream_window_bytes * 4;
+        self.socket_buffer_bytes = (self.connection_window_bytes as usize).min(64 << 20);
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(m.to_string()));
         if self.frame_bytes_max < wire::FRAME_HEADER_BYTES
@@ -728,19 +739,18 @@ impl Inner {
 
     async fn accept_one(self: &Arc<Self>, incoming: quinn::Incoming) -> Result<()> {
         let remote = incoming.remote_address();
-        let anon = PeerName {
-            node: 0,
-            addr: Some(remote),
-        };
         // A TLS failure here (no certificate, or one not signed by the cluster CA) is the rejection of a node
         // without a valid certificate; the caller logs it with the remote address.
-        let conn = incoming.await.map_err(|e| Error::Connect {
-            peer: anon,
+        let conn = incoming.await.map_err(|e| Error::Rejected {
+            addr: remote,
             reason: format!("TLS handshake failed: {e}"),
         })?;
         let reject = |reason: String| {
             conn.close(VarInt::from_u32(code::HELLO_REJECTED), reason.as_bytes());
-            Error::HelloRejected { peer: anon, reason }
+            Error::Rejected {
+                addr: remote,
+                reason,
+            }
         };
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -1308,4 +1318,65 @@ fn take_batch(peer: &Peer, flush_bytes_max: usize, batch: &mut BytesMut) -> (u64
         }
     }
     (frames, batch.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_follow_bandwidth_delay_product() {
+        let bind: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        // 10 Gbit/s × 2 ms = 2.5 MB.
+        let c = Config::new(1, bind).with_windows_for(1_250_000_000, Duration::from_millis(2));
+        assert_eq!(c.stream_window_bytes, 2_500_000);
+        assert_eq!(c.connection_window_bytes, 10_000_000);
+        // Tiny paths still get a usable window.
+        let c = Config::new(1, bind).with_windows_for(1_000_000, Duration::from_micros(50));
+        assert_eq!(c.stream_window_bytes, 1 << 20);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn batches_lead_with_control_and_respect_the_flush_limit() {
+        let peer = Peer {
+            id: 2,
+            addr: Mutex::new(None),
+            link: watch::channel(None).0,
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+            stop: watch::channel(false).0,
+            dialer_started: AtomicBool::new(false),
+            counters: Counters::default(),
+        };
+        {
+            let mut q = peer.queue.lock().unwrap();
+            for i in 0..10u8 {
+                let f = Frame::new(i, 0, vec![0u8; 91]); // 104 bytes on the wire
+                q.data_bytes += f.wire_len();
+                q.data.push_back(f);
+            }
+            let hb = Frame::new(100, 0, vec![0u8; 91]);
+            q.control_bytes += hb.wire_len();
+            q.control.push_back(hb);
+        }
+        let mut batch = BytesMut::new();
+        let (frames, bytes) = take_batch(&peer, 350, &mut batch);
+        assert_eq!((frames, bytes), (3, 312));
+        let first = wire::decode_frame(&mut batch, 1 << 20).unwrap().unwrap();
+        assert_eq!(first.kind, 100, "control lane first");
+        assert_eq!(
+            wire::decode_frame(&mut batch, 1 << 20)
+                .unwrap()
+                .unwrap()
+                .kind,
+            0
+        );
+        let q = peer.queue.lock().unwrap();
+        assert_eq!((q.control_bytes, q.data_bytes), (0, 8 * 104));
+        drop(q);
+        // A frame larger than the flush limit still goes out alone rather than getting stuck.
+        let mut batch = BytesMut::new();
+        assert_eq!(take_batch(&peer, 10, &mut batch).0, 1);
+    }
 }

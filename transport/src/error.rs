@@ -63,6 +63,8 @@ pub enum Error {
         len: usize,
         max: usize,
     },
+    #[error("incoming connection from {addr} rejected: {reason}")]
+    Rejected { addr: SocketAddr, reason: String },
     #[error("connecting to {peer}: {reason}")]
     Connect { peer: PeerName, reason: String },
     #[error("connection to {peer}: {source}")]
@@ -75,8 +77,6 @@ pub enum Error {
     Stream { peer: PeerName, reason: String },
     #[error("protocol violation by {peer}: {reason}")]
     Protocol { peer: PeerName, reason: String },
-    #[error("hello from {peer} rejected: {reason}")]
-    HelloRejected { peer: PeerName, reason: String },
     #[error("snapshot {snapshot_id} of group {group} to {peer}: {reason}")]
     Snapshot {
         peer: PeerName,
