@@ -105,6 +105,36 @@ pub fn image<S: LogStore>(s: &mut S) -> Image {
         .collect()
 }
 
+/// Compares two images, reporting the first difference compactly (entry
+/// payloads can be kilobytes).
+pub fn assert_same_image(got: &Image, want: &Image, ctx: &str) {
+    if got == want {
+        return;
+    }
+    let gids = |i: &Image| i.iter().map(|g| g.0).collect::<Vec<_>>();
+    if gids(got) != gids(want) {
+        panic!(
+            "{ctx}: groups differ: got {:?}, want {:?}",
+            gids(got),
+            gids(want)
+        );
+    }
+    for ((g, gs, ge), (_, ws, we)) in got.iter().zip(want) {
+        if gs != ws {
+            panic!("{ctx}: group {g}: state {gs:?}, want {ws:?}");
+        }
+        for (a, b) in ge.iter().zip(we) {
+            if a != b {
+                panic!(
+                    "{ctx}: group {g}: entry {} differs: got (term {}, {:?}, {} bytes), want (term {}, {:?}, {} bytes)",
+                    b.index, a.term, a.kind, a.data.len(), b.term, b.kind, b.data.len()
+                );
+            }
+        }
+    }
+    unreachable!("images differ but no difference found");
+}
+
 /// Appended entries read back exactly, in any sub-range.
 pub fn append_and_read<H: Harness>(h: &mut H) {
     let mut s = h.open_fresh();
@@ -407,7 +437,8 @@ pub fn randomized_against_model<H: Harness>(h: &mut H) {
     for step in 0..600 {
         let g = groups[rng.below(groups.len() as u64) as usize];
         let st = model.group_state(g).unwrap_or_default();
-        match rng.below(20) {
+        let op = rng.below(20);
+        match op {
             0..=11 => {
                 // Mostly appends at the end, sometimes overwriting a suffix.
                 let lo = if st.last_index > st.compacted_index && rng.below(4) == 0 {
@@ -457,11 +488,18 @@ pub fn randomized_against_model<H: Harness>(h: &mut H) {
                 s = h.restart(s);
             }
         }
-        if step % 50 == 0 {
-            assert_eq!(image(&mut s), image(&mut model), "diverged at step {step}");
-        }
+        let last_op = format!("step {step}, group {g}, op {op}");
+        assert_same_image(
+            &image(&mut s),
+            &image(&mut model),
+            &format!("diverged after {last_op}"),
+        );
     }
     ok(s.sync());
     let mut s = h.restart(s);
-    assert_eq!(image(&mut s), image(&mut model));
+    assert_same_image(
+        &image(&mut s),
+        &image(&mut model),
+        "after the final restart",
+    );
 }

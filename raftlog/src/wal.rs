@@ -1,1 +1,0 @@
-//! Per-core WAL (to be written).

@@ -1,0 +1,1115 @@
+//! The per-core write-ahead log: one append-only stream of segment files
+//! shared by every raft group (block group) on a core, with a per-group
+//! in-memory index (the tikv raft-engine layout), written through io_uring
+//! with group commit.
+//!
+//! # What it owns
+//! A directory of segment files `NNNNNNNNNNNNNNNNNNNN.wal` (see
+//! [`format`] for the record layout), the index of every group's live
+//! entries, hard state and compaction point, a bounded cache of recent
+//! entries, and the core's io_uring (or the fallback I/O thread).
+//!
+//! # How data flows
+//! 1. Producers — raft groups on this core or other threads — submit
+//!    [`WalOp`]s through a [`WalHandle`] (lock-free queue, bounded by
+//!    `append_buffer_bytes_max`, producers wait when it is full), or the
+//!    owner calls the blocking [`LogStore`] methods directly.
+//! 2. The writer (the core's thread: [`run`] on a tokio `current_thread`
+//!    runtime, or [`Wal::drive`] from any loop) drains the queue, validates
+//!    each op, encodes it into the batch being filled and updates the index
+//!    at once, so entries can be read back (from the cache) before they are
+//!    durable — the leader replicates while its own write is in flight.
+//! 3. When no batch is on the disk, the filled batch goes out as one write
+//!    SQE linked (`IOSQE_IO_LINK`) to one `fdatasync` SQE; while it is in
+//!    flight the next batch fills. That is the group commit: one fsync for
+//!    every append of every group that arrived meanwhile.
+//! 4. The completion (eventfd-signalled) resolves every [`Durable`] of the
+//!    batch, releases its buffer bytes, lets the cache evict written
+//!    entries, and purges segments nothing live needs any more.
+//!
+//! # Hard state: meta records in the same stream
+//! Term and vote are `HardState` records in the WAL itself, not a separate
+//! meta file. One stream means one fsync covers "vote + entries" together
+//! and their order is the order they were issued (a separate file would
+//! need its own fsync and an ordering argument between two files); each
+//! record is checksummed whole, so an update is atomic (old or new value,
+//! never a mix); recovery takes the latest one. The purge rule counts a
+//! group's latest hard-state record as live, and rewriting carries it
+//! forward, so it is never lost when old segments go.
+//!
+//! # Disk usage stays bounded
+//! A segment can be deleted once it is older than every group's oldest
+//! needed record (latest hard state, latest compaction point, first live
+//! entry). One idle group would pin its old segment forever, so when the
+//! directory holds more than `segments_soft_max` segments, the live
+//! records of groups pinning the oldest half are rewritten into the head
+//! (cold-group rewrite), after which the old segments are purged.
+//!
+//! # Failures
+//! A failed write or fdatasync is fatal: the store refuses every later call
+//! (after EIO Linux may have dropped the dirty pages, so a retried fsync can
+//! report success for data that is gone). ENOSPC surfaces when a segment
+//! is preallocated, before anything is written; it is fatal too (the ops
+//! already accepted could not be made durable) but leaves every file intact.
+//!
+//! # Why hand-written
+//! No library fits: tikv's raft-engine has the right layout but does
+//! blocking pwrite+fsync from whichever thread leads a write group and owns
+//! its threads; it cannot be embedded in a per-core io_uring event loop.
+//! Other embedded logs are per-group files (one fsync per group) or KV
+//! stores whose compaction would fight the raft log's append/truncate/
+//! compact pattern.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::core::types::{Entry, GroupId, HardState, Index, Term};
+use crate::error::Error;
+use crate::storage::mem::{check_append, check_range};
+use crate::storage::{GroupLogState, LogStore};
+
+pub mod format;
+mod handle;
+mod index;
+mod io;
+mod recovery;
+mod segment;
+
+pub use handle::{Durable, WalHandle, WalOp};
+pub use io::IoBackend;
+
+use format::{RecordHeader, ENTRY_ROW_LEN};
+use handle::{Reply, Shared};
+use index::{group_at, Cache, EntryLoc, GroupIndex};
+use io::{Io, Job};
+use recovery::Segment;
+use segment::io_err;
+
+/// Configuration; every limit is named `*_max` with its unit.
+#[derive(Clone, Debug)]
+pub struct WalConfig {
+    pub dir: PathBuf,
+    /// Size of each segment file (preallocated).
+    pub log_segment_bytes_max: u64,
+    /// Bytes of operations submitted but not yet durable (queue + batch
+    /// being filled + batch in flight); producers wait beyond it.
+    pub append_buffer_bytes_max: usize,
+    /// Bytes of recent entry data kept in memory for replication reads.
+    pub entry_cache_bytes_max: usize,
+    /// Largest record; bigger appends are split into several records, and
+    /// one entry must fit in a record.
+    pub record_bytes_max: usize,
+    /// A batch is closed (and queued for writing) once it reaches this size.
+    pub batch_bytes_max: usize,
+    /// Above this many segment files, cold groups are rewritten to the head.
+    pub segments_soft_max: usize,
+    /// Bytes of cold-group data rewritten per writer pass (bounds the pause).
+    pub rewrite_bytes_max: usize,
+    /// `false` skips every fdatasync: for benchmarks only, never durable.
+    pub raft_sync: bool,
+    pub io_backend: IoBackend,
+}
+
+impl WalConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> WalConfig {
+        WalConfig {
+            dir: dir.into(),
+            log_segment_bytes_max: 64 << 20,
+            append_buffer_bytes_max: 32 << 20,
+            entry_cache_bytes_max: 64 << 20,
+            record_bytes_max: 1 << 20,
+            batch_bytes_max: 4 << 20,
+            segments_soft_max: 16,
+            rewrite_bytes_max: 8 << 20,
+            raft_sync: true,
+            io_backend: IoBackend::Auto,
+        }
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let bad = |what: String| Err(Error::WalConfig { what });
+        let min_record = format::record_len(ENTRY_ROW_LEN + 1);
+        if self.record_bytes_max < min_record || self.record_bytes_max > format::PAYLOAD_BYTES_MAX {
+            return bad(format!(
+                "record_bytes_max {} must be in {min_record}..={}",
+                self.record_bytes_max,
+                format::PAYLOAD_BYTES_MAX
+            ));
+        }
+        if self.log_segment_bytes_max < 2 * self.record_bytes_max as u64 + 4096 {
+            return bad(format!(
+                "log_segment_bytes_max {} must hold two records of record_bytes_max {} plus 4096",
+                self.log_segment_bytes_max, self.record_bytes_max
+            ));
+        }
+        if self.batch_bytes_max == 0 || self.batch_bytes_max > (1 << 30) {
+            return bad(format!(
+                "batch_bytes_max {} must be in 1..=2^30",
+                self.batch_bytes_max
+            ));
+        }
+        if self.append_buffer_bytes_max == 0 {
+            return bad("append_buffer_bytes_max must be > 0".into());
+        }
+        if self.segments_soft_max < 2 {
+            return bad(format!(
+                "segments_soft_max {} must be >= 2",
+                self.segments_soft_max
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot of the store's state and counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalStatus {
+    /// Whether batches are fdatasync'ed (`raft_sync`).
+    pub sync: bool,
+    pub backend: &'static str,
+    pub segments: usize,
+    /// Bytes the segment files occupy.
+    pub bytes: u64,
+    pub active_segment: u64,
+    pub groups: usize,
+    pub cached_bytes: usize,
+    pub buffered_bytes: usize,
+    pub batches: u64,
+    pub fsyncs: u64,
+    pub appended_entries: u64,
+    pub appended_bytes: u64,
+    pub rewritten_bytes: u64,
+    pub purged_segments: u64,
+    /// Torn tails cut at open: (file, offset).
+    pub truncated_at_open: Vec<(PathBuf, u64)>,
+    /// Why the store failed, if it did.
+    pub failed: Option<String>,
+}
+
+#[derive(Default)]
+struct Batch {
+    seq: u64,
+    /// File offset of `buf[0]`.
+    offset: u64,
+    buf: Vec<u8>,
+    replies: Vec<Reply>,
+    /// Producer bytes to release when the batch is durable.
+    credit: usize,
+    /// Stream position (total bytes encoded) at the batch's end.
+    end_lsn: u64,
+    /// Segments below this are unneeded once this batch is durable.
+    purge_below: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    batches: u64,
+    fsyncs: u64,
+    appended_entries: u64,
+    appended_bytes: u64,
+    rewritten_bytes: u64,
+    purged_segments: u64,
+}
+
+/// The WAL of one core. See the module docs.
+pub struct Wal {
+    cfg: WalConfig,
+    dir: File,
+    shared: Arc<Shared>,
+    io: Io,
+    groups: BTreeMap<GroupId, GroupIndex>,
+    segments: BTreeMap<u64, Segment>,
+    /// Segment receiving `pending`.
+    active: u64,
+    pending: Batch,
+    /// Closed batches waiting for the disk, oldest first.
+    ready: VecDeque<Batch>,
+    /// The batch on the disk (its buffer is inside the I/O job).
+    inflight: Option<Batch>,
+    spare_buf: Option<Vec<u8>>,
+    /// Total bytes encoded since open.
+    lsn: u64,
+    /// Stream position up to which batches completed (durable when syncing).
+    done_lsn: u64,
+    /// (segment, offset) written up to: cached entries below may be evicted.
+    written: (u64, u64),
+    cache: Cache,
+    failed: Option<String>,
+    stats: Stats,
+    truncated_at_open: Vec<(PathBuf, u64)>,
+    /// Set by `close_unsealed`: drop without writing anything more.
+    abandon: bool,
+}
+
+impl Wal {
+    /// Opens (recovering whatever `cfg.dir` holds) and starts a new segment.
+    pub fn open(cfg: WalConfig) -> Result<Wal, Error> {
+        cfg.validate()?;
+        let dir = segment::open_dir(&cfg.dir)?;
+        let rec = recovery::recover(&cfg.dir, &dir)?;
+        let io = Io::open(cfg.io_backend).map_err(|e| io_err("set up I/O", &cfg.dir, 0, e))?;
+        if !cfg.raft_sync {
+            tracing::warn!(
+                dir = %cfg.dir.display(),
+                "wal: raft_sync = false: fdatasync is skipped, acknowledged writes are NOT durable (benchmarks only)"
+            );
+        }
+        tracing::info!(
+            dir = %cfg.dir.display(),
+            backend = io.name(),
+            segments = rec.segments.len(),
+            groups = rec.groups.len(),
+            "wal: opened"
+        );
+        let shared = Arc::new(Shared::new(cfg.append_buffer_bytes_max));
+        let mut wal = Wal {
+            dir,
+            shared,
+            io,
+            groups: rec.groups,
+            segments: rec.segments,
+            active: rec.next_seq,
+            pending: Batch::default(),
+            ready: VecDeque::new(),
+            inflight: None,
+            spare_buf: None,
+            lsn: 0,
+            done_lsn: 0,
+            written: (0, 0),
+            cache: Cache::default(),
+            failed: None,
+            stats: Stats::default(),
+            truncated_at_open: rec.truncated,
+            abandon: false,
+            cfg,
+        };
+        wal.start_segment(rec.next_seq)?;
+        wal.sync_all()?;
+        Ok(wal)
+    }
+
+    /// A handle for producers (cloneable, usable from any thread).
+    pub fn handle(&self) -> WalHandle {
+        WalHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    pub fn status(&self) -> WalStatus {
+        WalStatus {
+            sync: self.cfg.raft_sync,
+            backend: self.io.name(),
+            segments: self.segments.len(),
+            bytes: self.segments.values().map(|s| s.len).sum(),
+            active_segment: self.active,
+            groups: self.groups.len(),
+            cached_bytes: self.cache.bytes,
+            buffered_bytes: self.shared.queued_bytes(),
+            batches: self.stats.batches,
+            fsyncs: self.stats.fsyncs,
+            appended_entries: self.stats.appended_entries,
+            appended_bytes: self.stats.appended_bytes,
+            rewritten_bytes: self.stats.rewritten_bytes,
+            purged_segments: self.stats.purged_segments,
+            truncated_at_open: self.truncated_at_open.clone(),
+            failed: self.failed.clone(),
+        }
+    }
+
+    fn check_alive(&self) -> Result<(), Error> {
+        match &self.failed {
+            Some(reason) => Err(Error::LogFailed {
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes the store failed: every waiter and every later call gets an
+    /// error. Returns `e` for the caller to propagate.
+    fn fail(&mut self, e: Error) -> Error {
+        if self.failed.is_some() {
+            return e;
+        }
+        let reason = e.to_string();
+        tracing::error!(error = %reason, "wal: fatal error, the store refuses every further operation");
+        self.failed = Some(reason.clone());
+        let _ = self.shared.failed.set(reason.clone());
+        let mk = || Error::LogFailed {
+            reason: reason.clone(),
+        };
+        let mut batches: Vec<Batch> = self.ready.drain(..).collect();
+        batches.push(std::mem::take(&mut self.pending));
+        batches.extend(self.inflight.take());
+        for b in batches {
+            for r in b.replies {
+                let _ = r.send(Err(mk()));
+            }
+            self.shared.release(b.credit);
+        }
+        self.shared.fail_queued(|_| mk());
+        e
+    }
+
+    // ---- encoding ----
+
+    fn start_segment(&mut self, seq: u64) -> Result<(), Error> {
+        let (file, path) = segment::create(
+            &self.cfg.dir,
+            &self.dir,
+            seq,
+            self.cfg.log_segment_bytes_max,
+        )?;
+        self.segments.insert(
+            seq,
+            Segment {
+                path,
+                file: Arc::new(file),
+                len: self.cfg.log_segment_bytes_max,
+            },
+        );
+        self.active = seq;
+        let buf = self.spare_buf.take().unwrap_or_default();
+        self.pending = Batch {
+            seq,
+            offset: 0,
+            buf,
+            end_lsn: self.lsn,
+            ..Batch::default()
+        };
+        self.put(&RecordHeader::segment_start(seq), 0, |_| {})?;
+        Ok(())
+    }
+
+    fn seal_len() -> u64 {
+        format::record_len(0) as u64
+    }
+
+    /// Encodes one record into the pending batch, moving to a new segment
+    /// first if it would not fit (leaving room for the seal). Returns the
+    /// segment and file offset of the payload.
+    fn put(
+        &mut self,
+        h: &RecordHeader,
+        payload_len: usize,
+        payload: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(u64, u64), Error> {
+        let len = format::record_len(payload_len);
+        let end = self.pending.offset + self.pending.buf.len() as u64;
+        if end + len as u64 + Self::seal_len() > self.cfg.log_segment_bytes_max {
+            self.rotate()?;
+        }
+        let start = self.pending.buf.len();
+        let rel = format::encode(&mut self.pending.buf, h, payload);
+        debug_assert_eq!(self.pending.buf.len() - start, len);
+        self.lsn += len as u64;
+        self.pending.end_lsn = self.lsn;
+        Ok((self.pending.seq, self.pending.offset + (start + rel) as u64))
+    }
+
+    /// Seals the active segment and starts the next one. The sealed batch
+    /// is written (and synced) before any batch of the new segment, since
+    /// batches go to the disk one at a time in order.
+    fn rotate(&mut self) -> Result<(), Error> {
+        let seq = self.active;
+        self.put_raw_seal(seq);
+        self.close_pending();
+        if let Err(e) = self.start_segment(seq + 1) {
+            return Err(self.fail(e));
+        }
+        Ok(())
+    }
+
+    fn put_raw_seal(&mut self, seq: u64) {
+        format::encode(&mut self.pending.buf, &RecordHeader::seal(seq), |_| {});
+        self.lsn += Self::seal_len();
+        self.pending.end_lsn = self.lsn;
+    }
+
+    /// Moves the pending batch to the ready queue.
+    fn close_pending(&mut self) {
+        let purge_below = self.purge_candidate();
+        let next = Batch {
+            seq: self.active,
+            offset: self.pending.offset + self.pending.buf.len() as u64,
+            buf: self.spare_buf.take().unwrap_or_default(),
+            end_lsn: self.lsn,
+            ..Batch::default()
+        };
+        let mut b = std::mem::replace(&mut self.pending, next);
+        b.purge_below = purge_below;
+        self.ready.push_back(b);
+    }
+
+    /// The oldest segment still needed by the index as it stands now (which
+    /// is exactly the state once every batch closed so far is durable).
+    fn purge_candidate(&self) -> u64 {
+        if self.segments.len() <= 1 {
+            return 0;
+        }
+        self.groups
+            .values()
+            .map(|g| g.base_seg)
+            .min()
+            .unwrap_or(self.active)
+            .min(self.active)
+    }
+
+    /// Writes `entries` as one or more records and indexes them (cached).
+    fn write_entries(&mut self, group: GroupId, entries: &[Entry]) -> Result<(), Error> {
+        let mut i = 0;
+        while i < entries.len() {
+            let mut j = i;
+            let mut payload = 0usize;
+            while j < entries.len() {
+                let more = ENTRY_ROW_LEN + entries[j].data.len();
+                if j > i && format::record_len(payload + more) > self.cfg.record_bytes_max {
+                    break;
+                }
+                payload += more;
+                j += 1;
+            }
+            let chunk = &entries[i..j];
+            let crcs: Vec<u32> = chunk.iter().map(|e| crc32fast::hash(&e.data)).collect();
+            let (first, last) = (&chunk[0], &chunk[chunk.len() - 1]);
+            let h =
+                RecordHeader::entries(group, (first.index, first.term), (last.index, last.term));
+            let (seq, mut off) = self.put(&h, payload, |b| {
+                for (e, crc) in chunk.iter().zip(&crcs) {
+                    format::encode_entry(b, e.term, e.kind, &e.data, *crc);
+                }
+            })?;
+            let mut locs = Vec::with_capacity(chunk.len());
+            for (e, crc) in chunk.iter().zip(&crcs) {
+                off += ENTRY_ROW_LEN as u64;
+                locs.push(EntryLoc {
+                    term: e.term,
+                    kind: e.kind,
+                    seg: seq,
+                    offset: off,
+                    len: e.data.len() as u32,
+                    crc: *crc,
+                    cached: Some(e.data.clone()),
+                });
+                off += e.data.len() as u64;
+            }
+            for (e, loc) in chunk.iter().zip(&locs) {
+                self.cache.insert(group, e.index, loc);
+            }
+            let dropped = group_at(&mut self.groups, group, seq).append(first.index, locs);
+            self.cache.dropped(dropped);
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn apply_append(&mut self, group: GroupId, entries: &[Entry]) -> Result<(), Error> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let (c, l) = self
+            .groups
+            .get(&group)
+            .map_or((0, 0), |g| (g.compacted_index, g.last_index()));
+        check_append(group, c, l, entries)?;
+        let max = self.cfg.record_bytes_max;
+        for e in entries {
+            if format::record_len(ENTRY_ROW_LEN + e.data.len()) > max {
+                return Err(Error::LogEntryTooLarge {
+                    group,
+                    index: e.index,
+                    bytes: e.data.len(),
+                    max: max - format::record_len(ENTRY_ROW_LEN),
+                });
+            }
+        }
+        self.write_entries(group, entries)?;
+        self.stats.appended_entries += entries.len() as u64;
+        self.stats.appended_bytes += entries.iter().map(|e| e.data.len() as u64).sum::<u64>();
+        Ok(())
+    }
+
+    fn apply_hard_state(&mut self, group: GroupId, hs: HardState) -> Result<(), Error> {
+        let (seq, _) = self.put(&RecordHeader::hard_state(group, hs), 0, |_| {})?;
+        group_at(&mut self.groups, group, seq).hard_state = hs;
+        Ok(())
+    }
+
+    fn apply_compact(&mut self, group: GroupId, index: Index, term: Term) -> Result<(), Error> {
+        // A group the store does not know is created by the record (as a
+        // snapshot install into a fresh group must survive a restart).
+        if self
+            .groups
+            .get(&group)
+            .is_some_and(|g| index <= g.compacted_index)
+        {
+            return Ok(());
+        }
+        let (seq, _) = self.put(&RecordHeader::compact(group, index, term), 0, |_| {})?;
+        let dropped = group_at(&mut self.groups, group, seq).compact(index, term);
+        self.cache.dropped(dropped);
+        Ok(())
+    }
+
+    fn apply_remove(&mut self, group: GroupId) -> Result<(), Error> {
+        if !self.groups.contains_key(&group) {
+            return Ok(());
+        }
+        self.put(&RecordHeader::remove(group), 0, |_| {})?;
+        let g = self.groups.remove(&group).expect("checked above");
+        self.cache.dropped(g.cached_bytes());
+        Ok(())
+    }
+
+    fn apply(&mut self, op: &WalOp) -> Result<(), Error> {
+        match op {
+            WalOp::Append { group, entries } => self.apply_append(*group, entries),
+            WalOp::SetHardState { group, hs } => self.apply_hard_state(*group, *hs),
+            WalOp::Compact { group, index, term } => self.apply_compact(*group, *index, *term),
+            WalOp::RemoveGroup { group } => self.apply_remove(*group),
+        }
+    }
+
+    /// Closes the pending batch if it reached `batch_bytes_max`.
+    fn maybe_close(&mut self) {
+        if self.pending.buf.len() >= self.cfg.batch_bytes_max {
+            self.close_pending();
+        }
+    }
+
+    // ---- the writer ----
+
+    /// One non-blocking step of the writer: reap a finished batch, drain
+    /// the producers' queue into the pending batch, rewrite cold groups if
+    /// needed, and put the next batch on the disk if none is there.
+    pub fn drive(&mut self) -> Result<(), Error> {
+        self.check_alive()?;
+        self.reap(false)?;
+        self.drain_queue()?;
+        self.maybe_rewrite()?;
+        self.kick()
+    }
+
+    fn drain_queue(&mut self) -> Result<(), Error> {
+        while let Some(req) = self.shared.queue.pop() {
+            match self.apply(&req.op) {
+                Ok(()) => {
+                    self.pending.replies.push(req.reply);
+                    self.pending.credit += req.bytes;
+                    self.maybe_close();
+                }
+                Err(e) => {
+                    let fatal = self.failed.is_some();
+                    let _ = req.reply.send(Err(e));
+                    self.shared.release(req.bytes);
+                    if fatal {
+                        return self.check_alive();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits the next batch if the disk is idle.
+    fn kick(&mut self) -> Result<(), Error> {
+        while self.inflight.is_none() {
+            if self.ready.is_empty() {
+                if self.pending.buf.is_empty() && self.pending.replies.is_empty() {
+                    return Ok(());
+                }
+                self.close_pending();
+            }
+            let mut b = self.ready.pop_front().expect("non-empty");
+            if b.buf.is_empty() {
+                // Only no-op requests: durable as soon as everything before.
+                self.complete(b);
+                continue;
+            }
+            assert!(
+                b.buf.len() <= u32::MAX as usize,
+                "batch larger than one write"
+            );
+            let seg = self.segments.get(&b.seq).expect("batch segment exists");
+            let job = Job {
+                file: seg.file.clone(),
+                path: seg.path.clone(),
+                offset: b.offset,
+                buf: std::mem::take(&mut b.buf),
+                sync: self.cfg.raft_sync,
+            };
+            let path = seg.path.clone();
+            let offset = b.offset;
+            self.inflight = Some(b);
+            if let Err(e) = self.io.submit(job) {
+                return Err(self.fail(io_err("submit write", &path, offset, e)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles the in-flight batch's completion, if there is one (waiting
+    /// for it with `block`).
+    fn reap(&mut self, block: bool) -> Result<(), Error> {
+        if self.inflight.is_none() {
+            return Ok(());
+        }
+        let done = match self.io.poll(block) {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let p = self.cfg.dir.clone();
+                return Err(self.fail(io_err("wait for I/O completion", &p, 0, e)));
+            }
+        };
+        let mut b = self.inflight.take().expect("checked above");
+        if let Err((op, e)) = done.result {
+            let err = io_err(op, &done.job.path, done.job.offset, e);
+            self.inflight = Some(b);
+            return Err(self.fail(err));
+        }
+        let len = done.job.buf.len() as u64;
+        let mut buf = done.job.buf;
+        buf.clear();
+        self.spare_buf = Some(buf);
+        b.buf = Vec::new();
+        self.written = (b.seq, b.offset + len);
+        self.stats.fsyncs += self.cfg.raft_sync as u64;
+        self.complete(b);
+        Ok(())
+    }
+
+    fn complete(&mut self, b: Batch) {
+        debug_assert!(b.end_lsn >= self.done_lsn);
+        self.done_lsn = b.end_lsn;
+        self.stats.batches += 1;
+        for r in b.replies {
+            let _ = r.send(Ok(()));
+        }
+        self.shared.release(b.credit);
+        self.cache.evict(
+            &mut self.groups,
+            self.cfg.entry_cache_bytes_max,
+            self.written,
+        );
+        self.purge(b.purge_below);
+    }
+
+    /// Deletes segments below `below` (never the active one).
+    fn purge(&mut self, below: u64) {
+        let below = below.min(self.active);
+        let old: Vec<u64> = self.segments.range(..below).map(|(s, _)| *s).collect();
+        if old.is_empty() {
+            return;
+        }
+        for seq in old {
+            let seg = self.segments.remove(&seq).expect("listed");
+            if let Err(e) = std::fs::remove_file(&seg.path) {
+                // Not a durability problem: the file only holds dead
+                // records. Keep it and try again on the next purge.
+                tracing::warn!(path = %seg.path.display(), error = %e, "wal: cannot delete purged segment");
+                self.segments.insert(seq, seg);
+                break;
+            }
+            self.stats.purged_segments += 1;
+        }
+        if let Err(e) = segment::sync_dir(&self.dir, &self.cfg.dir) {
+            tracing::warn!(error = %e, "wal: fsync of the directory after purge failed");
+        }
+    }
+
+    /// Rewrites groups that pin the oldest segments into the head, each as
+    /// one `GroupImage` record, so those segments can be purged.
+    fn maybe_rewrite(&mut self) -> Result<(), Error> {
+        if self.segments.len() <= self.cfg.segments_soft_max {
+            return Ok(());
+        }
+        let keep = (self.cfg.segments_soft_max / 2) as u64;
+        let threshold = self.active.saturating_sub(keep);
+        let mut cold: Vec<(u64, GroupId)> = self
+            .groups
+            .iter()
+            .filter(|(_, gi)| gi.base_seg < threshold)
+            .map(|(g, gi)| (gi.base_seg, *g))
+            .collect();
+        cold.sort_unstable();
+        let mut budget = self.cfg.rewrite_bytes_max;
+        for (_, g) in cold {
+            let before = self.lsn;
+            self.rewrite_group(g)?;
+            let wrote = (self.lsn - before) as usize;
+            self.stats.rewritten_bytes += wrote as u64;
+            if wrote >= budget {
+                break;
+            }
+            budget -= wrote;
+        }
+        Ok(())
+    }
+
+    /// Largest `GroupImage` record: it must fit in a fresh segment.
+    fn image_bytes_max(&self) -> usize {
+        (self.cfg.log_segment_bytes_max / 2) as usize
+    }
+
+    /// Writes `group`'s whole state (hard state, compaction point, every live
+    /// entry) as one record that replaces everything before it at replay.
+    /// One record, so a crash leaves either the old history or the image,
+    /// never a half-reset group.
+    fn rewrite_group(&mut self, group: GroupId) -> Result<(), Error> {
+        let gi = &self.groups[&group];
+        let (hs, ci, ct, last) = (
+            gi.hard_state,
+            gi.compacted_index,
+            gi.compacted_term,
+            gi.last_index(),
+        );
+        let payload = format::entries_payload_len(gi.entries.iter().map(|e| e.len as usize));
+        if format::record_len(payload) > self.image_bytes_max() {
+            // Stays pinned until raft compacts it; the soft limit is soft.
+            tracing::warn!(
+                group,
+                bytes = payload,
+                max = self.image_bytes_max(),
+                "wal: group's live log is too large to rewrite; it pins old segments until compacted"
+            );
+            return Ok(());
+        }
+        let entries = self.read(group, ci + 1, last + 1)?;
+        let crcs: Vec<u32> = entries.iter().map(|e| crc32fast::hash(&e.data)).collect();
+        let h = RecordHeader::image(group, (ci, ct), last, hs);
+        let (seq, mut off) = self.put(&h, payload, |b| {
+            for (e, crc) in entries.iter().zip(&crcs) {
+                format::encode_entry(b, e.term, e.kind, &e.data, *crc);
+            }
+        })?;
+        let old = self.groups.remove(&group).expect("exists");
+        self.cache.dropped(old.cached_bytes());
+        let mut g = GroupIndex::new(seq);
+        g.hard_state = hs;
+        g.compacted_index = ci;
+        g.compacted_term = ct;
+        for (e, crc) in entries.iter().zip(&crcs) {
+            off += ENTRY_ROW_LEN as u64;
+            let loc = EntryLoc {
+                term: e.term,
+                kind: e.kind,
+                seg: seq,
+                offset: off,
+                len: e.data.len() as u32,
+                crc: *crc,
+                cached: Some(e.data.clone()),
+            };
+            self.cache.insert(group, e.index, &loc);
+            g.entries.push_back(loc);
+            off += e.data.len() as u64;
+        }
+        self.groups.insert(group, g);
+        Ok(())
+    }
+
+    /// Puts everything pending on the disk and waits until it is durable.
+    fn sync_all(&mut self) -> Result<(), Error> {
+        self.check_alive()?;
+        let target = self.lsn;
+        loop {
+            self.kick()?;
+            if self.done_lsn >= target
+                && self.inflight.is_none()
+                && self.ready.is_empty()
+                && self.pending.replies.is_empty()
+            {
+                return Ok(());
+            }
+            self.reap(true)?;
+        }
+    }
+
+    /// Keeps the owner path within `append_buffer_bytes_max`: writes out
+    /// closed batches and waits while too much is unwritten.
+    fn owner_backpressure(&mut self) -> Result<(), Error> {
+        self.reap(false)?;
+        if !self.ready.is_empty() {
+            self.kick()?;
+        }
+        while self.lsn - self.done_lsn > self.cfg.append_buffer_bytes_max as u64 {
+            if self.ready.is_empty() {
+                self.close_pending();
+            }
+            self.kick()?;
+            self.reap(true)?;
+        }
+        Ok(())
+    }
+
+    // ---- reading ----
+
+    fn read(&mut self, group: GroupId, lo: Index, hi: Index) -> Result<Vec<Entry>, Error> {
+        /// Largest single pread when coalescing neighbouring entries.
+        const READ_SPAN_BYTES_MAX: u64 = 4 << 20;
+        let g = self
+            .groups
+            .get(&group)
+            .ok_or(Error::LogUnknownGroup { group })?;
+        check_range(group, g.compacted_index, g.last_index(), lo, hi)?;
+        let mut out = Vec::with_capacity((hi - lo) as usize);
+        let mut i = lo;
+        while i < hi {
+            let loc = g.get(i).expect("in range");
+            if let Some(data) = &loc.cached {
+                out.push(Entry {
+                    index: i,
+                    term: loc.term,
+                    kind: loc.kind,
+                    data: data.clone(),
+                });
+                i += 1;
+                continue;
+            }
+            debug_assert!((loc.seg, loc.offset) < self.written || self.written == (0, 0));
+            let (seg_no, start) = (loc.seg, loc.offset);
+            let mut end = start + loc.len as u64;
+            let mut j = i + 1;
+            while j < hi {
+                let l = g.get(j).expect("in range");
+                if l.cached.is_some()
+                    || l.seg != seg_no
+                    || l.offset < end
+                    || l.offset + l.len as u64 - start > READ_SPAN_BYTES_MAX
+                {
+                    break;
+                }
+                end = l.offset + l.len as u64;
+                j += 1;
+            }
+            let seg = self
+                .segments
+                .get(&seg_no)
+                .expect("live entries' segments are never purged");
+            let mut buf = vec![0u8; (end - start) as usize];
+            seg.file
+                .read_exact_at(&mut buf, start)
+                .map_err(|e| io_err("read entries", &seg.path, start, e))?;
+            let buf = Bytes::from(buf);
+            for k in i..j {
+                let l = g.get(k).expect("in range");
+                let from = (l.offset - start) as usize;
+                let data = buf.slice(from..from + l.len as usize);
+                if crc32fast::hash(&data) != l.crc {
+                    return Err(Error::WalCorrupt {
+                        path: seg.path.clone(),
+                        offset: l.offset,
+                        reason: format!("entry data crc mismatch (group {group}, index {k})"),
+                    });
+                }
+                out.push(Entry {
+                    index: k,
+                    term: l.term,
+                    kind: l.kind,
+                    data,
+                });
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+
+    // ---- shutdown ----
+
+    /// Writes everything pending, seals the active segment and syncs.
+    pub fn close(mut self) -> Result<(), Error> {
+        self.close_inner()
+    }
+
+    fn close_inner(&mut self) -> Result<(), Error> {
+        self.shared.closed.store(true, Ordering::Release);
+        self.drain_queue()?;
+        self.check_alive()?;
+        let seq = self.active;
+        self.put_raw_seal(seq);
+        let r = self.sync_all();
+        self.abandon = true;
+        r
+    }
+
+    /// Drops the store as a crash would: whatever is not yet on the disk is
+    /// lost and the active segment stays unsealed (recovery then cuts its
+    /// tail). The batch already on the disk is waited for, since its buffer
+    /// must outlive the kernel's use of it. For crash tests.
+    pub fn close_unsealed(mut self) {
+        self.abandon = true;
+    }
+
+    /// Path of the directory.
+    pub fn dir(&self) -> &Path {
+        &self.cfg.dir
+    }
+
+    /// Sequence numbers of the segment files, oldest first.
+    pub fn segment_seqs(&self) -> Vec<u64> {
+        self.segments.keys().copied().collect()
+    }
+
+    /// Waiting for the writer: see [`WalWaiter`]. Needs a tokio runtime
+    /// with I/O enabled.
+    pub fn waiter(&self) -> Result<WalWaiter, Error> {
+        // SAFETY: dup of a descriptor we own; the result is owned by the
+        // waiter, so its lifetime does not depend on the backend's.
+        let fd = unsafe { libc::dup(self.io.event_fd()) };
+        if fd < 0 {
+            return Err(io_err(
+                "dup eventfd",
+                &self.cfg.dir,
+                0,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: fresh descriptor from dup.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: `owned` is a valid descriptor owned by the AsyncFd for its
+        // whole lifetime, and `as_raw_fd` of an OwnedFd never changes.
+        let efd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| io_err("register eventfd", &self.cfg.dir, 0, e.into_parts().1))?;
+        Ok(WalWaiter {
+            shared: self.shared.clone(),
+            efd,
+        })
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        if !self.abandon && self.failed.is_none() {
+            if let Err(e) = self.close_inner() {
+                tracing::error!(error = %e, "wal: closing cleanly failed");
+            }
+        }
+        self.shared.closed.store(true, Ordering::Release);
+        // The kernel may still be using the in-flight buffer.
+        while self.io.busy() {
+            if self.io.poll(true).is_err() {
+                break;
+            }
+        }
+        self.shared.fail_queued(|group| Error::WalClosed { group });
+        let mut rest: Vec<Batch> = self.ready.drain(..).collect();
+        rest.push(std::mem::take(&mut self.pending));
+        for b in rest {
+            for r in b.replies {
+                let _ = r.send(Err(Error::WalClosed { group: 0 }));
+            }
+            self.shared.release(b.credit);
+        }
+    }
+}
+
+/// Lets an async writer loop sleep until there is work: a producer queued
+/// something, or the disk finished a batch.
+pub struct WalWaiter {
+    shared: Arc<Shared>,
+    efd: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+impl WalWaiter {
+    pub async fn wait(&self) {
+        tokio::select! {
+            _ = self.shared.wake_writer.notified() => {}
+            r = self.efd.readable() => {
+                if let Ok(mut guard) = r {
+                    io::drain_event_fd(self.efd.get_ref().as_raw_fd());
+                    guard.clear_ready();
+                }
+            }
+        }
+    }
+}
+
+/// The writer loop for a tokio `current_thread` runtime (with I/O enabled)
+/// on the core: drives `wal` until [`WalHandle::shutdown`] was called and
+/// everything queued is durable, or until a fatal error. `wal` stays
+/// usable by other tasks (reads, `status`) between steps.
+pub async fn run(wal: Rc<RefCell<Wal>>) -> Result<(), Error> {
+    let waiter = wal.borrow().waiter()?;
+    loop {
+        {
+            let mut w = wal.borrow_mut();
+            w.drive()?;
+            if w.shared.shutdown.load(Ordering::Acquire)
+                && w.shared.queue.is_empty()
+                && w.inflight.is_none()
+                && w.ready.is_empty()
+                && w.pending.replies.is_empty()
+                && w.lsn == w.done_lsn
+            {
+                return Ok(());
+            }
+        }
+        waiter.wait().await;
+    }
+}
+
+impl LogStore for Wal {
+    type Error = Error;
+
+    fn append(&mut self, group: GroupId, entries: &[Entry]) -> Result<(), Error> {
+        self.check_alive()?;
+        self.apply_append(group, entries)?;
+        self.maybe_close();
+        self.owner_backpressure()
+    }
+
+    fn set_hard_state(&mut self, group: GroupId, hs: HardState) -> Result<(), Error> {
+        self.check_alive()?;
+        self.apply_hard_state(group, hs)?;
+        self.owner_backpressure()
+    }
+
+    fn compact(&mut self, group: GroupId, index: Index, term: Term) -> Result<(), Error> {
+        self.check_alive()?;
+        self.apply_compact(group, index, term)?;
+        self.owner_backpressure()
+    }
+
+    fn remove_group(&mut self, group: GroupId) -> Result<(), Error> {
+        self.check_alive()?;
+        self.apply_remove(group)?;
+        self.owner_backpressure()
+    }
+
+    fn sync(&mut self) -> Result<(), Error> {
+        self.check_alive()?;
+        self.reap(false)?;
+        self.drain_queue()?;
+        self.maybe_rewrite()?;
+        self.sync_all()
+    }
+
+    fn group_state(&self, group: GroupId) -> Option<GroupLogState> {
+        self.groups.get(&group).map(|g| GroupLogState {
+            hard_state: g.hard_state,
+            compacted_index: g.compacted_index,
+            compacted_term: g.compacted_term,
+            last_index: g.last_index(),
+        })
+    }
+
+    fn groups(&self) -> Vec<GroupId> {
+        self.groups.keys().copied().collect()
+    }
+
+    fn entries(&mut self, group: GroupId, lo: Index, hi: Index) -> Result<Vec<Entry>, Error> {
+        self.check_alive()?;
+        self.read(group, lo, hi)
+    }
+}

@@ -1,0 +1,295 @@
+//! Recovery: read every segment in order, verify every record's crc, replay
+//! the records into the index, and decide what a bad record means.
+//!
+//! - Segments must be numbered without gaps (purge deletes oldest first and
+//!   syncs the directory); a gap means a lost file.
+//! - Every segment but the last must end with its seal record: the writer
+//!   syncs a segment's seal before it writes anything to the next one.
+//! - In the last segment, a bad or zero record with no valid record after it
+//!   (scanning on at every 8-byte boundary) is a torn tail: the process died
+//!   in the middle of a batch that was never acknowledged. It is cut off
+//!   with a `warn!` and the segment sealed, so it can never later look like
+//!   corruption in the middle of the log.
+//! - Anything else — a bad record followed by a valid one anywhere — is
+//!   corruption: recovery refuses with an error naming the file and offset.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::core::types::{GroupId, HardState};
+use crate::error::Error;
+use crate::wal::format::{self, Decoded, RecordHeader, RecordKind, ALIGN, MAGIC, PREFIX_LEN};
+use crate::wal::index::{group_at, EntryLoc, GroupIndex};
+use crate::wal::segment::{self, io_err};
+
+pub struct Segment {
+    pub path: PathBuf,
+    pub file: Arc<File>,
+    /// Bytes the file occupies (preallocated length for the active one).
+    pub len: u64,
+}
+
+pub struct Recovered {
+    pub groups: BTreeMap<GroupId, GroupIndex>,
+    pub segments: BTreeMap<u64, Segment>,
+    /// Sequence number for the next segment.
+    pub next_seq: u64,
+    /// Torn tails that were cut (file, offset), for tests and status.
+    pub truncated: Vec<(PathBuf, u64)>,
+}
+
+fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> Error {
+    Error::WalCorrupt {
+        path: path.to_path_buf(),
+        offset,
+        reason: reason.into(),
+    }
+}
+
+pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
+    let mut seqs = Vec::new();
+    let rd = std::fs::read_dir(dir_path).map_err(|e| io_err("list directory", dir_path, 0, e))?;
+    for ent in rd {
+        let ent = ent.map_err(|e| io_err("list directory", dir_path, 0, e))?;
+        if let Some(seq) = ent.file_name().to_str().and_then(segment::parse_name) {
+            seqs.push(seq);
+        }
+    }
+    seqs.sort_unstable();
+    for w in seqs.windows(2) {
+        if w[1] != w[0] + 1 {
+            return Err(corrupt(
+                &dir_path.join(segment::file_name(w[0] + 1)),
+                0,
+                format!(
+                    "segment file missing: sequence jumps from {} to {}",
+                    w[0], w[1]
+                ),
+            ));
+        }
+    }
+    let mut out = Recovered {
+        groups: BTreeMap::new(),
+        segments: BTreeMap::new(),
+        next_seq: seqs.last().map_or(1, |s| s + 1),
+        truncated: Vec::new(),
+    };
+    for (i, &seq) in seqs.iter().enumerate() {
+        let is_last = i + 1 == seqs.len();
+        let path = dir_path.join(segment::file_name(seq));
+        let data = std::fs::read(&path).map_err(|e| io_err("read segment", &path, 0, e))?;
+        let (end, sealed, bad) = replay_segment(&path, seq, &data, &mut out.groups)?;
+        if !sealed {
+            let (off, reason) = bad.expect("an unsealed segment stops at a bad or zero record");
+            if !is_last {
+                return Err(corrupt(
+                    &path,
+                    off as u64,
+                    format!("{reason}; the segment has no seal record but later segments exist"),
+                ));
+            }
+            if let Some(next) = find_valid_after(&data, off) {
+                return Err(corrupt(
+                    &path,
+                    off as u64,
+                    format!("{reason}; a valid record follows at offset {next}"),
+                ));
+            }
+            let nonzero = data[off..].iter().any(|b| *b != 0);
+            tracing::warn!(
+                path = %path.display(),
+                offset = off,
+                bytes = data.len() - off,
+                torn = nonzero,
+                reason = %reason,
+                "wal: truncating the torn or zero-filled tail of the last segment (unacknowledged writes of a crash)"
+            );
+            out.truncated.push((path.clone(), off as u64));
+            if end == 0 {
+                // Not even the start record made it: the file holds nothing.
+                std::fs::remove_file(&path)
+                    .map_err(|e| io_err("remove empty segment", &path, 0, e))?;
+                segment::sync_dir(dir, dir_path)?;
+                out.next_seq = seq;
+                continue;
+            }
+            seal_at(&path, seq, end as u64)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_err("open segment", &path, 0, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| io_err("stat segment", &path, 0, e))?
+            .len();
+        out.segments.insert(
+            seq,
+            Segment {
+                path,
+                file: Arc::new(file),
+                len,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Replays one segment. Returns (end of the valid records, sealed?, the bad
+/// or zero record that stopped an unsealed segment).
+fn replay_segment(
+    path: &Path,
+    seq: u64,
+    data: &[u8],
+    groups: &mut BTreeMap<GroupId, GroupIndex>,
+) -> Result<(usize, bool, Option<(usize, String)>), Error> {
+    let mut off = 0usize;
+    loop {
+        match format::decode_at(data, off) {
+            Decoded::Record {
+                header,
+                payload_off,
+                payload,
+                len,
+            } => {
+                let kind = header.kind();
+                if off == 0 && (kind != RecordKind::SegmentStart || header.aux != seq) {
+                    return Err(corrupt(
+                        path,
+                        0,
+                        format!(
+                            "segment does not begin with its start record (kind {kind:?}, seq {})",
+                            header.aux
+                        ),
+                    ));
+                }
+                if off != 0 && kind == RecordKind::SegmentStart {
+                    return Err(corrupt(path, off as u64, "second segment start record"));
+                }
+                if kind == RecordKind::Seal {
+                    if header.aux != seq {
+                        return Err(corrupt(
+                            path,
+                            off as u64,
+                            format!("seal record names segment {}", header.aux),
+                        ));
+                    }
+                    return Ok((off + len, true, None));
+                }
+                if kind == RecordKind::SegmentStart {
+                    off += len;
+                    continue;
+                }
+                apply(seq, (off + payload_off) as u64, &header, payload, groups).map_err(
+                    |reason| {
+                        corrupt(
+                            path,
+                            off as u64,
+                            format!("group {}: {reason}", header.group),
+                        )
+                    },
+                )?;
+                off += len;
+            }
+            Decoded::Zero => {
+                return Ok((
+                    off,
+                    false,
+                    Some((off, "zero-filled or unwritten space".into())),
+                ))
+            }
+            Decoded::Bad(reason) => return Ok((off, false, Some((off, reason)))),
+        }
+    }
+}
+
+/// Applies one valid record to the index; `payload_at` is the payload's
+/// file offset.
+fn apply(
+    seq: u64,
+    payload_at: u64,
+    h: &RecordHeader,
+    payload: &[u8],
+    groups: &mut BTreeMap<GroupId, GroupIndex>,
+) -> Result<(), String> {
+    let locs = |rows: &[format::EntryRow]| -> Vec<EntryLoc> {
+        rows.iter()
+            .map(|r| EntryLoc {
+                term: r.term,
+                kind: r.kind,
+                seg: seq,
+                offset: payload_at + r.data_off as u64,
+                len: r.len,
+                crc: r.crc,
+                cached: None,
+            })
+            .collect()
+    };
+    match h.kind() {
+        RecordKind::Entries => {
+            let rows = format::parse_entries(h, payload)?;
+            group_at(groups, h.group, seq).append(h.first_index, locs(&rows));
+        }
+        RecordKind::GroupImage => {
+            let rows = format::parse_entries(h, payload)?;
+            let mut g = GroupIndex::new(seq);
+            g.hard_state = HardState {
+                term: h.last_term,
+                vote: h.aux,
+            };
+            g.compacted_index = h.first_index;
+            g.compacted_term = h.first_term;
+            g.entries.extend(locs(&rows));
+            groups.insert(h.group, g);
+        }
+        RecordKind::HardState => {
+            group_at(groups, h.group, seq).hard_state = HardState {
+                term: h.first_term,
+                vote: h.aux,
+            };
+        }
+        RecordKind::Compact => {
+            group_at(groups, h.group, seq).compact(h.first_index, h.first_term);
+        }
+        RecordKind::RemoveGroup => {
+            groups.remove(&h.group);
+        }
+        RecordKind::SegmentStart | RecordKind::Seal => unreachable!("handled by the caller"),
+    }
+    Ok(())
+}
+
+/// Offset of the first valid record after `off`, if any.
+pub fn find_valid_after(data: &[u8], off: usize) -> Option<usize> {
+    let magic = MAGIC.to_le_bytes();
+    let mut o = (off / ALIGN + 1) * ALIGN;
+    while o + PREFIX_LEN <= data.len() {
+        if data[o..o + 4] == magic {
+            if let Decoded::Record { .. } = format::decode_at(data, o) {
+                return Some(o);
+            }
+        }
+        o += ALIGN;
+    }
+    None
+}
+
+/// Cuts the file at `end` and writes a seal record there, durably.
+fn seal_at(path: &Path, seq: u64, end: u64) -> Result<(), Error> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| io_err("open segment", path, 0, e))?;
+    file.set_len(end)
+        .map_err(|e| io_err("truncate torn tail", path, end, e))?;
+    let mut buf = Vec::new();
+    format::encode(&mut buf, &RecordHeader::seal(seq), |_| {});
+    file.write_all_at(&buf, end)
+        .map_err(|e| io_err("write seal", path, end, e))?;
+    file.sync_all()
+        .map_err(|e| io_err("fsync sealed segment", path, end, e))
+}

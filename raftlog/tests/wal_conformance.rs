@@ -1,0 +1,65 @@
+//! The WAL passes the log-store conformance suite on both I/O backends,
+//! restarted both cleanly (sealed) and as after a crash (unsealed tail).
+
+use raftlog::storage::conformance::{self, Harness};
+use raftlog::wal::{IoBackend, Wal, WalConfig};
+
+struct WalHarness {
+    root: tempfile::TempDir,
+    n: u32,
+    backend: IoBackend,
+    crash: bool,
+}
+
+impl WalHarness {
+    fn new(backend: IoBackend, crash: bool) -> WalHarness {
+        WalHarness {
+            root: tempfile::tempdir().unwrap(),
+            n: 0,
+            backend,
+            crash,
+        }
+    }
+    fn cfg(&self) -> WalConfig {
+        let mut c = WalConfig::new(self.root.path().join(self.n.to_string()));
+        // Small segments so the suite crosses segment boundaries.
+        c.log_segment_bytes_max = 64 << 10;
+        c.record_bytes_max = 16 << 10;
+        c.batch_bytes_max = 8 << 10;
+        c.segments_soft_max = 4;
+        c.entry_cache_bytes_max = 4 << 10;
+        c.io_backend = self.backend;
+        c
+    }
+}
+
+impl Harness for WalHarness {
+    type Store = Wal;
+    fn open_fresh(&mut self) -> Wal {
+        self.n += 1;
+        Wal::open(self.cfg()).unwrap()
+    }
+    fn restart(&mut self, store: Wal) -> Wal {
+        if self.crash {
+            store.close_unsealed();
+        } else {
+            drop(store);
+        }
+        Wal::open(self.cfg()).unwrap()
+    }
+}
+
+#[test]
+fn wal_conformance_uring_clean_restart() {
+    conformance::run_all(&mut WalHarness::new(IoBackend::Auto, false));
+}
+
+#[test]
+fn wal_conformance_uring_crash_restart() {
+    conformance::run_all(&mut WalHarness::new(IoBackend::Auto, true));
+}
+
+#[test]
+fn wal_conformance_fallback_crash_restart() {
+    conformance::run_all(&mut WalHarness::new(IoBackend::Fallback, true));
+}
