@@ -395,7 +395,9 @@ impl Transport {
         Ok(())
     }
 
-    /// Forgets a peer: closes its connection and drops its queued frames.
+    /// Forgets a peer: closes its connection and drops its queued frames. If the peer still knows this node,
+    /// it may dial again; an authenticated connection is then accepted and the peer re-created without an
+    /// address (the engine ignores traffic from non-members).
     pub fn remove_peer(&self, node: NodeId) {
         let peer = self.inner.peers.lock().expect("peers lock").remove(&node);
         if let Some(peer) = peer {
@@ -687,6 +689,11 @@ impl Inner {
     /// both dialed at once they keep the same connection: the one dialed by the lower node id. A new
     /// connection from the same dialer replaces the old one (the dialer saw the old one die or restarted).
     fn install(self: &Arc<Self>, peer: &Arc<Peer>, new: Link) -> bool {
+        if *peer.stop.borrow() {
+            new.conn
+                .close(VarInt::from_u32(code::BY_REQUEST), b"peer removed");
+            return false;
+        }
         let preferred_dialer = self.cfg.node.min(peer.id);
         let mut installed = false;
         let mut loser = None;
@@ -925,7 +932,12 @@ impl Inner {
                     Ok((send, recv)) => { tokio::spawn(self.clone().receive_snapshot(peer.clone(), conn.clone(), send, recv)); }
                     Err(_) => break,
                 },
-                _ = peer.stopped() => break,
+                _ = peer.stopped() => {
+                    // The peer was removed (or we shut down) possibly while this connection was being
+                    // installed: close it here so it cannot linger on keep-alives.
+                    conn.close(VarInt::from_u32(code::BY_REQUEST), b"peer removed");
+                    break;
+                }
             }
         }
         let reason = conn.closed().await;

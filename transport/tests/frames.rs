@@ -257,3 +257,35 @@ async fn mismatched_identity_and_config_are_refused() {
         Err(Error::Config(_))
     ));
 }
+
+#[tokio::test]
+async fn removed_peer_is_forgotten_and_disconnected() {
+    let pki = Pki::new();
+    let mut nodes = mesh(&pki, &[1, 2]);
+    assert!(nodes[0].t.wait_connected(2, WAIT).await);
+    let connects_before = nodes[0].t.peer_stats(2).unwrap().connects;
+    nodes[1].t.remove_peer(1);
+    let err = nodes[1]
+        .t
+        .send(1, Frame::new(1, 1, "x"), Lane::Data)
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownPeer { node: 1 }), "{err}");
+    // Node 1 still knows node 2 and redials; node 2 accepts the authenticated peer again (without an address).
+    let mut got = false;
+    for _ in 0..100 {
+        let _ = nodes[0].t.send(2, Frame::new(1, 1, "again"), Lane::Data);
+        if let Ok(Some(m)) =
+            tokio::time::timeout(Duration::from_millis(50), nodes[1].rx.recv()).await
+        {
+            assert_eq!((m.from, m.frame.payload.as_ref()), (1, &b"again"[..]));
+            got = true;
+            break;
+        }
+    }
+    assert!(got, "no frame after the peer was re-accepted");
+    assert!(
+        nodes[0].t.peer_stats(2).unwrap().connects > connects_before,
+        "removal must close the connection"
+    );
+    assert!(nodes[1].t.is_connected(1));
+}
