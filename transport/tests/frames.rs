@@ -289,3 +289,30 @@ async fn removed_peer_is_forgotten_and_disconnected() {
     );
     assert!(nodes[1].t.is_connected(1));
 }
+
+#[tokio::test]
+async fn shutdown_closes_connections_and_later_sends_do_not_panic() {
+    let pki = Pki::new();
+    let mut nodes = mesh(&pki, &[1, 2]);
+    assert!(nodes[0].t.wait_connected(2, WAIT).await);
+    tokio::time::timeout(WAIT, nodes[1].t.shutdown())
+        .await
+        .expect("shutdown hangs");
+    // Node 1 notices (the close is explicit, not an idle timeout) and cannot reconnect to a closed endpoint.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while nodes[0].t.is_connected(2) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "peer did not notice the shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    nodes[0]
+        .t
+        .send(2, Frame::new(1, 1, "into the void"), Lane::Data)
+        .unwrap();
+    let _ = nodes[1]
+        .t
+        .send(1, Frame::new(1, 1, "after shutdown"), Lane::Data);
+    assert_silent(&mut nodes[0], Duration::from_millis(100)).await;
+}
