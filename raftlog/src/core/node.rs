@@ -1371,6 +1371,12 @@ impl RaftNode {
                     p.become_probe();
                     self.send_append(from, true);
                 } else {
+                    // The follower holds what we sent but a full window
+                    // means its acknowledgements may have been lost: free
+                    // one slot (etcd) so the next append's ack reopens it.
+                    if !p.can_send(self.cfg.inflight_messages_max, self.cfg.inflight_bytes_max) {
+                        p.free_first_one();
+                    }
                     self.send_append(from, false);
                 }
             }

@@ -116,6 +116,13 @@ impl Progress {
         }
     }
 
+    /// Forgets the oldest in-flight append (its ack is presumed lost).
+    pub fn free_first_one(&mut self) {
+        if let Some((_, bytes)) = self.inflight.pop_front() {
+            self.inflight_bytes -= bytes;
+        }
+    }
+
     pub fn can_send(&self, inflight_messages_max: usize, inflight_bytes_max: usize) -> bool {
         match self.state {
             ProgressState::Probe => !self.probe_sent,
