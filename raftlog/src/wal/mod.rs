@@ -117,6 +117,10 @@ pub struct WalConfig {
     /// `false` skips every fdatasync: for benchmarks only, never durable.
     pub raft_sync: bool,
     pub io_backend: IoBackend,
+    /// Fault injection for tests: the write of the batch after this many
+    /// completed batches fails with EIO (nothing is written).
+    #[doc(hidden)]
+    pub inject_eio_after_batches: Option<u64>,
 }
 
 impl WalConfig {
@@ -132,6 +136,7 @@ impl WalConfig {
             rewrite_bytes_max: 8 << 20,
             raft_sync: true,
             io_backend: IoBackend::Auto,
+            inject_eio_after_batches: None,
         }
     }
 
@@ -292,7 +297,11 @@ impl Wal {
             abandon: false,
             cfg,
         };
-        wal.start_segment(rec.next_seq)?;
+        if let Err(e) = wal.start_segment(rec.next_seq) {
+            // Nothing of this session reached the disk: drop without sealing.
+            wal.abandon = true;
+            return Err(e);
+        }
         wal.sync_all()?;
         Ok(wal)
     }
@@ -650,6 +659,10 @@ impl Wal {
             let path = seg.path.clone();
             let offset = b.offset;
             self.inflight = Some(b);
+            if self.cfg.inject_eio_after_batches == Some(self.stats.batches) {
+                let e = std::io::Error::from_raw_os_error(libc::EIO);
+                return Err(self.fail(io_err("write (injected)", &path, offset, e)));
+            }
             if let Err(e) = self.io.submit(job) {
                 return Err(self.fail(io_err("submit write", &path, offset, e)));
             }

@@ -1,0 +1,507 @@
+//! WAL rules on disk: torn and zeroed tails are cut with a warning,
+//! corruption in the middle is refused naming file and offset, failures are
+//! fatal, ENOSPC corrupts nothing, disk usage stays bounded, and the async
+//! producer API batches many appends into few fsyncs.
+
+use std::cell::RefCell;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use raftlog::core::types::{Entry, EntryKind, HardState};
+use raftlog::storage::LogStore;
+use raftlog::wal::{self, IoBackend, Wal, WalConfig, WalOp};
+use raftlog::Error;
+
+fn ents(lo: u64, hi: u64, term: u64, size: usize) -> Vec<Entry> {
+    (lo..=hi)
+        .map(|index| Entry {
+            index,
+            term,
+            kind: EntryKind::Normal,
+            data: Bytes::from(vec![(index % 251) as u8; size]),
+        })
+        .collect()
+}
+
+fn cfg(dir: &Path) -> WalConfig {
+    let mut c = WalConfig::new(dir);
+    c.log_segment_bytes_max = 256 << 10;
+    c.record_bytes_max = 32 << 10;
+    c
+}
+
+/// Captures tracing output so tests can check that warnings were logged.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn with_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
+    let logs = Logs::default();
+    let l2 = logs.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_writer(move || l2.clone())
+        .with_ansi(false)
+        .finish();
+    let r = tracing::subscriber::with_default(sub, f);
+    (r, logs.text())
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// End of the non-zero data in a file, rounded up to the record alignment.
+fn data_end(path: &Path) -> usize {
+    let d = std::fs::read(path).unwrap();
+    let last = d.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+    last.div_ceil(8) * 8
+}
+
+/// Writes 3 synced appends to group 1 and leaves the active segment
+/// unsealed, as a crash would. Returns the active segment's path.
+fn crashed_store(dir: &Path) -> PathBuf {
+    let mut w = Wal::open(cfg(dir)).unwrap();
+    w.append(1, &ents(1, 10, 1, 100)).unwrap();
+    w.sync().unwrap();
+    w.append(1, &ents(11, 20, 1, 100)).unwrap();
+    w.sync().unwrap();
+    w.set_hard_state(1, HardState { term: 1, vote: 2 }).unwrap();
+    w.append(1, &ents(21, 30, 1, 100)).unwrap();
+    w.sync().unwrap();
+    w.close_unsealed();
+    segments(dir).pop().unwrap()
+}
+
+#[test]
+fn torn_tail_is_truncated_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seg = crashed_store(tmp.path());
+    // Half a record's worth of non-zero garbage after the last record: a
+    // write the crash interrupted.
+    let end = data_end(&seg);
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(&[0x5a; 40], end as u64).unwrap();
+    let (w, logs) = with_logs(|| Wal::open(cfg(tmp.path())));
+    let mut w = w.unwrap();
+    assert!(
+        logs.contains("WARN") && logs.contains("torn"),
+        "no warning: {logs}"
+    );
+    assert!(
+        logs.contains(&seg.display().to_string()),
+        "warning must name the file: {logs}"
+    );
+    assert_eq!(
+        w.status().truncated_at_open,
+        vec![(seg.clone(), end as u64)]
+    );
+    assert_eq!(w.entries(1, 1, 31).unwrap(), ents(1, 30, 1, 100));
+    assert_eq!(
+        w.group_state(1).unwrap().hard_state,
+        HardState { term: 1, vote: 2 }
+    );
+    // The cut tail is sealed: the next restart sees a clean log.
+    w.append(1, &ents(31, 31, 2, 10)).unwrap();
+    w.sync().unwrap();
+    drop(w);
+    let (w, logs) = with_logs(|| Wal::open(cfg(tmp.path())));
+    let mut w = w.unwrap();
+    assert!(!logs.contains("WARN"), "clean restart warned: {logs}");
+    assert_eq!(w.group_state(1).unwrap().last_index, 31);
+    assert_eq!(w.entries(1, 30, 32).unwrap().len(), 2);
+}
+
+#[test]
+fn zeroed_last_record_is_truncated_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seg = crashed_store(tmp.path());
+    // Zero the last 64 bytes of data: the last record (entries 21..=30)
+    // fails its crc and nothing valid follows.
+    let end = data_end(&seg);
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(&[0; 64], (end - 64) as u64).unwrap();
+    let (w, logs) = with_logs(|| Wal::open(cfg(tmp.path())));
+    let mut w = w.unwrap();
+    assert!(logs.contains("WARN"), "no warning: {logs}");
+    assert_eq!(w.status().truncated_at_open.len(), 1);
+    let st = w.group_state(1).unwrap();
+    assert_eq!(st.last_index, 20);
+    assert_eq!(st.hard_state, HardState { term: 1, vote: 2 });
+    assert_eq!(w.entries(1, 1, 21).unwrap(), ents(1, 20, 1, 100));
+}
+
+#[test]
+fn corruption_in_the_middle_is_refused_naming_file_and_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seg = crashed_store(tmp.path());
+    let data = std::fs::read(&seg).unwrap();
+    // Flip a payload byte of the first entries record (entry data of index
+    // 1 are bytes of value 1; the start record comes before).
+    let off = data
+        .windows(100)
+        .position(|w| w.iter().all(|b| *b == 1))
+        .unwrap()
+        + 50;
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(&[0xee], off as u64).unwrap();
+    let err = Wal::open(cfg(tmp.path())).err().expect("must refuse");
+    let msg = err.to_string();
+    match &err {
+        Error::WalCorrupt { path, offset, .. } => {
+            assert_eq!(path, &seg);
+            assert!(
+                *offset < off as u64 && *offset > 0,
+                "offset {offset} is the record start"
+            );
+            assert!(
+                msg.contains(&seg.display().to_string())
+                    && msg.contains(&format!("offset {offset}"))
+            );
+            assert!(msg.contains("valid record follows"), "{msg}");
+        }
+        e => panic!("wrong error: {e}"),
+    }
+    // Refusing must not have modified anything.
+    assert_eq!(std::fs::read(&seg).unwrap()[..off], data[..off]);
+}
+
+#[test]
+fn corrupt_seal_of_an_older_segment_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = Wal::open(cfg(tmp.path())).unwrap();
+    w.append(1, &ents(1, 5, 1, 10)).unwrap();
+    w.sync().unwrap();
+    drop(w); // sealed cleanly
+    let mut w = Wal::open(cfg(tmp.path())).unwrap();
+    w.append(1, &ents(6, 9, 1, 10)).unwrap();
+    w.sync().unwrap();
+    drop(w);
+    let first = segments(tmp.path()).remove(0);
+    let end = data_end(&first);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&first)
+        .unwrap();
+    f.write_all_at(&[0xff; 8], (end - 8) as u64).unwrap();
+    let err = Wal::open(cfg(tmp.path())).err().expect("must refuse");
+    let msg = err.to_string();
+    assert!(matches!(err, Error::WalCorrupt { .. }), "{msg}");
+    assert!(msg.contains(&first.display().to_string()), "{msg}");
+}
+
+#[test]
+fn missing_segment_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for _ in 0..3 {
+        let mut w = Wal::open(cfg(tmp.path())).unwrap();
+        w.set_hard_state(1, HardState { term: 1, vote: 1 }).unwrap();
+        w.sync().unwrap();
+    }
+    let segs = segments(tmp.path());
+    assert!(segs.len() >= 3);
+    std::fs::remove_file(&segs[1]).unwrap();
+    let err = Wal::open(cfg(tmp.path())).err().expect("must refuse");
+    assert!(err.to_string().contains("missing"), "{err}");
+}
+
+#[test]
+fn failed_write_is_fatal_and_never_retried() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.inject_eio_after_batches = Some(2);
+    let mut w = Wal::open(c).unwrap();
+    w.append(1, &ents(1, 3, 1, 10)).unwrap();
+    w.sync().unwrap();
+    w.append(1, &ents(4, 6, 1, 10)).unwrap();
+    let e = w.sync().unwrap_err();
+    assert!(e.to_string().contains("Input/output error"), "{e}");
+    // Every later call is refused.
+    assert!(matches!(w.sync(), Err(Error::LogFailed { .. })));
+    assert!(matches!(
+        w.append(1, &ents(7, 7, 1, 1)),
+        Err(Error::LogFailed { .. })
+    ));
+    assert!(matches!(w.entries(1, 1, 2), Err(Error::LogFailed { .. })));
+    let h = w.handle();
+    assert!(h.submit_blocking(WalOp::RemoveGroup { group: 1 }).is_err());
+    assert!(w.status().failed.is_some());
+    drop(w);
+    let mut w = Wal::open(cfg(tmp.path())).unwrap();
+    assert_eq!(w.group_state(1).unwrap().last_index, 3);
+    assert_eq!(w.entries(1, 1, 4).unwrap(), ents(1, 3, 1, 10));
+}
+
+#[test]
+fn enospc_is_a_clear_error_and_corrupts_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = Wal::open(cfg(tmp.path())).unwrap();
+    w.append(7, &ents(1, 20, 1, 1000)).unwrap();
+    w.sync().unwrap();
+    drop(w);
+    let before: Vec<_> = segments(tmp.path());
+    // A segment far larger than the free space: preallocation fails.
+    let mut huge = cfg(tmp.path());
+    // 1 TiB: within ext4/xfs file size limits, beyond any test disk's space.
+    huge.log_segment_bytes_max = 1 << 40;
+    let err = Wal::open(huge).err().expect("must fail");
+    assert!(matches!(err, Error::WalNoSpace { .. }), "{err}");
+    assert!(err.to_string().contains("no space left"), "{err}");
+    assert_eq!(
+        segments(tmp.path()),
+        before,
+        "the failed segment must be removed"
+    );
+    let mut w = Wal::open(cfg(tmp.path())).unwrap();
+    assert_eq!(w.entries(7, 1, 21).unwrap(), ents(1, 20, 1, 1000));
+}
+
+#[test]
+fn steady_workload_with_compaction_keeps_segments_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = WalConfig::new(tmp.path());
+    c.log_segment_bytes_max = 64 << 10;
+    c.record_bytes_max = 16 << 10;
+    c.segments_soft_max = 6;
+    c.entry_cache_bytes_max = 32 << 10;
+    let mut w = Wal::open(c.clone()).unwrap();
+    // One idle group written once: without rewrite it would pin segment 1.
+    w.set_hard_state(999, HardState { term: 3, vote: 1 })
+        .unwrap();
+    w.append(999, &ents(1, 4, 3, 500)).unwrap();
+    w.sync().unwrap();
+    let mut last = [0u64; 16];
+    let mut max_segments = 0;
+    for round in 0..400u64 {
+        for g in 0..16usize {
+            let lo = last[g] + 1;
+            w.append(g as u64, &ents(lo, lo + 1, 1, 300)).unwrap();
+            last[g] = lo + 1;
+            if last[g] > 20 {
+                // Keep about 20 entries per group, as raft would after snapshots.
+                let at = last[g] - 20;
+                w.compact(g as u64, at, 1).unwrap();
+            }
+        }
+        w.sync().unwrap();
+        max_segments = max_segments.max(w.status().segments);
+        assert!(
+            w.status().segments <= c.segments_soft_max + 3,
+            "round {round}: {:?}",
+            w.status()
+        );
+    }
+    let st = w.status();
+    assert!(st.purged_segments > 20, "{st:?}");
+    assert!(st.rewritten_bytes > 0, "{st:?}");
+    // About 400 rounds * 16 groups * 2 entries * ~330 B = 4 MB went through.
+    assert!(st.appended_bytes > 3_000_000, "{st:?}");
+    drop(w);
+    let mut w = Wal::open(c).unwrap();
+    assert_eq!(w.entries(999, 1, 5).unwrap(), ents(1, 4, 3, 500));
+    assert_eq!(
+        w.group_state(999).unwrap().hard_state,
+        HardState { term: 3, vote: 1 }
+    );
+    for (g, l) in last.iter().enumerate() {
+        let st = w.group_state(g as u64).unwrap();
+        assert_eq!((st.compacted_index, st.last_index), (l - 20, *l));
+        assert_eq!(w.entries(g as u64, l - 19, l + 1).unwrap(), {
+            // Entries were appended in pairs of the same shape.
+            let mut v = Vec::new();
+            for i in l - 19..=*l {
+                v.extend(ents(i, i, 1, 300));
+            }
+            v
+        });
+    }
+    eprintln!("max segments seen: {max_segments}");
+}
+
+#[test]
+fn entry_larger_than_a_record_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = Wal::open(cfg(tmp.path())).unwrap();
+    let e = w.append(1, &ents(1, 1, 1, 40 << 10)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::LogEntryTooLarge {
+                group: 1,
+                index: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(w.group_state(1), None);
+    // Many small entries larger than a record in total are split.
+    w.append(1, &ents(1, 100, 1, 1000)).unwrap();
+    w.sync().unwrap();
+    w.close_unsealed();
+    let mut w = Wal::open(cfg(tmp.path())).unwrap();
+    assert_eq!(w.entries(1, 1, 101).unwrap(), ents(1, 100, 1, 1000));
+}
+
+#[test]
+fn raft_sync_off_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.raft_sync = false;
+    let (w, logs) = with_logs(|| Wal::open(c));
+    let mut w = w.unwrap();
+    assert!(
+        logs.contains("WARN") && logs.contains("raft_sync = false"),
+        "{logs}"
+    );
+    w.append(1, &ents(1, 2, 1, 10)).unwrap();
+    w.sync().unwrap();
+    let st = w.status();
+    assert!(!st.sync);
+    assert_eq!(st.fsyncs, 0);
+    assert!(st.batches > 0);
+}
+
+fn async_producers(backend: IoBackend) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.io_backend = backend;
+    c.append_buffer_bytes_max = 64 << 10;
+    let w = Rc::new(RefCell::new(Wal::open(c.clone()).unwrap()));
+    let h = w.borrow().handle();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // A producer on another thread, with the blocking API.
+    let h2 = h.clone();
+    let t = std::thread::spawn(move || {
+        for i in 1..=200u64 {
+            h2.submit_blocking(WalOp::Append {
+                group: 1000,
+                entries: ents(i, i, 1, 512),
+            })
+            .unwrap()
+            .wait()
+            .unwrap();
+        }
+    });
+    let local = tokio::task::LocalSet::new();
+    let max_buffered = Rc::new(RefCell::new(0usize));
+    local.block_on(&rt, async {
+        let writer = tokio::task::spawn_local(wal::run(w.clone()));
+        let mut tasks = Vec::new();
+        for g in 0..32u64 {
+            let h = h.clone();
+            let mb = max_buffered.clone();
+            tasks.push(tokio::task::spawn_local(async move {
+                for i in 1..=50u64 {
+                    h.append(g, ents(i, i, 1, 2048)).await.unwrap();
+                    let b = h.buffered_bytes();
+                    let mut m = mb.borrow_mut();
+                    *m = (*m).max(b);
+                }
+                h.set_hard_state(
+                    g,
+                    HardState {
+                        term: 1,
+                        vote: g + 1,
+                    },
+                )
+                .await
+                .unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // Entries are readable through the owner while the writer runs.
+        let e = w.borrow_mut().entries(5, 1, 51).unwrap();
+        assert_eq!(e, ents(1, 50, 1, 2048));
+        while !t.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        h.shutdown();
+        writer.await.unwrap().unwrap();
+    });
+    t.join().unwrap();
+    assert!(*max_buffered.borrow() <= c.append_buffer_bytes_max);
+    let st = w.borrow().status();
+    let appends = 32 * 51 + 200;
+    assert!(st.fsyncs < appends, "no group commit: {st:?}");
+    eprintln!("{backend:?}: {appends} ops in {} fsyncs", st.fsyncs);
+    drop(local);
+    drop(rt);
+    let w = Rc::try_unwrap(w).ok().unwrap().into_inner();
+    drop(w);
+    let mut w = Wal::open(c).unwrap();
+    assert_eq!(w.entries(1000, 1, 201).unwrap(), ents(1, 200, 1, 512));
+    for g in 0..32u64 {
+        assert_eq!(w.group_state(g).unwrap().last_index, 50);
+        assert_eq!(w.group_state(g).unwrap().hard_state.vote, g + 1);
+    }
+}
+
+#[test]
+fn async_producers_group_commit_uring() {
+    async_producers(IoBackend::Auto);
+}
+
+#[test]
+fn async_producers_group_commit_fallback() {
+    async_producers(IoBackend::Fallback);
+}
+
+#[test]
+fn invalid_queued_op_fails_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = Wal::open(cfg(tmp.path())).unwrap();
+    let h = w.handle();
+    let bad = h
+        .submit_blocking(WalOp::Append {
+            group: 1,
+            entries: ents(5, 5, 1, 1),
+        })
+        .unwrap();
+    let good = h
+        .submit_blocking(WalOp::Append {
+            group: 1,
+            entries: ents(1, 1, 1, 1),
+        })
+        .unwrap();
+    w.sync().unwrap();
+    assert!(matches!(
+        bad.wait(),
+        Err(Error::LogAppendOutOfRange {
+            group: 1,
+            first: 5,
+            ..
+        })
+    ));
+    good.wait().unwrap();
+    assert_eq!(h.buffered_bytes(), 0);
+}
