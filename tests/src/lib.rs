@@ -1,1 +1,3 @@
 //! bd end-to-end and simulation tests.
+
+pub mod lincheck;
