@@ -503,6 +503,7 @@ async fn fio_random_writes_verify() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--randseed=4",
         ],
     )
@@ -524,6 +525,7 @@ async fn fio_random_writes_verify() {
             "--io_size=16M",
             "--verify=crc32c",
             "--verify_fatal=1",
+            "--verify_state_save=0",
         ],
     )
     .await;
