@@ -71,11 +71,34 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
             ));
         }
     }
+    // Segments are created (preallocated, zero) when the writer rotates,
+    // possibly several batches before their first record is written; a
+    // crash can leave any number of such empty files at the end. Nothing
+    // was ever acknowledged from them.
+    let mut truncated = Vec::new();
+    while let Some(&seq) = seqs.last() {
+        let path = dir_path.join(segment::file_name(seq));
+        let data = std::fs::read(&path).map_err(|e| io_err("read segment", &path, 0, e))?;
+        let empty = !matches!(format::decode_at(&data, 0), Decoded::Record { .. })
+            && find_valid_after(&data, 0).is_none();
+        if !empty {
+            break;
+        }
+        tracing::warn!(
+            path = %path.display(),
+            torn = data.iter().any(|b| *b != 0),
+            "wal: removing a trailing segment that holds no valid record (created just before a crash)"
+        );
+        std::fs::remove_file(&path).map_err(|e| io_err("remove empty segment", &path, 0, e))?;
+        segment::sync_dir(dir, dir_path)?;
+        truncated.push((path, 0));
+        seqs.pop();
+    }
     let mut out = Recovered {
         groups: BTreeMap::new(),
         segments: BTreeMap::new(),
         next_seq: seqs.last().map_or(1, |s| s + 1),
-        truncated: Vec::new(),
+        truncated,
     };
     for (i, &seq) in seqs.iter().enumerate() {
         let is_last = i + 1 == seqs.len();
@@ -108,14 +131,10 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
                 "wal: truncating the torn or zero-filled tail of the last segment (unacknowledged writes of a crash)"
             );
             out.truncated.push((path.clone(), off as u64));
-            if end == 0 {
-                // Not even the start record made it: the file holds nothing.
-                std::fs::remove_file(&path)
-                    .map_err(|e| io_err("remove empty segment", &path, 0, e))?;
-                segment::sync_dir(dir, dir_path)?;
-                out.next_seq = seq;
-                continue;
-            }
+            assert!(
+                end > 0,
+                "segments without a valid start record were removed above"
+            );
             seal_at(&path, seq, end as u64)?;
         }
         let file = OpenOptions::new()
