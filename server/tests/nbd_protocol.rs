@@ -86,8 +86,9 @@ impl BlockBackend for Slow {
     fn size(&self) -> u64 {
         self.inner.size()
     }
+    /// Pretends its flush covers only its own connection, to check CAN_MULTI_CONN is withheld.
     fn flush_covers_all_connections(&self) -> bool {
-        true
+        false
     }
     async fn read(&self, offset: u64, len: u32) -> BackendResult<Bytes> {
         self.pause(offset).await;
@@ -625,8 +626,8 @@ async fn bad_requests_get_errnos_and_the_connection_survives() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fast_zero_is_refused_fast_when_the_backend_cannot() {
-    // The slow backend keeps the trait default: no fast zeroing.
+async fn backend_capabilities_shape_flags_and_fast_zero() {
+    // The slow backend keeps the trait default (no fast zeroing) and has a per-connection flush.
     let (srv, _) = start(
         vec![("bg0", Slow::new(MIB, 0, Duration::ZERO))],
         NbdConfig::default(),
@@ -634,6 +635,11 @@ async fn fast_zero_is_refused_fast_when_the_backend_cannot() {
     .await;
     let (mut c, _, flags) = Client::go(srv.local_addr(), "bg0").await;
     assert_ne!(flags & TFLAG_SEND_FAST_ZERO, 0);
+    assert_eq!(
+        flags & TFLAG_CAN_MULTI_CONN,
+        0,
+        "multi-conn advertised without a global flush"
+    );
     let (err, _) = c
         .call(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 4096, &[])
         .await;
