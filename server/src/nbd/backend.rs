@@ -62,7 +62,15 @@ impl Errno {
             Some(libc::ENOMEM) => Errno::NoMem,
             Some(libc::EOPNOTSUPP) => Errno::NotSup,
             Some(libc::ESHUTDOWN) => Errno::Shutdown,
-            _ => Errno::Io,
+            Some(_) => Errno::Io,
+            // Errors made in Rust rather than by a syscall only have a kind.
+            None => match err.kind() {
+                io::ErrorKind::InvalidInput => Errno::Inval,
+                io::ErrorKind::PermissionDenied => Errno::Perm,
+                io::ErrorKind::StorageFull => Errno::NoSpc,
+                io::ErrorKind::Unsupported => Errno::NotSup,
+                _ => Errno::Io,
+            },
         }
     }
 }
@@ -233,5 +241,7 @@ mod tests {
         assert_eq!(Errno::from_io(&e(libc::EROFS)), Errno::Perm);
         assert_eq!(Errno::from_io(&e(libc::EIO)), Errno::Io);
         assert_eq!(Errno::from_io(&io::Error::other("x")), Errno::Io);
+        let invalid = io::Error::new(io::ErrorKind::InvalidInput, "past the end");
+        assert_eq!(Errno::from_io(&invalid), Errno::Inval);
     }
 }

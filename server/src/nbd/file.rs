@@ -96,6 +96,18 @@ impl FileBackend {
         &self.inner.path
     }
 
+    /// The server checks ranges before calling; this keeps direct callers from growing the file.
+    fn check(&self, op: &'static str, offset: u64, len: u64) -> BackendResult<()> {
+        if offset.checked_add(len).is_some_and(|end| end <= self.size) {
+            return Ok(());
+        }
+        let source = io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{len} bytes past the end of a {}-byte export", self.size),
+        );
+        Err(file_error(&self.inner.path, op, offset, source))
+    }
+
     /// Runs `f` on the blocking pool.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -200,6 +212,7 @@ impl BlockBackend for FileBackend {
     }
 
     async fn read(&self, offset: u64, len: u32) -> BackendResult<Bytes> {
+        self.check("pread", offset, u64::from(len))?;
         self.blocking("pread", offset, move |inner| {
             let mut buf = vec![0u8; len as usize];
             inner.file.read_exact_at(&mut buf, offset)?;
@@ -209,6 +222,7 @@ impl BlockBackend for FileBackend {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BackendResult<()> {
+        self.check("pwrite", offset, data.len() as u64)?;
         self.blocking("pwrite", offset, move |inner| {
             inner.file.write_all_at(&data, offset)?;
             if fua {
@@ -225,6 +239,7 @@ impl BlockBackend for FileBackend {
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> BackendResult<()> {
+        self.check("trim", offset, u64::from(len))?;
         if !self.inner.punch_hole {
             return Ok(()); // Trim is advisory; without hole punching there is nothing cheap to do.
         }
@@ -250,6 +265,7 @@ impl BlockBackend for FileBackend {
         fua: bool,
         may_trim: bool,
     ) -> BackendResult<()> {
+        self.check("write_zeroes", offset, u64::from(len))?;
         self.blocking("write_zeroes", offset, move |inner| {
             inner.zero(offset, u64::from(len), may_trim)?;
             if fua {
@@ -311,5 +327,21 @@ mod tests {
             text.contains("/nonexistent/bd/disk.raw") && text.contains("open"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn out_of_range_calls_fail_without_growing_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        let f = FileBackend::create(&path, 4096).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let err = rt
+            .block_on(f.write(4095, Bytes::from_static(b"ab"), false))
+            .unwrap_err();
+        assert_eq!(err.errno(), crate::nbd::Errno::Inval);
+        assert!(rt.block_on(f.read(u64::MAX, 1)).is_err());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096);
     }
 }

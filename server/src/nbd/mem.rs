@@ -10,7 +10,8 @@ use std::sync::RwLock;
 
 use bytes::{Bytes, BytesMut};
 
-use super::backend::{BackendResult, BlockBackend};
+use super::backend::{BackendResult, BlockBackend, Errno};
+use crate::error::Error;
 
 /// Allocation unit. Small enough that sparse use stays cheap, large enough that the chunk table
 /// of a 1 GiB export is 16 Ki entries.
@@ -46,6 +47,20 @@ impl MemBackend {
     pub fn allocated_bytes(&self) -> u64 {
         let chunks = self.chunks.read().unwrap_or_else(|p| p.into_inner());
         chunks.iter().flatten().count() as u64 * CHUNK_BYTES as u64
+    }
+
+    /// The server checks ranges before calling; this keeps direct callers from panicking.
+    fn check(&self, op: &'static str, offset: u64, len: u64) -> BackendResult<()> {
+        if offset.checked_add(len).is_some_and(|end| end <= self.size) {
+            return Ok(());
+        }
+        Err(Error::Backend {
+            export: "(memory)".into(),
+            op,
+            offset,
+            errno: Errno::Inval,
+            detail: format!("{len} bytes past the end of a {}-byte export", self.size),
+        })
     }
 
     fn load(&self, offset: u64, out: &mut [u8]) {
@@ -133,12 +148,14 @@ impl BlockBackend for MemBackend {
     }
 
     async fn read(&self, offset: u64, len: u32) -> BackendResult<Bytes> {
+        self.check("read", offset, u64::from(len))?;
         let mut buf = BytesMut::zeroed(len as usize);
         self.load(offset, &mut buf);
         Ok(buf.freeze())
     }
 
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> BackendResult<()> {
+        self.check("write", offset, data.len() as u64)?;
         self.store(offset, &data, false);
         Ok(())
     }
@@ -148,6 +165,7 @@ impl BlockBackend for MemBackend {
     }
 
     async fn trim(&self, offset: u64, len: u32, _fua: bool) -> BackendResult<()> {
+        self.check("trim", offset, u64::from(len))?;
         // Trim only frees whole chunks; the spec lets partial ranges keep their contents.
         self.zero(offset, u64::from(len), true, false);
         Ok(())
@@ -160,6 +178,7 @@ impl BlockBackend for MemBackend {
         _fua: bool,
         may_trim: bool,
     ) -> BackendResult<()> {
+        self.check("write_zeroes", offset, u64::from(len))?;
         self.zero(offset, u64::from(len), may_trim, true);
         Ok(())
     }
@@ -228,6 +247,24 @@ mod tests {
 
             m.trim(0, size as u32, false).await.unwrap();
             assert_eq!(m.allocated_bytes(), 0);
+        });
+    }
+
+    #[test]
+    fn out_of_range_calls_fail_instead_of_panicking() {
+        block_on(async {
+            let m = MemBackend::new(CHUNK_BYTES as u64);
+            let err = m.read(CHUNK_BYTES as u64 - 1, 2).await.unwrap_err();
+            assert_eq!(err.errno(), Errno::Inval);
+            assert!(m
+                .write(u64::MAX, Bytes::from_static(b"x"), false)
+                .await
+                .is_err());
+            assert!(m
+                .write_zeroes(1, CHUNK_BYTES as u32, false, true)
+                .await
+                .is_err());
+            assert!(m.trim(CHUNK_BYTES as u64, 1, false).await.is_err());
         });
     }
 
