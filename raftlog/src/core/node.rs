@@ -667,7 +667,7 @@ impl RaftNode {
             if p.state == ProgressState::Snapshot {
                 p.snapshot_ticks += 1;
                 if p.snapshot_ticks >= self.cfg.snapshot_timeout_ticks {
-                    p.become_probe();
+                    p.snapshot_failed();
                 }
             }
         }
@@ -1402,7 +1402,7 @@ impl RaftNode {
     pub fn report_snapshot_failed(&mut self, peer: NodeId) {
         if let Some(p) = self.progress.get_mut(&peer) {
             if p.state == ProgressState::Snapshot {
-                p.become_probe();
+                p.snapshot_failed();
             }
         }
     }

@@ -76,6 +76,14 @@ impl Progress {
         self.inflight_bytes = 0;
     }
 
+    /// The snapshot send failed or timed out: the follower is not known to
+    /// hold it, so probe from what it acknowledged (etcd clears
+    /// PendingSnapshot before BecomeProbe on failure).
+    pub fn snapshot_failed(&mut self) {
+        self.snapshot_index = 0;
+        self.become_probe();
+    }
+
     pub fn become_replicate(&mut self) {
         self.state = ProgressState::Replicate;
         self.next_index = self.match_index + 1;
