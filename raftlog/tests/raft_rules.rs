@@ -784,3 +784,1147 @@ fn leader_persists_in_parallel_and_applies_only_durable_entries() {
     assert_eq!(c.applied_index(l), idx);
     assert_eq!(c.node(l).durable_index(), idx);
 }
+
+// ======================================================================
+// Snapshots
+// ======================================================================
+
+/// The host saved a snapshot of `id`'s state machine at its applied index.
+fn take_snapshot(c: &mut Cluster, id: NodeId) -> SnapshotMeta {
+    let applied = c.node(id).applied_index();
+    let meta = c.node_mut(id).on_snapshot_saved(applied).expect("snapshot");
+    c.host_mut(id).disk.snapshot = Some(meta.clone());
+    c.process(id);
+    meta
+}
+
+/// on_snapshot_saved records the metadata (index, term, configuration)
+/// and compacts the log, keeping snapshot_keep_entries entries up to the
+/// snapshot for followers that lag a little.
+#[test]
+fn snapshot_compacts_log_keeping_recent_entries() {
+    let cfg = RaftConfig {
+        snapshot_keep_entries: 5,
+        ..cfg()
+    };
+    let mut c = Cluster::new(3, cfg, 20);
+    let l = c.elect();
+    for i in 0..20 {
+        c.propose(l, &format!("s{i}"));
+    }
+    assert_eq!(c.node(l).applied_index(), 21);
+    let err = c.node_mut(l).on_snapshot_saved(22);
+    assert!(
+        matches!(err, Err(Error::Invalid { .. })),
+        "beyond applied: {err:?}"
+    );
+    let meta = take_snapshot(&mut c, l);
+    assert_eq!(meta.index, 21);
+    assert_eq!(meta.term, c.node(l).term());
+    assert_eq!(meta.conf, Configuration::new([1, 2, 3]));
+    assert_eq!(c.node(l).first_index(), 17, "entries 17..=21 kept");
+    assert_eq!(
+        c.node(l).term_at(16),
+        Some(1),
+        "the compaction point keeps its term"
+    );
+    assert!(c.node(l).entry(16).is_none());
+    assert!(c.node(l).entry(17).is_some());
+    let disk = &c.host(l).disk;
+    assert_eq!(disk.compacted, (16, 1));
+    assert_eq!(disk.entries.first().map(|e| e.index), Some(17));
+    let st = c.node(l).status();
+    assert_eq!((st.last_snapshot_index, st.last_snapshot_term), (21, 1));
+}
+
+/// A follower that lags beyond the compacted log receives InstallSnapshot
+/// (the core hands the host `snapshot_to_install`), and after
+/// on_snapshot_installed it catches up by normal replication.
+#[test]
+fn lagging_follower_gets_snapshot_then_catches_up() {
+    let cfg = RaftConfig {
+        snapshot_keep_entries: 5,
+        ..cfg()
+    };
+    let mut c = Cluster::new(3, cfg, 21);
+    let l = c.elect();
+    let f = followers(&c, l)[0];
+    c.partition(&[l], &[f]);
+    for i in 0..30 {
+        c.propose(l, &format!("s{i}"));
+    }
+    let meta = take_snapshot(&mut c, l);
+    assert!(c.node(l).first_index() > c.node(f).last_index() + 1);
+    c.propose(l, "after-snapshot");
+    c.heal();
+    c.host_mut(f).hold_snapshots = true;
+    for _ in 0..5 {
+        c.tick();
+        if c.host(f).to_install.is_some() {
+            break;
+        }
+    }
+    assert_eq!(c.host(f).to_install.as_ref(), Some(&meta));
+    assert!(c.sent.iter().any(|m| m.from == l
+        && m.to == f
+        && m.body == MessageBody::InstallSnapshot { meta: meta.clone() }));
+    assert_eq!(peer_state(&c, l, f), ProgressState::Snapshot);
+    let to_install = c.host_mut(f).to_install.take().unwrap();
+    c.install_snapshot(f, to_install);
+    c.settle();
+    c.ticks(2);
+    assert_eq!(c.node(f).snapshot_meta(), &meta);
+    assert_eq!(c.node(f).first_index(), meta.index + 1);
+    assert_eq!(c.node(f).last_index(), c.node(l).last_index());
+    assert_eq!(c.node(f).commit_index(), c.node(l).commit_index());
+    assert_eq!(c.applied_index(f), c.node(l).last_index());
+    assert_eq!(peer_state(&c, l, f), ProgressState::Replicate);
+}
+
+/// InstallSnapshot on a follower: its log suffix after last_included_index
+/// survives when the entry at that index matches the snapshot's term;
+/// otherwise the whole log is discarded.
+#[test]
+fn install_snapshot_keeps_matching_suffix_and_discards_otherwise() {
+    for (snap_term, want_last) in [(1, 5), (2, 3)] {
+        let restore = restore_log(1, 0, &[1, 1, 1, 1, 1], &[1, 2, 3]);
+        let mut n = RaftNode::new(GROUP, 2, cfg(), Box::new(SplitMix64(1)), restore).unwrap();
+        let meta = SnapshotMeta {
+            index: 3,
+            term: snap_term,
+            conf: Configuration::new([1, 2, 3]),
+        };
+        n.step(msg(
+            1,
+            2,
+            snap_term,
+            MessageBody::InstallSnapshot { meta: meta.clone() },
+        ));
+        let rd = n.ready();
+        assert_eq!(rd.snapshot_to_install.as_ref(), Some(&meta));
+        n.on_snapshot_installed(meta.clone());
+        assert_eq!(n.first_index(), 4, "term {snap_term}");
+        assert_eq!(n.last_index(), want_last, "term {snap_term}");
+        assert_eq!(n.term_at(3), Some(snap_term));
+        assert_eq!(n.commit_index(), 3);
+        assert_eq!(n.snapshot_meta(), &meta);
+        let rd = n.ready();
+        let w = rd.write.expect("a write carries the compaction");
+        assert_eq!(w.compact, Some((3, snap_term)));
+        n.on_write_durable(w.seq);
+        let out = drive(&mut n);
+        assert!(out.iter().any(|m| m.to == 1
+            && m.body
+                == MessageBody::InstallSnapshotResponse {
+                    index: 3,
+                    success: true
+                }));
+    }
+}
+
+/// A leader with node `f` lagging behind a snapshot: (cluster, leader, f).
+fn lagging_behind_snapshot(cfg: RaftConfig, seed: u64) -> (Cluster, NodeId, NodeId) {
+    let mut c = Cluster::new(3, cfg, seed);
+    let l = c.elect();
+    let f = followers(&c, l)[0];
+    c.partition(&[l], &[f]);
+    for i in 0..30 {
+        c.propose(l, &format!("s{i}"));
+    }
+    take_snapshot(&mut c, l);
+    assert!(c.node(l).first_index() > c.node(f).last_index() + 1);
+    (c, l, f)
+}
+
+fn snapshot_sends(c: &Cluster, to: NodeId) -> usize {
+    c.count_sent(|m| m.to == to && matches!(m.body, MessageBody::InstallSnapshot { .. }))
+}
+
+/// A snapshot send that gets no answer within snapshot_timeout_ticks puts
+/// the follower back to probe from what it acknowledged (it is not known to
+/// hold the snapshot), so the snapshot is offered again.
+#[test]
+fn snapshot_timeout_returns_progress_to_probe() {
+    let cfg = RaftConfig {
+        snapshot_keep_entries: 5,
+        snapshot_timeout_ticks: 20,
+        ..cfg()
+    };
+    let (mut c, l, f) = lagging_behind_snapshot(cfg, 22);
+    c.heal();
+    c.host_mut(f).hold_snapshots = true; // the install never completes
+    c.tick();
+    assert_eq!(peer_state(&c, l, f), ProgressState::Snapshot);
+    assert_eq!(snapshot_sends(&c, f), 1);
+    let matched = peer_match(&c, l, f);
+    c.partition(&[l], &[f]);
+    c.ticks(19);
+    assert_eq!(peer_state(&c, l, f), ProgressState::Snapshot);
+    c.tick();
+    assert_eq!(peer_state(&c, l, f), ProgressState::Probe);
+    let p = c
+        .node(l)
+        .status()
+        .peers
+        .into_iter()
+        .find(|p| p.id == f)
+        .unwrap();
+    assert_eq!(
+        p.next_index,
+        matched + 1,
+        "probe from the acknowledged index"
+    );
+    c.heal();
+    c.tick();
+    assert_eq!(snapshot_sends(&c, f), 2, "offered again after the timeout");
+}
+
+/// Same when the host reports that it could not deliver the snapshot.
+#[test]
+fn snapshot_failure_report_returns_progress_to_probe() {
+    let cfg = RaftConfig {
+        snapshot_keep_entries: 5,
+        ..cfg()
+    };
+    let (mut c, l, f) = lagging_behind_snapshot(cfg, 23);
+    c.heal();
+    c.filter = Some(Box::new(|m: &Message| {
+        matches!(m.body, MessageBody::InstallSnapshot { .. })
+    }));
+    c.tick();
+    assert_eq!(peer_state(&c, l, f), ProgressState::Snapshot);
+    let matched = peer_match(&c, l, f);
+    c.node_mut(l).report_snapshot_failed(f);
+    let p = c
+        .node(l)
+        .status()
+        .peers
+        .into_iter()
+        .find(|p| p.id == f)
+        .unwrap();
+    assert_eq!((p.state, p.next_index), (ProgressState::Probe, matched + 1));
+    c.filter = None;
+    c.ticks(2);
+    assert_eq!(snapshot_sends(&c, f), 2);
+    assert_eq!(c.node(f).last_index(), c.node(l).last_index());
+}
+
+// ======================================================================
+// Membership
+// ======================================================================
+
+/// Four nodes, voters {1, 2, 3}; node 4 starts empty, waiting to be added.
+fn four_with_spare(cfg: RaftConfig, seed: u64) -> (Cluster, NodeId) {
+    let mut c = Cluster::with_members(&[1, 2, 3, 4], &[1, 2, 3], cfg, seed);
+    let l = c.elect();
+    assert_ne!(l, 4);
+    (c, l)
+}
+
+/// add_peer: the new peer first catches up as a non-voter; the config
+/// entry is appended only once it is within catchup_margin of the leader.
+#[test]
+fn add_peer_appends_config_only_after_catchup() {
+    let cfg = RaftConfig {
+        catchup_margin: 5,
+        append_entries_max: 4,
+        ..cfg()
+    };
+    let (mut c, l) = four_with_spare(cfg, 30);
+    for i in 0..20 {
+        c.propose(l, &format!("a{i}"));
+    }
+    let last = c.node(l).last_index();
+    c.partition(&[l], &[4]);
+    assert!(matches!(
+        c.node_mut(l).add_peer(4),
+        Ok(ConfChangeStart::Started)
+    ));
+    c.ticks(5);
+    // Still catching up: no config entry, the configuration is unchanged.
+    assert_eq!(c.node(l).last_index(), last);
+    assert!(c.node(l).status().conf_change_in_progress);
+    assert_eq!(c.node(l).conf(), &Configuration::new([1, 2, 3]));
+    c.heal();
+    c.ticks(5);
+    let confs = config_entries(&c, l);
+    assert_eq!(confs.len(), 1);
+    let (ci, conf) = confs[0].clone();
+    assert_eq!(conf, Configuration::new([1, 2, 3, 4]));
+    assert_eq!(ci, last + 1);
+    // When the entry first went out, node 4 had acknowledged an index
+    // within the margin, and not at its first acknowledgement.
+    let first_out = c
+        .sent
+        .iter()
+        .position(|m| {
+            matches!(&m.body, MessageBody::AppendEntries { entries, .. }
+                if entries.iter().any(|e| e.index == ci))
+        })
+        .expect("config entry replicated");
+    let acks: Vec<Index> = c.sent[..first_out]
+        .iter()
+        .filter_map(|m| match m.body {
+            MessageBody::AppendEntriesResponse {
+                success: true,
+                match_index,
+                ..
+            } if m.from == 4 => Some(match_index),
+            _ => None,
+        })
+        .collect();
+    assert!(acks.iter().max().unwrap() + 5 >= last, "{acks:?}");
+    assert!(acks[0] + 5 < last, "waited beyond the first ack: {acks:?}");
+    assert!(c
+        .events(l)
+        .contains(&Event::ConfChangeDone { result: Ok(()) }));
+    assert_eq!(c.node(4).conf(), &Configuration::new([1, 2, 3, 4]));
+}
+
+/// A new peer that cannot catch up within catchup_timeout_ticks aborts the
+/// change with CatchupTimeout; the configuration stays and a new change
+/// may start.
+#[test]
+fn add_peer_catchup_timeout_aborts() {
+    let cfg = RaftConfig {
+        catchup_timeout_ticks: 30,
+        ..cfg()
+    };
+    let (mut c, l) = four_with_spare(cfg, 31);
+    c.partition(&[l], &[4]);
+    let last = c.node(l).last_index();
+    assert!(matches!(
+        c.node_mut(l).add_peer(4),
+        Ok(ConfChangeStart::Started)
+    ));
+    let done = |c: &Cluster| {
+        c.events(l)
+            .iter()
+            .filter(|e| matches!(e, Event::ConfChangeDone { .. }))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    c.ticks(29);
+    assert!(done(&c).is_empty());
+    c.tick();
+    assert_eq!(
+        done(&c),
+        vec![Event::ConfChangeDone {
+            result: Err(ConfChangeError::CatchupTimeout)
+        }]
+    );
+    assert_eq!(c.node(l).conf(), &Configuration::new([1, 2, 3]));
+    assert!(config_entries(&c, l).is_empty());
+    assert_eq!(c.node(l).last_index(), last);
+    assert!(!c.node(l).status().conf_change_in_progress);
+    assert!(matches!(
+        c.node_mut(l).add_peer(4),
+        Ok(ConfChangeStart::Started)
+    ));
+}
+
+/// change_peers with two or more voter changes goes through the joint
+/// configuration C_old,new and leaves it automatically for C_new.
+#[test]
+fn change_peers_goes_through_joint_config() {
+    let mut c = Cluster::with_members(&[1, 2, 3, 4, 5], &[1, 2, 3], cfg(), 32);
+    let l = c.elect();
+    let target = voters(&[l, 4, 5]);
+    let r = c.node_mut(l).change_peers(target.clone(), BTreeSet::new());
+    assert!(matches!(r, Ok(ConfChangeStart::Started)));
+    c.settle();
+    c.ticks(5);
+    let confs: Vec<Configuration> = config_entries(&c, l).into_iter().map(|(_, c)| c).collect();
+    assert_eq!(
+        confs,
+        vec![
+            Configuration {
+                voters: target.clone(),
+                voters_outgoing: voters(&[1, 2, 3]),
+                learners: BTreeSet::new(),
+            },
+            Configuration::new(target.clone()),
+        ]
+    );
+    assert_eq!(c.node(l).conf(), &Configuration::new(target.clone()));
+    let committed: Vec<&Configuration> = c
+        .events(l)
+        .iter()
+        .filter_map(|e| match e {
+            Event::ConfigurationCommitted { conf, .. } => Some(conf),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(committed.len(), 2);
+    assert!(committed[0].is_joint() && !committed[1].is_joint());
+    let dones = c
+        .events(l)
+        .iter()
+        .filter(|e| **e == Event::ConfChangeDone { result: Ok(()) })
+        .count();
+    assert_eq!(dones, 1, "one change, one completion");
+    // The new configuration works: a proposal commits on l, 4 and 5.
+    let idx = c.propose(l, "after");
+    c.tick();
+    for id in [4, 5] {
+        assert!(c.node(id).commit_index() >= idx, "node {id}");
+    }
+}
+
+/// Changing a single voter skips the joint phase.
+#[test]
+fn single_peer_change_skips_joint() {
+    let (mut c, l) = four_with_spare(cfg(), 33);
+    assert!(matches!(
+        c.node_mut(l).add_peer(4),
+        Ok(ConfChangeStart::Started)
+    ));
+    c.settle();
+    c.ticks(3);
+    let confs = config_entries(&c, l);
+    assert_eq!(confs.len(), 1);
+    assert!(!confs[0].1.is_joint());
+    assert_eq!(confs[0].1, Configuration::new([1, 2, 3, 4]));
+    let f = followers(&c, l).into_iter().find(|x| *x != 4).unwrap();
+    assert!(matches!(
+        c.node_mut(l).remove_peer(f),
+        Ok(ConfChangeStart::Started)
+    ));
+    c.settle();
+    c.ticks(3);
+    let confs = config_entries(&c, l);
+    assert_eq!(confs.len(), 2);
+    assert!(!confs[1].1.is_joint());
+}
+
+/// Learners receive the log but neither vote nor count toward commit.
+#[test]
+fn learners_replicate_but_do_not_vote_or_count() {
+    let (mut c, l) = four_with_spare(cfg(), 34);
+    assert!(matches!(
+        c.node_mut(l).add_learner(4),
+        Ok(ConfChangeStart::Started)
+    ));
+    c.settle();
+    c.tick();
+    assert_eq!(c.node(l).conf().learners, voters(&[4]));
+    let a = c.propose(l, "a");
+    assert_eq!(c.node(4).last_index(), a);
+    let peer4 = c
+        .node(l)
+        .status()
+        .peers
+        .into_iter()
+        .find(|p| p.id == 4)
+        .unwrap();
+    assert!(!peer4.voter);
+    // Only the leader and the learner hold the next entry: not committed.
+    let fs: Vec<NodeId> = [1, 2, 3].into_iter().filter(|x| *x != l).collect();
+    c.partition(&[l, 4], &fs);
+    let b = c.propose(l, "b");
+    assert_eq!(peer_match(&c, l, 4), b);
+    assert!(
+        c.node(l).commit_index() < b,
+        "a learner's ack does not count"
+    );
+    // The voters elect a new leader without ever asking the learner.
+    c.ticks(40);
+    let l2 = c.leader().unwrap();
+    assert!(fs.contains(&l2));
+    assert_eq!(
+        c.count_sent(
+            |m| (m.to == 4 || m.from == 4) && matches!(m.body, MessageBody::RequestVote { .. })
+        ),
+        0
+    );
+    assert_eq!(c.node(4).role(), Role::Follower);
+}
+
+/// One change at a time (Busy), only on the leader (NotLeader), and a
+/// request for the current configuration is a no-op.
+#[test]
+fn conf_change_busy_notleader_and_noop() {
+    let (mut c, l) = four_with_spare(cfg(), 35);
+    let f = followers(&c, l).into_iter().find(|x| *x != 4).unwrap();
+    match c.node_mut(f).add_peer(4) {
+        Err(Error::NotLeader { leader, .. }) => assert_eq!(leader, Some(l)),
+        r => panic!("follower accepted a change: {r:?}"),
+    }
+    c.partition(&[l], &[4]); // keeps the change in its catch-up phase
+    assert!(matches!(
+        c.node_mut(l).add_peer(4),
+        Ok(ConfChangeStart::Started)
+    ));
+    assert!(matches!(
+        c.node_mut(l).remove_peer(f),
+        Err(Error::Busy { .. })
+    ));
+    assert!(matches!(
+        c.node_mut(l)
+            .change_peers(voters(&[1, 2, 3, 4]), BTreeSet::new()),
+        Err(Error::Busy { .. })
+    ));
+    assert!(matches!(
+        c.node_mut(l).transfer_leadership(Some(f)),
+        Err(Error::Busy { .. })
+    ));
+    c.heal();
+    c.ticks(5);
+    assert!(c
+        .events(l)
+        .contains(&Event::ConfChangeDone { result: Ok(()) }));
+    // No-op: the configuration asked for is the current one.
+    let cur = c.node(l).conf().clone();
+    assert!(matches!(
+        c.node_mut(l)
+            .change_peers(cur.voters.clone(), cur.learners.clone()),
+        Ok(ConfChangeStart::NoOp)
+    ));
+    assert!(matches!(
+        c.node_mut(l).add_peer(f),
+        Ok(ConfChangeStart::NoOp)
+    ));
+    assert!(!c.node(l).status().conf_change_in_progress);
+    // A transfer in progress also makes a change busy.
+    c.isolate(f);
+    c.node_mut(l).transfer_leadership(Some(f)).unwrap();
+    assert!(matches!(
+        c.node_mut(l).remove_peer(4),
+        Err(Error::Busy { .. })
+    ));
+}
+
+// ======================================================================
+// Leader transfer
+// ======================================================================
+
+/// Transfer to a given peer: proposals are refused meanwhile, TimeoutNow
+/// goes out only once the target has the leader's whole log, and the target
+/// wins term + 1 although the other follower is sticky.
+#[test]
+fn transfer_leadership_to_specific_peer() {
+    let mut c = Cluster::new(3, cfg(), 40);
+    let l = c.elect();
+    let fs = followers(&c, l);
+    let (t, o) = (fs[0], fs[1]);
+    let term = c.node(l).term();
+    c.partition(&[l], &[t]);
+    for i in 0..3 {
+        c.propose(l, &format!("x{i}"));
+    }
+    let last = c.node(l).last_index();
+    assert!(c.node(t).last_index() < last);
+    assert_eq!(c.node_mut(l).transfer_leadership(Some(t)).unwrap(), t);
+    assert!(matches!(
+        c.node_mut(l).propose(data("refused"), None),
+        Err(Error::TransferInProgress { .. })
+    ));
+    c.settle();
+    let timeout_now = |c: &Cluster| {
+        c.sent
+            .iter()
+            .position(|m| m.body == MessageBody::TimeoutNow)
+    };
+    assert_eq!(timeout_now(&c), None, "target not caught up yet");
+    c.heal();
+    for _ in 0..5 {
+        c.tick();
+        if c.node(t).role() == Role::Leader {
+            break;
+        }
+    }
+    assert_eq!(c.node(t).role(), Role::Leader);
+    assert_eq!(c.node(t).term(), term + 1);
+    assert_eq!(c.node(o).leader(), Some(t));
+    let at = timeout_now(&c).unwrap();
+    assert_eq!((c.sent[at].from, c.sent[at].to), (l, t));
+    assert_eq!(c.count_sent(|m| m.body == MessageBody::TimeoutNow), 1);
+    // It was sent after t acknowledged the leader's last entry.
+    let caught_up = c.sent[..at].iter().any(|m| {
+        m.from == t
+            && matches!(m.body, MessageBody::AppendEntriesResponse { success: true, match_index, .. }
+                if match_index == last)
+    });
+    assert!(caught_up);
+    // The campaign skipped pre-vote and was marked as a transfer, which is
+    // what lets the sticky follower o grant it.
+    assert!(c.sent.iter().any(|m| m.from == t
+        && m.to == o
+        && matches!(
+            m.body,
+            MessageBody::RequestVote {
+                pre_vote: false,
+                leadership_transfer: true,
+                ..
+            }
+        )));
+    assert!(c.events(l).contains(&Event::TransferEnded {
+        target: t,
+        succeeded: true
+    }));
+}
+
+/// Transfer to ANY_PEER picks the most up-to-date voter.
+#[test]
+fn transfer_leadership_to_any_peer_picks_most_up_to_date() {
+    let mut c = Cluster::new(5, cfg(), 41);
+    let l = c.elect();
+    let fs = followers(&c, l);
+    // fs[0] and fs[1] lag behind fs[2] and fs[3]; fs[3] lags fs[2] by one.
+    c.partition(&[l], &[fs[0], fs[1]]);
+    c.propose(l, "a");
+    c.partition(&[l], &[fs[3]]);
+    c.propose(l, "b");
+    assert_eq!(c.node_mut(l).transfer_leadership(None).unwrap(), fs[2]);
+    c.heal();
+    c.ticks(5);
+    assert_eq!(c.leader(), Some(fs[2]));
+}
+
+/// If the target never takes over, the leader resumes accepting proposals
+/// after an election timeout and reports the transfer failed.
+#[test]
+fn transfer_to_unreachable_target_resumes_after_election_timeout() {
+    let mut c = Cluster::new(3, cfg(), 42);
+    let l = c.elect();
+    let t = followers(&c, l)[0];
+    let term = c.node(l).term();
+    c.isolate(t);
+    c.node_mut(l).transfer_leadership(Some(t)).unwrap();
+    c.ticks(cfg().election_timeout_ticks - 1);
+    assert!(matches!(
+        c.node_mut(l).propose(data("x"), None),
+        Err(Error::TransferInProgress { .. })
+    ));
+    c.tick();
+    assert!(c.events(l).contains(&Event::TransferEnded {
+        target: t,
+        succeeded: false
+    }));
+    assert!(c.node_mut(l).propose(data("x"), None).is_ok());
+    assert_eq!(c.node(l).role(), Role::Leader);
+    assert_eq!(c.node(l).term(), term);
+}
+
+// ======================================================================
+// reset_peers
+// ======================================================================
+
+/// After losing two of three nodes for good, reset_peers({survivor}) lets
+/// the survivor elect itself and commit; the forced configuration is the
+/// first entry of its new term.
+#[test]
+fn reset_peers_lets_survivor_lead_alone() {
+    let mut c = Cluster::new(3, cfg(), 50);
+    let l = c.elect();
+    c.propose(l, "before");
+    let s = followers(&c, l)[0];
+    for id in c.ids() {
+        if id != s {
+            c.host_mut(id).down = true;
+        }
+    }
+    c.ticks(50);
+    assert_ne!(c.node(s).role(), Role::Leader, "no quorum without reset");
+    let commit = c.node(s).commit_index();
+    let last = c.node(s).last_index();
+    c.node_mut(s).reset_peers(voters(&[s])).unwrap();
+    c.ticks(2);
+    assert_eq!(c.node(s).role(), Role::Leader);
+    assert_eq!(c.node(s).conf(), &Configuration::new([s]));
+    let e = c
+        .node(s)
+        .entry(last + 1)
+        .expect("forced config entry")
+        .clone();
+    assert_eq!(e.kind, EntryKind::Config);
+    assert_eq!(e.term, c.node(s).term());
+    assert_eq!(
+        Configuration::decode(&e.data).unwrap(),
+        Configuration::new([s])
+    );
+    let idx = c.propose(s, "after");
+    assert!(c.node(s).commit_index() >= idx && idx > commit);
+    assert_eq!(c.applied_index(s), idx);
+}
+
+// ======================================================================
+// Readonly mode
+// ======================================================================
+
+/// A readonly leader refuses proposals but serves reads and configuration
+/// changes.
+#[test]
+fn readonly_leader_refuses_writes_but_serves_reads_and_conf_changes() {
+    let (mut c, l) = four_with_spare(cfg(), 60);
+    c.node_mut(l).set_readonly(true);
+    assert!(c.node(l).is_readonly());
+    assert!(matches!(
+        c.node_mut(l).propose(data("w"), None),
+        Err(Error::ReadOnly { .. })
+    ));
+    let commit = c.node(l).commit_index();
+    c.node_mut(l).read_index(7).unwrap();
+    c.settle();
+    assert_eq!(read_ready(&c, l, 7), Some(commit));
+    assert!(matches!(
+        c.node_mut(l).add_learner(4),
+        Ok(ConfChangeStart::Started)
+    ));
+    c.settle();
+    c.tick();
+    assert!(c
+        .events(l)
+        .contains(&Event::ConfChangeDone { result: Ok(()) }));
+    assert_eq!(c.node(l).conf().learners, voters(&[4]));
+    c.node_mut(l).set_readonly(false);
+    assert!(c.node_mut(l).propose(data("w"), None).is_ok());
+}
+
+/// A readonly follower stops receiving new entries (the others still
+/// commit), and catches up once it leaves readonly mode.
+#[test]
+fn readonly_follower_gets_no_new_entries_until_it_leaves() {
+    let mut c = Cluster::new(3, cfg(), 61);
+    let l = c.elect();
+    let f = followers(&c, l)[0];
+    c.node_mut(f).set_readonly(true);
+    c.tick(); // f tells the leader in its heartbeat response
+    let p = c
+        .node(l)
+        .status()
+        .peers
+        .into_iter()
+        .find(|p| p.id == f)
+        .unwrap();
+    assert!(p.readonly);
+    assert!(!c.node(l).is_readonly(), "two writable voters of three");
+    let f_last = c.node(f).last_index();
+    let mut idx = 0;
+    for i in 0..3 {
+        idx = c.propose(l, &format!("r{i}"));
+    }
+    c.tick();
+    assert_eq!(c.node(l).commit_index(), idx);
+    assert_eq!(c.node(f).last_index(), f_last);
+    c.node_mut(f).set_readonly(false);
+    c.ticks(2);
+    assert_eq!(c.node(f).last_index(), idx);
+}
+
+/// A leader is readonly when fewer than a majority of voters are writable.
+#[test]
+fn leader_readonly_when_writable_voters_below_majority() {
+    let mut c = Cluster::new(3, cfg(), 62);
+    let l = c.elect();
+    let fs = followers(&c, l);
+    for &f in &fs {
+        c.node_mut(f).set_readonly(true);
+    }
+    c.tick();
+    assert!(c.node(l).is_readonly());
+    assert!(c.node(l).status().readonly);
+    assert!(matches!(
+        c.node_mut(l).propose(data("w"), None),
+        Err(Error::ReadOnly { .. })
+    ));
+    c.node_mut(fs[0]).set_readonly(false);
+    c.tick();
+    assert!(!c.node(l).is_readonly());
+    assert!(c.node_mut(l).propose(data("w"), None).is_ok());
+}
+
+// ======================================================================
+// vote(election_timeout)
+// ======================================================================
+
+/// vote() makes the node campaign at its next tick; with logs equal (and
+/// no live leader holding the others) it wins.
+#[test]
+fn vote_hint_campaigns_at_next_tick_and_wins() {
+    let mut c = Cluster::new(3, cfg(), 70);
+    let l = c.elect();
+    let term = c.node(l).term();
+    let fs = followers(&c, l);
+    let h = fs[1];
+    c.host_mut(l).down = true;
+    // The followers outlive their stickiness but have not timed out yet.
+    c.ticks(cfg().election_timeout_ticks);
+    for &f in &fs {
+        assert_eq!(
+            c.node(f).role(),
+            Role::Follower,
+            "seed: node {f} timed out early"
+        );
+        assert_eq!(c.node(f).last_index(), c.node(l).last_index());
+    }
+    c.node_mut(h).vote(cfg().election_timeout_ticks).unwrap();
+    c.tick();
+    assert_eq!(c.node(h).role(), Role::Leader);
+    assert_eq!(c.node(h).term(), term + 1);
+    assert!(matches!(
+        c.node_mut(fs[0]).vote(1),
+        Err(Error::Invalid { .. })
+    ));
+}
+
+// ======================================================================
+// Reads
+// ======================================================================
+
+/// ReadIndex answers after a heartbeat round started after the read is
+/// acknowledged by a quorum, with the commit index at the read's arrival.
+#[test]
+fn read_index_needs_quorum_heartbeat_and_uses_commit_at_arrival() {
+    let mut c = Cluster::new(3, cfg(), 80);
+    let l = c.elect();
+    let commit = c.propose(l, "a");
+    assert_eq!(c.node(l).commit_index(), commit);
+    let fs = followers(&c, l);
+    c.auto_deliver = false;
+    c.node_mut(l).read_index(7).unwrap();
+    c.node_mut(l).propose(data("b"), None).unwrap();
+    let out = c.take_queued();
+    let (hbs, appends): (Vec<Message>, Vec<Message>) = out
+        .into_iter()
+        .partition(|m| matches!(m.body, MessageBody::Heartbeat { .. }));
+    assert_eq!(hbs.len(), 2);
+    // Acks of the older round (the appends) commit "b" but do not confirm
+    // the read.
+    for m in appends {
+        c.inject(m);
+    }
+    for m in c.take_queued() {
+        c.inject(m);
+    }
+    c.process(l);
+    assert_eq!(c.node(l).commit_index(), commit + 1);
+    assert_eq!(read_ready(&c, l, 7), None);
+    // One follower acking the new round makes a quorum with the leader.
+    let hb = hbs.into_iter().find(|m| m.to == fs[0]).unwrap();
+    c.inject(hb);
+    let resp = c.take_queued();
+    assert_eq!(resp.len(), 1);
+    c.inject(resp.into_iter().next().unwrap());
+    assert_eq!(read_ready(&c, l, 7), Some(commit), "commit at arrival");
+}
+
+/// A new leader serves no read until it has committed an entry of its own
+/// term (its commit index may lag the previous leader's).
+#[test]
+fn read_index_waits_for_leader_to_commit_in_its_term() {
+    let mut c = Cluster::new(3, cfg(), 81);
+    let l1 = c.elect();
+    c.propose(l1, "a");
+    // The next leader's appends never arrive; heartbeats do.
+    c.filter = Some(Box::new(|m: &Message| is_append(m)));
+    c.isolate(l1);
+    let mut l2 = None;
+    for _ in 0..60 {
+        c.tick();
+        l2 = c.leaders().into_iter().find(|x| *x != l1);
+        if l2.is_some() {
+            break;
+        }
+    }
+    let l2 = l2.expect("new leader");
+    let noop = c.node(l2).last_index();
+    assert_eq!(c.node(l2).term_at(noop), Some(c.node(l2).term()));
+    c.node_mut(l2).read_index(9).unwrap();
+    c.ticks(3);
+    assert!(c.node(l2).commit_index() < noop);
+    assert_eq!(
+        read_ready(&c, l2, 9),
+        None,
+        "no entry of its term committed"
+    );
+    c.filter = None;
+    c.ticks(3);
+    assert_eq!(read_ready(&c, l2, 9), Some(noop));
+}
+
+/// A leader deposed without knowing it (partitioned, no check-quorum)
+/// never answers ReadIndex; it fails the read once it learns the new term.
+#[test]
+fn deposed_leader_never_answers_read_index() {
+    let cfg = RaftConfig {
+        check_quorum: false,
+        lease_read: false,
+        ..cfg()
+    };
+    let mut c = Cluster::new(3, cfg, 82);
+    let l = c.elect();
+    c.isolate(l);
+    let mut l2 = None;
+    for _ in 0..60 {
+        c.tick();
+        l2 = c.leaders().into_iter().find(|x| *x != l);
+        if l2.is_some() {
+            break;
+        }
+    }
+    let l2 = l2.expect("new leader");
+    c.propose(l2, "newer");
+    assert_eq!(c.node(l).role(), Role::Leader, "unaware");
+    c.node_mut(l).read_index(5).unwrap();
+    c.ticks(50);
+    assert_eq!(read_ready(&c, l, 5), None);
+    c.heal();
+    c.ticks(2);
+    assert_ne!(c.node(l).role(), Role::Leader);
+    assert_eq!(read_ready(&c, l, 5), None);
+    assert!(c.events(l).contains(&Event::ReadIndexFailed {
+        ctx: 5,
+        reason: raftlog::core::ReadFailure::NotLeader
+    }));
+}
+
+/// Lease read: answered at once (no messages) while the lease holds; when
+/// the lease expired, it falls back to ReadIndex.
+#[test]
+fn lease_read_within_lease_and_fallback_after_expiry() {
+    let mut c = Cluster::new(3, cfg(), 83);
+    let l = c.elect();
+    c.ticks(2);
+    let commit = c.node(l).commit_index();
+    c.auto_deliver = false;
+    assert!(c.node(l).lease_valid());
+    c.node_mut(l).lease_read(1).unwrap();
+    c.process(l);
+    assert_eq!(read_ready(&c, l, 1), Some(commit));
+    assert!(c.take_queued().is_empty(), "no heartbeat round needed");
+    c.auto_deliver = true;
+    // Cut off, the lease (election timeout - max drift = 8 ticks from the
+    // start of the last acknowledged round) runs out.
+    c.isolate(l);
+    c.ticks(7);
+    assert!(c.node(l).lease_valid());
+    c.tick();
+    assert!(!c.node(l).lease_valid());
+    assert_eq!(c.node(l).role(), Role::Leader);
+    c.node_mut(l).lease_read(2).unwrap();
+    c.settle();
+    assert_eq!(read_ready(&c, l, 2), None, "fell back to ReadIndex");
+    c.heal();
+    c.tick();
+    assert_eq!(read_ready(&c, l, 2), Some(commit));
+}
+
+/// After a transfer's TimeoutNow the target may win without waiting for
+/// the lease, so the lease is no longer trusted.
+#[test]
+fn lease_read_falls_back_after_timeout_now() {
+    let mut c = Cluster::new(3, cfg(), 84);
+    let l = c.elect();
+    c.ticks(2);
+    let t = followers(&c, l)[0];
+    c.auto_deliver = false;
+    assert!(c.node(l).lease_valid());
+    c.node_mut(l).transfer_leadership(Some(t)).unwrap();
+    c.process(l);
+    assert!(c.queue.iter().any(|m| m.body == MessageBody::TimeoutNow));
+    assert!(!c.node(l).lease_valid());
+    c.node_mut(l).lease_read(3).unwrap();
+    c.process(l);
+    assert_eq!(read_ready(&c, l, 3), None);
+}
+
+// ======================================================================
+// Proposals
+// ======================================================================
+
+#[test]
+fn propose_with_stale_expected_term_is_refused() {
+    let mut c = Cluster::new(3, cfg(), 90);
+    let l = c.elect();
+    let term = c.node(l).term();
+    let last = c.node(l).last_index();
+    match c.node_mut(l).propose(data("x"), Some(term + 1)) {
+        Err(Error::TermMismatch {
+            expected, current, ..
+        }) => assert_eq!((expected, current), (term + 1, term)),
+        r => panic!("{r:?}"),
+    }
+    assert_eq!(c.node(l).last_index(), last, "nothing appended");
+    assert_eq!(
+        c.node_mut(l).propose(data("x"), Some(term)).unwrap(),
+        (last + 1, term)
+    );
+}
+
+#[test]
+fn propose_on_follower_is_refused_with_leader_hint() {
+    let mut c = Cluster::new(3, cfg(), 91);
+    let l = c.elect();
+    let f = followers(&c, l)[0];
+    match c.node_mut(f).propose(data("x"), None) {
+        Err(Error::NotLeader { leader, .. }) => assert_eq!(leader, Some(l)),
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn proposals_beyond_uncommitted_max_are_refused() {
+    let cfg = RaftConfig {
+        uncommitted_entries_max: 3,
+        ..cfg()
+    };
+    let mut c = Cluster::new(3, cfg, 92);
+    let l = c.elect();
+    for f in followers(&c, l) {
+        c.cut.insert((l, f));
+    }
+    for _ in 0..3 {
+        c.node_mut(l).propose(data("x"), None).unwrap();
+    }
+    match c.node_mut(l).propose(data("x"), None) {
+        Err(Error::ProposalQueueFull { pending, max, .. }) => assert_eq!((pending, max), (3, 3)),
+        r => panic!("{r:?}"),
+    }
+    c.heal();
+    c.ticks(2);
+    assert!(c.node_mut(l).propose(data("x"), None).is_ok());
+}
+
+// ======================================================================
+// Status
+// ======================================================================
+
+/// The braft raft_stat fields are filled in.
+#[test]
+fn status_reports_raft_stat_fields() {
+    let cfg = RaftConfig {
+        snapshot_keep_entries: 3,
+        ..cfg()
+    };
+    let mut c = Cluster::new(3, cfg, 100);
+    let l = c.elect();
+    for i in 0..10 {
+        c.propose(l, &format!("s{i}"));
+    }
+    take_snapshot(&mut c, l); // at 11
+    c.host_mut(l).stalled = true;
+    c.propose(l, "undurable");
+    let st = c.node(l).status();
+    assert_eq!(st.group, GROUP);
+    assert_eq!(st.id, l);
+    assert_eq!(st.state, Role::Leader);
+    assert_eq!(st.term, 1);
+    assert_eq!(st.leader, Some(l));
+    assert_eq!(st.conf, Configuration::new([1, 2, 3]));
+    assert_eq!(st.first_log_index, 9);
+    assert_eq!(st.last_log_index, 12);
+    assert_eq!(st.disk_index, 11);
+    assert_eq!(st.known_applied_index, 11);
+    assert_eq!(st.last_committed_index, 12);
+    assert_eq!((st.last_snapshot_index, st.last_snapshot_term), (11, 1));
+    assert!(!st.readonly);
+    assert_eq!(st.transferring_to, None);
+    assert!(!st.conf_change_in_progress);
+    let ids: Vec<NodeId> = st.peers.iter().map(|p| p.id).collect();
+    assert_eq!(ids, followers(&c, l));
+    for p in &st.peers {
+        assert_eq!((p.next_index, p.match_index), (13, 12), "peer {}", p.id);
+        assert_eq!(p.state, ProgressState::Replicate);
+        assert!(p.voter && !p.readonly);
+    }
+    let f = followers(&c, l)[0];
+    let fs = c.node(f).status();
+    assert_eq!((fs.state, fs.leader, fs.term), (Role::Follower, Some(l), 1));
+    assert_eq!((fs.last_log_index, fs.disk_index), (12, 12));
+    assert!(fs.peers.is_empty());
+}
+
+// ======================================================================
+// Restart
+// ======================================================================
+
+/// A node restarted from its durable hard state and log comes back with
+/// the same term, vote and log, and rejoins without disturbing the leader.
+#[test]
+fn restart_restores_term_vote_and_log() {
+    let mut c = Cluster::new(3, cfg(), 110);
+    let l = c.elect();
+    for i in 0..5 {
+        c.propose(l, &format!("r{i}"));
+    }
+    let term = c.node(l).term();
+    let f = followers(&c, l)
+        .into_iter()
+        .find(|f| c.host(*f).disk.hard_state.vote == l)
+        .expect("a follower voted for the leader");
+    let log: Vec<Option<Term>> = (1..=c.node(f).last_index())
+        .map(|i| c.node(f).term_at(i))
+        .collect();
+    c.restart(f);
+    assert_eq!(c.node(f).term(), term);
+    assert_eq!(c.node(f).role(), Role::Follower);
+    let log2: Vec<Option<Term>> = (1..=c.node(f).last_index())
+        .map(|i| c.node(f).term_at(i))
+        .collect();
+    assert_eq!(log2, log);
+    assert_eq!(c.node(f).durable_index(), log.len() as Index);
+    // The vote came back too: a same-term candidate is refused (a node
+    // that had not voted in this term would grant).
+    let o = followers(&c, l).into_iter().find(|x| *x != f).unwrap();
+    c.auto_deliver = false;
+    for _ in 0..cfg().election_timeout_ticks {
+        c.node_mut(f).tick();
+    }
+    c.drop_queued();
+    let (li, lt) = (
+        c.node(o).last_index(),
+        c.node(o).term_at(c.node(o).last_index()).unwrap(),
+    );
+    c.inject(msg(o, f, term, vote_req(false, li, lt)));
+    let out = c.take_queued();
+    assert_eq!(vote_resp(&out, o, false), Some((false, term)));
+    c.auto_deliver = true;
+    c.ticks(3);
+    assert_eq!(c.leader(), Some(l));
+    assert_eq!(c.node(l).term(), term);
+    assert_eq!(c.node(f).commit_index(), c.node(l).commit_index());
+}
+
+/// A node restarted from a snapshot plus a log suffix starts at the
+/// snapshot (applied = snapshot index) with the suffix intact.
+#[test]
+fn restart_from_snapshot_and_log_suffix() {
+    let cfg = RaftConfig {
+        snapshot_keep_entries: 2,
+        ..cfg()
+    };
+    let mut c = Cluster::new(3, cfg, 111);
+    let l = c.elect();
+    for i in 0..8 {
+        c.propose(l, &format!("r{i}"));
+    }
+    c.tick();
+    let f = followers(&c, l)[0];
+    let meta = take_snapshot(&mut c, f);
+    for i in 0..3 {
+        c.propose(l, &format!("t{i}"));
+    }
+    let last = c.node(f).last_index();
+    assert!(last > meta.index);
+    let suffix: Vec<Entry> = (meta.index + 1..=last)
+        .map(|i| c.node(f).entry(i).unwrap().clone())
+        .collect();
+    c.restart(f);
+    let n = c.node(f);
+    assert_eq!(n.snapshot_meta(), &meta);
+    assert_eq!(n.applied_index(), meta.index);
+    assert_eq!(n.commit_index(), meta.index);
+    assert_eq!(n.term_at(meta.index), Some(meta.term));
+    // (The entries kept below the snapshot for lagging followers are not
+    // reloaded: the restored log starts right after the snapshot.)
+    assert!(n.first_index() <= meta.index + 1);
+    assert_eq!(n.last_index(), last);
+    for e in &suffix {
+        assert_eq!(n.entry(e.index), Some(e));
+    }
+    assert_eq!(n.conf(), &Configuration::new([1, 2, 3]));
+    c.ticks(3);
+    assert_eq!(c.node(f).commit_index(), c.node(l).commit_index());
+    assert_eq!(c.node(f).applied_index(), c.node(l).commit_index());
+}
