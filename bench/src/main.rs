@@ -1,1 +1,37 @@
-fn main() {}
+//! bd-bench: benchmark runner. Each mode is a subcommand in its own module;
+//! add a variant to [`Mode`] and a module to extend it.
+
+use clap::{Parser, Subcommand};
+
+mod wal;
+
+#[derive(Parser)]
+#[command(name = "bd-bench", about = "bd benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// The per-core WAL: group commit vs one fsync per append vs raw
+    /// sequential writes, on the same filesystem.
+    Wal(wal::WalArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.mode {
+        Mode::Wal(a) => wal::run(a),
+    };
+    if let Err(e) = r {
+        eprintln!("bd-bench: {e}");
+        std::process::exit(1);
+    }
+}
