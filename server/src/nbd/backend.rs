@@ -81,8 +81,9 @@ pub type BackendResult<T> = Result<T, Error>;
 /// Block storage behind one NBD export.
 ///
 /// Offsets and lengths given to the I/O methods are already checked against [`size`] by the
-/// server, and lengths are at most the server's `request_bytes_max` (except trim and fast
-/// write-zeroes, which may cover the whole export).
+/// server. Reads and writes are at most the server's `request_bytes_max`; trim and write-zeroes
+/// carry no payload and may be as long as the protocol allows (4 GiB - 1), as the Linux client
+/// sends them.
 ///
 /// Durability contract (the NBD one): a write whose `fua` is true must be durable before its
 /// future resolves; `flush` must make durable every write whose future resolved before `flush`
