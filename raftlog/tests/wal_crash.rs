@@ -77,7 +77,7 @@ fn child(dir: &str) -> ! {
                     h.append(g, batch).await.expect("append");
                     next += n;
                     println!("ack {g} {}", next - 1);
-                    if next > KEEP_ENTRIES && next % 10 == 0 {
+                    if next > KEEP_ENTRIES && next.is_multiple_of(10) {
                         h.compact(g, next - KEEP_ENTRIES, 1).await.expect("compact");
                     }
                 }
@@ -97,7 +97,7 @@ fn sigkill_at_random_moments_loses_no_acknowledged_entry() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_str().unwrap().to_string();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0xbd_3);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0xbd03);
     let mut acked = vec![0u64; GROUPS as usize];
     let mut total_acks = 0;
     for round in 0..6 {

@@ -297,13 +297,13 @@ fn steady_workload_with_compaction_keeps_segments_bounded() {
     let mut last = [0u64; 16];
     let mut max_segments = 0;
     for round in 0..400u64 {
-        for g in 0..16usize {
-            let lo = last[g] + 1;
+        for (g, last) in last.iter_mut().enumerate() {
+            let lo = *last + 1;
             w.append(g as u64, &ents(lo, lo + 1, 1, 300)).unwrap();
-            last[g] = lo + 1;
-            if last[g] > 20 {
+            *last = lo + 1;
+            if *last > 20 {
                 // Keep about 20 entries per group, as raft would after snapshots.
-                let at = last[g] - 20;
+                let at = *last - 20;
                 w.compact(g as u64, at, 1).unwrap();
             }
         }

@@ -26,8 +26,11 @@ pub trait Harness {
     fn restart(&mut self, store: Self::Store) -> Self::Store;
 }
 
+/// A named conformance case.
+pub type Case<H> = (&'static str, fn(&mut H));
+
 /// Every case, by name, so a failure message says which rule broke.
-pub fn cases<H: Harness>() -> Vec<(&'static str, fn(&mut H))> {
+pub fn cases<H: Harness>() -> Vec<Case<H>> {
     vec![
         ("append_and_read", append_and_read::<H>),
         ("overwrite_suffix", overwrite_suffix::<H>),
@@ -367,7 +370,8 @@ pub fn restart_loses_only_a_suffix<H: Harness>(h: &mut H) {
     ok(s.sync());
     ok(model.sync());
     let mut candidates = vec![image(&mut model)];
-    let ops: Vec<Box<dyn Fn(&mut dyn DynStore)>> = vec![
+    type Op = Box<dyn Fn(&mut dyn DynStore)>;
+    let ops: Vec<Op> = vec![
         Box::new(|s| s.do_append(1, &make_entries(1, 6, 8, 1))),
         Box::new(|s| s.do_set_hard_state(1, HardState { term: 2, vote: 1 })),
         Box::new(|s| s.do_append(1, &make_entries(1, 4, 4, 2))),

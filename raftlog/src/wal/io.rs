@@ -46,7 +46,7 @@ pub struct Done {
 }
 
 pub enum Io {
-    Uring(UringIo),
+    Uring(Box<UringIo>),
     Fallback(FallbackIo),
 }
 
@@ -54,9 +54,9 @@ impl Io {
     pub fn open(want: IoBackend) -> io::Result<Io> {
         match want {
             IoBackend::Fallback => Ok(Io::Fallback(FallbackIo::new()?)),
-            IoBackend::Uring => Ok(Io::Uring(UringIo::new()?)),
+            IoBackend::Uring => Ok(Io::Uring(Box::new(UringIo::new()?))),
             IoBackend::Auto => match UringIo::new() {
-                Ok(u) => Ok(Io::Uring(u)),
+                Ok(u) => Ok(Io::Uring(Box::new(u))),
                 Err(e) => {
                     tracing::warn!(
                         error = %e,

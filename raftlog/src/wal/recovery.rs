@@ -158,14 +158,17 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
     Ok(out)
 }
 
-/// Replays one segment. Returns (end of the valid records, sealed?, the bad
-/// or zero record that stopped an unsealed segment).
+/// (end of the valid records, sealed?, the bad or zero record (offset,
+/// reason) that stopped an unsealed segment).
+type SegmentEnd = (usize, bool, Option<(usize, String)>);
+
+/// Replays one segment.
 fn replay_segment(
     path: &Path,
     seq: u64,
     data: &[u8],
     groups: &mut BTreeMap<GroupId, GroupIndex>,
-) -> Result<(usize, bool, Option<(usize, String)>), Error> {
+) -> Result<SegmentEnd, Error> {
     let mut off = 0usize;
     loop {
         match format::decode_at(data, off) {
