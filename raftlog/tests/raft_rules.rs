@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::*;
 use raftlog::core::{
     ConfChangeError, ConfChangeStart, Configuration, Entry, EntryKind, Event, HardState, Index,
-    Message, MessageBody, NodeId, ProgressState, RaftConfig, RaftNode, Restore, Role, SnapshotMeta,
+    Message, MessageBody, NodeId, ProgressState, RaftConfig, RaftNode, Role, SnapshotMeta,
     SplitMix64, Term,
 };
 use raftlog::Error;
@@ -604,10 +604,11 @@ fn probe_points(c: &Cluster, leader: NodeId, to: NodeId) -> Vec<(Index, Term)> {
                 prev_log_index,
                 prev_log_term,
                 ..
-            } if m.from == leader && m.to == to => {
-                if !points.contains(&(*prev_log_index, *prev_log_term)) {
-                    points.push((*prev_log_index, *prev_log_term));
-                }
+            } if m.from == leader
+                && m.to == to
+                && !points.contains(&(*prev_log_index, *prev_log_term)) =>
+            {
+                points.push((*prev_log_index, *prev_log_term));
             }
             _ => {}
         }
@@ -1171,6 +1172,77 @@ fn change_peers_goes_through_joint_config() {
     }
 }
 
+/// While joint, a decision needs a majority of both the old and the new
+/// voters: the old set alone cannot commit C_old,new, and another change is
+/// refused (Busy) until the change completes.
+#[test]
+fn joint_config_needs_both_majorities() {
+    let mut c = Cluster::with_members(&[1, 2, 3, 4, 5], &[1, 2, 3], cfg(), 36);
+    let l = c.elect();
+    // 4 and 5 never receive the joint entry (everything else gets through).
+    c.rewrite = Some(Box::new(|m: &mut Message| {
+        if m.to == 4 || m.to == 5 {
+            if let MessageBody::AppendEntries { entries, .. } = &mut m.body {
+                let joint = entries.iter().position(|e| {
+                    e.kind == EntryKind::Config
+                        && Configuration::decode(&e.data).unwrap().is_joint()
+                });
+                if let Some(i) = joint {
+                    entries.truncate(i);
+                }
+            }
+        }
+    }));
+    let target = voters(&[l, 4, 5]);
+    let r = c.node_mut(l).change_peers(target.clone(), BTreeSet::new());
+    assert!(matches!(r, Ok(ConfChangeStart::Started)));
+    c.settle();
+    c.ticks(3);
+    let (ji, joint) = config_entries(&c, l)[0].clone();
+    assert!(joint.is_joint());
+    for id in [1, 2, 3] {
+        assert!(c.node(id).last_index() >= ji, "old voter {id} has it");
+    }
+    assert!(
+        c.node(l).commit_index() < ji,
+        "old majority alone must not commit"
+    );
+    assert!(matches!(
+        c.node_mut(l).remove_peer(4),
+        Err(Error::Busy { .. })
+    ));
+    c.rewrite = None;
+    c.ticks(3);
+    assert!(c.node(l).commit_index() > ji);
+    assert_eq!(c.node(l).conf(), &Configuration::new(target));
+}
+
+/// A leader that change_peers removes (with other changes: joint) keeps
+/// leading through the joint phase and steps down once C_new commits.
+#[test]
+fn leader_removed_by_joint_change_steps_down_after_commit() {
+    let mut c = Cluster::with_members(&[1, 2, 3, 4, 5], &[1, 2, 3], cfg(), 37);
+    let l = c.elect();
+    let x = followers(&c, l).into_iter().find(|id| *id <= 3).unwrap();
+    let target = voters(&[x, 4, 5]);
+    let r = c.node_mut(l).change_peers(target.clone(), BTreeSet::new());
+    assert!(matches!(r, Ok(ConfChangeStart::Started)));
+    c.settle();
+    let confs = config_entries(&c, l);
+    assert_eq!(confs.len(), 2);
+    assert!(confs[0].1.is_joint() && !confs[1].1.is_joint());
+    assert!(c.node(l).commit_index() >= confs[1].0);
+    assert_ne!(c.node(l).role(), Role::Leader);
+    assert!(c
+        .events(l)
+        .contains(&Event::ConfChangeDone { result: Ok(()) }));
+    c.ticks(60);
+    let l2 = c.leader().expect("a new leader");
+    assert!(target.contains(&l2));
+    let idx = c.propose(l2, "after");
+    assert!(c.node(l2).commit_index() >= idx);
+}
+
 /// Changing a single voter skips the joint phase.
 #[test]
 fn single_peer_change_skips_joint() {
@@ -1607,6 +1679,17 @@ fn read_index_needs_quorum_heartbeat_and_uses_commit_at_arrival() {
     assert_eq!(resp.len(), 1);
     c.inject(resp.into_iter().next().unwrap());
     assert_eq!(read_ready(&c, l, 7), Some(commit), "commit at arrival");
+}
+
+/// A single-voter group answers ReadIndex on its own.
+#[test]
+fn read_index_on_single_voter_group() {
+    let mut c = Cluster::new(1, cfg(), 85);
+    let l = c.elect();
+    let idx = c.propose(l, "a");
+    c.node_mut(l).read_index(4).unwrap();
+    c.settle();
+    assert_eq!(read_ready(&c, l, 4), Some(idx));
 }
 
 /// A new leader serves no read until it has committed an entry of its own

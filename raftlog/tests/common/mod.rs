@@ -16,6 +16,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 pub const GROUP: u64 = 1;
 
+/// Drops the messages it matches.
+pub type Filter = Box<dyn Fn(&Message) -> bool>;
+/// Edits a message in flight.
+pub type Rewrite = Box<dyn Fn(&mut Message)>;
+
 /// What a node's host has made durable.
 #[derive(Clone, Debug, Default)]
 pub struct Disk {
@@ -103,9 +108,9 @@ pub struct Cluster {
     /// Every message delivered or dropped, in send order.
     pub sent: Vec<Message>,
     /// Messages matching this predicate are dropped.
-    pub filter: Option<Box<dyn Fn(&Message) -> bool>>,
+    pub filter: Option<Filter>,
     /// Applied to every message that gets through (e.g. to strip entries).
-    pub rewrite: Option<Box<dyn Fn(&mut Message)>>,
+    pub rewrite: Option<Rewrite>,
     /// When false, messages stay queued until the test delivers them.
     pub auto_deliver: bool,
     seed: u64,
