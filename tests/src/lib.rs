@@ -1,3 +1,4 @@
 //! bd end-to-end and simulation tests.
 
 pub mod lincheck;
+pub mod sim;
