@@ -340,6 +340,8 @@ impl RaftNode {
         let snapshot = restore.snapshot.clone().unwrap_or_default();
         let (mut c_index, mut c_term) = restore.compacted;
         let mut entries = restore.entries;
+        // Set when the store's log must be discarded in favour of the snapshot.
+        let mut stale_log = false;
         // A snapshot newer than the log's compaction point: keep the log
         // suffix only if it matches the snapshot.
         if snapshot.index > c_index {
@@ -347,13 +349,14 @@ impl RaftNode {
                 .iter()
                 .find(|e| e.index == snapshot.index)
                 .is_some_and(|e| e.term == snapshot.term);
-            if matches {
-                entries.retain(|e| e.index > snapshot.index);
-            } else {
+            // A matching log also keeps its entries below the snapshot (the
+            // snapshot_keep_entries kept for lagging followers).
+            if !matches {
                 entries.clear();
+                c_index = snapshot.index;
+                c_term = snapshot.term;
+                stale_log = true;
             }
-            c_index = snapshot.index;
-            c_term = snapshot.term;
         }
         let base_conf = if restore.snapshot.is_some() {
             snapshot.conf.clone()
@@ -412,6 +415,12 @@ impl RaftNode {
             stepping_from: 0,
         };
         node.reset_election_timer();
+        if stale_log {
+            // The store still holds a log that does not reach the snapshot
+            // (a crash before the compaction was durable): have the host
+            // discard it, or the next append would not attach.
+            node.write.compact = Some((c_index, c_term));
+        }
         Ok(node)
     }
 
