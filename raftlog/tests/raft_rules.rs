@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::*;
 use raftlog::core::{
     ConfChangeError, ConfChangeStart, Configuration, Entry, EntryKind, Event, HardState, Index,
-    Message, MessageBody, NodeId, ProgressState, RaftConfig, RaftNode, Role, SnapshotMeta,
+    Message, MessageBody, NodeId, ProgressState, RaftConfig, RaftNode, Restore, Role, SnapshotMeta,
     SplitMix64, Term,
 };
 use raftlog::Error;
@@ -1990,7 +1990,13 @@ fn restart_from_snapshot_and_log_suffix() {
     }
     let last = c.node(f).last_index();
     assert!(last > meta.index);
-    let suffix: Vec<Entry> = (meta.index + 1..=last)
+    let first = c.node(f).first_index();
+    assert_eq!(
+        first,
+        meta.index - 2 + 1,
+        "two entries kept below the snapshot"
+    );
+    let log: Vec<Entry> = (first..=last)
         .map(|i| c.node(f).entry(i).unwrap().clone())
         .collect();
     c.restart(f);
@@ -1999,15 +2005,61 @@ fn restart_from_snapshot_and_log_suffix() {
     assert_eq!(n.applied_index(), meta.index);
     assert_eq!(n.commit_index(), meta.index);
     assert_eq!(n.term_at(meta.index), Some(meta.term));
-    // (The entries kept below the snapshot for lagging followers are not
-    // reloaded: the restored log starts right after the snapshot.)
-    assert!(n.first_index() <= meta.index + 1);
+    // The same log, including the entries kept below the snapshot for
+    // followers that lag a little.
+    assert_eq!(n.first_index(), first);
     assert_eq!(n.last_index(), last);
-    for e in &suffix {
+    for e in &log {
         assert_eq!(n.entry(e.index), Some(e));
     }
     assert_eq!(n.conf(), &Configuration::new([1, 2, 3]));
     c.ticks(3);
     assert_eq!(c.node(f).commit_index(), c.node(l).commit_index());
     assert_eq!(c.node(f).applied_index(), c.node(l).commit_index());
+}
+
+/// A node that crashed after its snapshot became durable but before the
+/// log's compaction did restarts with a snapshot beyond a log that does not
+/// reach it. The core starts after the snapshot and must tell the store to
+/// discard the stale log, or the next append would not attach to it.
+#[test]
+fn restart_with_snapshot_beyond_a_stale_log_compacts_the_store() {
+    let cfg = RaftConfig {
+        snapshot_keep_entries: 2,
+        ..cfg()
+    };
+    let mut c = Cluster::new(3, cfg.clone(), 112);
+    let l = c.elect();
+    let f = followers(&c, l)[0];
+    c.partition(&[l], &[f]);
+    for i in 0..10 {
+        c.propose(l, &format!("r{i}"));
+    }
+    let meta = take_snapshot(&mut c, l);
+    c.propose(l, "after");
+    // f holds the snapshot durably, but its store still holds only the
+    // old short log (the compaction write was lost in the crash).
+    let stale = c.host(f).disk.clone();
+    assert!(stale.last_index() < meta.index);
+    let restore = Restore {
+        hard_state: stale.hard_state,
+        snapshot: Some(meta.clone()),
+        compacted: stale.compacted,
+        entries: stale.entries.clone(),
+        bootstrap: c.bootstrap.clone(),
+    };
+    c.start_with(f, cfg, restore);
+    // Keep the stale store as it was (start_with trims the harness disk).
+    c.host_mut(f).disk = Disk {
+        snapshot: Some(meta.clone()),
+        ..stale
+    };
+    assert_eq!(c.node(f).first_index(), meta.index + 1);
+    c.process(f);
+    assert_eq!(c.host(f).disk.compacted, (meta.index, meta.term));
+    assert!(c.host(f).disk.entries.is_empty(), "stale log discarded");
+    c.heal();
+    c.ticks(3);
+    assert_eq!(c.node(f).last_index(), c.node(l).last_index());
+    assert_eq!(c.host(f).disk.last_index(), c.node(l).last_index());
 }
