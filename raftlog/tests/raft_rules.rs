@@ -1366,6 +1366,23 @@ fn conf_change_busy_notleader_and_noop() {
     ));
 }
 
+/// A change interrupted by the loss of leadership reports LeadershipLost.
+#[test]
+fn conf_change_interrupted_by_stepdown_reports_leadership_lost() {
+    let (mut c, l) = four_with_spare(cfg(), 38);
+    c.partition(&[l], &[4]);
+    assert!(matches!(
+        c.node_mut(l).add_peer(4),
+        Ok(ConfChangeStart::Started)
+    ));
+    c.isolate(l); // check-quorum deposes it during the catch-up
+    c.ticks(2 * cfg().election_timeout_ticks);
+    assert_ne!(c.node(l).role(), Role::Leader);
+    assert!(c.events(l).contains(&Event::ConfChangeDone {
+        result: Err(ConfChangeError::LeadershipLost)
+    }));
+}
+
 // ======================================================================
 // Leader transfer
 // ======================================================================
