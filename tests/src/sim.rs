@@ -31,6 +31,11 @@ use std::hash::{Hash, Hasher};
 const GROUP: u64 = 1;
 /// Simulated time units per base tick.
 const TICK: u64 = 100;
+/// Bounds that turn a livelock into a reported failure instead of a hang.
+const PROCESS_ROUNDS_MAX: usize = 10_000;
+const EVENTS_MAX: u64 = 5_000_000;
+/// Linearizability search budget (placed operations).
+const LINCHECK_STEPS_MAX: u64 = 500_000;
 
 #[derive(Clone, Debug)]
 pub struct SimOptions {
@@ -79,6 +84,8 @@ struct Faults {
     admin_every: u64,
     snapshot_every: u64,
     disk_latency_max: u64,
+    /// Probability that a crash or partition hits the current leader.
+    target_leader: f64,
     /// Per-node tick period in time units.
     tick_period: Vec<u64>,
 }
@@ -150,6 +157,9 @@ struct Sim {
     history: History,
     ops_target: usize,
     healed: bool,
+    /// A violation was found: the seed stops at the next step.
+    failed: bool,
+    events: u64,
     trace: DefaultHasher,
     report: SeedReport,
     // Invariant bookkeeping.
@@ -246,6 +256,7 @@ impl Sim {
             admin_every: rng.random_range(800..=8000),
             snapshot_every: rng.random_range(500..=5000),
             disk_latency_max: rng.random_range(1..=80),
+            target_leader: rng.random_range(0.0..0.8),
             tick_period,
         };
         let voters: Configuration = Configuration::new(1..=n as u64);
@@ -287,6 +298,8 @@ impl Sim {
             clients,
             history: History::new(),
             healed: false,
+            failed: false,
+            events: 0,
             trace: DefaultHasher::new(),
             report,
             leaders: HashMap::new(),
@@ -321,6 +334,7 @@ impl Sim {
     }
 
     fn violation(&mut self, what: String) {
+        self.failed = true;
         if self.opts.verbose {
             eprintln!("[{}] VIOLATION {what}", self.now);
         }
@@ -395,7 +409,12 @@ impl Sim {
 
     /// Drains the node's outputs until it has nothing more to say.
     fn process(&mut self, i: usize) {
-        loop {
+        for round in 0.. {
+            if round == PROCESS_ROUNDS_MAX {
+                let id = self.nodes[i].id;
+                self.violation(format!("node {id} kept producing output for {round} rounds without input"));
+                return;
+            }
             let Some(raft) = self.nodes[i].raft.as_mut() else { return };
             if !raft.has_ready() {
                 break;
@@ -691,7 +710,13 @@ impl Sim {
     fn partition(&mut self) {
         let n = self.nodes.len();
         self.blocked.clear();
-        let side: Vec<bool> = (0..n).map(|_| self.rng.random_bool(0.5)).collect();
+        // Often isolate the leader: that is what leaves divergent uncommitted
+        // suffixes behind, the raw material of most raft bugs.
+        let leader = self.leader();
+        let side: Vec<bool> = match leader {
+            Some(l) if self.rng.random_bool(self.faults.target_leader) => (0..n).map(|i| i == l).collect(),
+            _ => (0..n).map(|_| self.rng.random_bool(0.5)).collect(),
+        };
         let one_way = self.rng.random_bool(self.faults.one_way);
         for a in 0..n {
             for b in 0..n {
@@ -704,7 +729,7 @@ impl Sim {
         if self.opts.verbose {
             eprintln!("[{}] partition {side:?} one_way={one_way}", self.now);
         }
-        let heal = self.rng.random_range(200..5000);
+        let heal = self.rng.random_range(100..5000);
         self.schedule(heal, Ev::Heal);
     }
 
@@ -889,6 +914,14 @@ impl Sim {
     // ------------------------------------------------------------------
 
     fn step(&mut self) -> bool {
+        if self.failed {
+            return false;
+        }
+        self.events += 1;
+        if self.events > EVENTS_MAX {
+            self.violation(format!("simulation exceeded {EVENTS_MAX} events"));
+            return false;
+        }
         let Some(((t, _), ev)) = self.queue.pop_first() else { return false };
         self.now = t;
         match ev {
@@ -911,7 +944,10 @@ impl Sim {
             }
             Ev::Crash => {
                 if !self.healed {
-                    let i = self.rng.random_range(0..self.nodes.len());
+                    let i = match self.leader() {
+                        Some(l) if self.rng.random_bool(self.faults.target_leader) => l,
+                        _ => self.rng.random_range(0..self.nodes.len()),
+                    };
                     self.crash(i);
                     let d = self.rng.random_range(1..=self.faults.crash_every);
                     self.schedule(d, Ev::Crash);
@@ -998,7 +1034,7 @@ impl Sim {
                 }
             }
         }
-        if !live {
+        if !live && !self.failed {
             let status = self.leader().map(|l| self.nodes[l].raft.as_ref().expect("up").status());
             self.violation(format!(
                 "liveness: no leader committed a new entry within {} ticks after healing (leader status: {status:?})",
@@ -1012,7 +1048,12 @@ impl Sim {
                 self.report.ops_unknown += 1;
             }
         }
-        match lincheck::check(&self.history, 0, 2_000_000) {
+        let verdict = if self.failed {
+            CheckResult::Linearizable // already failed: the history adds nothing
+        } else {
+            lincheck::check(&self.history, 0, LINCHECK_STEPS_MAX)
+        };
+        match verdict {
             CheckResult::Linearizable => {}
             CheckResult::Inconclusive => self.report.lincheck_inconclusive = true,
             CheckResult::NotLinearizable { explanation } => {
@@ -1025,8 +1066,45 @@ impl Sim {
     }
 }
 
-/// Runs one seed.
+/// Runs one seed. A panic inside the core (a failed assertion) is a
+/// violation of that seed, not the end of the run.
 pub fn run_seed(seed: u64, opts: &SimOptions) -> SeedReport {
-    let sim = Sim::new(seed, opts.clone());
-    sim.run()
+    let opts = opts.clone();
+    let nodes = opts.nodes;
+    match std::panic::catch_unwind(move || Sim::new(seed, opts).run()) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| {
+                e.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "non-string panic".into())
+            });
+            SeedReport {
+                seed,
+                nodes: nodes.unwrap_or(0),
+                violations: vec![format!("panic: {msg}")],
+                ..Default::default()
+            }
+        }
+    }
+}
+
+thread_local! {
+    static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Replaces the panic hook with one that records "message at file:line" for
+/// `run_seed` to report, instead of printing a backtrace per failing seed.
+pub fn install_quiet_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "non-string panic".into());
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        LAST_PANIC.with(|p| *p.borrow_mut() = Some(format!("{msg}{at}")));
+    }));
 }

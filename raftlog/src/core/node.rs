@@ -662,8 +662,14 @@ impl RaftNode {
         }
     }
 
+    /// A node campaigns if it votes in its latest configuration, or in the
+    /// latest committed one: a leader that appended its own removal and then
+    /// crashed may hold the longest log, and without it campaigning (votes
+    /// are still counted by the latest configuration, which ignores its own)
+    /// the others, who cannot win its vote, would wait forever.
     fn can_campaign(&self) -> bool {
-        self.conf().is_voter(self.id) && self.installing.is_none()
+        let committed_conf = self.log.conf_at(self.commit).1;
+        (self.conf().is_voter(self.id) || committed_conf.is_voter(self.id)) && self.installing.is_none()
     }
 
     fn tick_leader(&mut self) {

@@ -37,6 +37,9 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
+    if !args.verbose {
+        tests::sim::install_quiet_panic_hook();
+    }
     let broken_rule = match args.broken_rule.as_str() {
         "commit-previous-term" => BrokenRule::CommitPreviousTermByCount,
         "vote-skips-log-check" => BrokenRule::VoteSkipsLogCheck,
