@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod raft;
 mod wal;
 
 #[derive(Parser)]
@@ -17,6 +18,9 @@ enum Mode {
     /// The per-core WAL: group commit vs one fsync per append vs raw
     /// sequential writes, on the same filesystem.
     Wal(wal::WalArgs),
+    /// The raft core alone: a 3-node in-memory group, no I/O; commits/s and
+    /// CPU time per committed entry.
+    Raft(raft::RaftArgs),
 }
 
 fn main() {
@@ -29,6 +33,7 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.mode {
         Mode::Wal(a) => wal::run(a),
+        Mode::Raft(a) => raft::run(a).map_err(Into::into),
     };
     if let Err(e) = r {
         eprintln!("bd-bench: {e}");
