@@ -33,7 +33,7 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.mode {
         Mode::Wal(a) => wal::run(a),
-        Mode::Raft(a) => raft::run(a).map_err(Into::into),
+        Mode::Raft(a) => raft::run(a),
     };
     if let Err(e) = r {
         eprintln!("bd-bench: {e}");

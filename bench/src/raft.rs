@@ -31,7 +31,10 @@ pub struct RaftArgs {
 }
 
 fn cpu_seconds() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
@@ -56,11 +59,18 @@ impl Cluster {
         };
         let nodes = (1..=3u64)
             .map(|id| {
-                let restore = Restore { bootstrap: Configuration::new(1..=3), ..Default::default() };
+                let restore = Restore {
+                    bootstrap: Configuration::new(1..=3),
+                    ..Default::default()
+                };
                 RaftNode::new(1, id, cfg.clone(), Box::new(SplitMix64(id)), restore).expect("node")
             })
             .collect();
-        Cluster { nodes, net: VecDeque::new(), applied: 0 }
+        Cluster {
+            nodes,
+            net: VecDeque::new(),
+            applied: 0,
+        }
     }
 
     /// Runs every node's outputs and delivers messages until quiet.
@@ -76,7 +86,11 @@ impl Cluster {
                     }
                     self.net.extend(rd.messages);
                     if self.nodes[i].role() == Role::Leader {
-                        self.applied += rd.committed_entries.iter().filter(|e| !e.data.is_empty()).count() as u64;
+                        self.applied += rd
+                            .committed_entries
+                            .iter()
+                            .filter(|e| !e.data.is_empty())
+                            .count() as u64;
                     }
                 }
             }
@@ -118,7 +132,9 @@ pub fn run(a: RaftArgs) -> Result<(), String> {
     while c.applied < a.entries {
         let n = (a.entries - proposed).min(a.batch as u64);
         for _ in 0..n {
-            c.nodes[l].propose(payload.clone(), None).map_err(|e| e.to_string())?;
+            c.nodes[l]
+                .propose(payload.clone(), None)
+                .map_err(|e| e.to_string())?;
         }
         proposed += n;
         c.settle();
@@ -153,13 +169,22 @@ pub fn run(a: RaftArgs) -> Result<(), String> {
             })
         );
     } else {
-        println!("raft core, 3 nodes in one thread, no I/O, {} B entries, batch {}", a.entry_bytes, a.batch);
+        println!(
+            "raft core, 3 nodes in one thread, no I/O, {} B entries, batch {}",
+            a.entry_bytes, a.batch
+        );
         println!("committed entries:      {}", a.entries);
         println!("commits/s:              {per_sec:.0}");
-        println!("payload MB/s:           {:.1}", per_sec * a.entry_bytes as f64 / 1e6);
+        println!(
+            "payload MB/s:           {:.1}",
+            per_sec * a.entry_bytes as f64 / 1e6
+        );
         println!("CPU us per entry:       {cpu_us:.3} (all 3 replicas)");
         println!("baseline copy us/entry: {base_us:.3} (3 payload copies)");
     }
-    println!("commits_per_sec={per_sec:.0} cpu_us_per_entry={cpu_us:.3} ratio_cpu_vs_copy={:.1}", cpu_us / base_us.max(1e-9));
+    println!(
+        "commits_per_sec={per_sec:.0} cpu_us_per_entry={cpu_us:.3} ratio_cpu_vs_copy={:.1}",
+        cpu_us / base_us.max(1e-9)
+    );
     Ok(())
 }

@@ -16,14 +16,14 @@
 
 use crate::lincheck::{self, CheckResult, History, Op, OpId, OpResult};
 use bytes::Bytes;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use raftlog::core::{
     BrokenRule, Configuration, Entry, EntryKind, Event, Message, MessageBody, RaftConfig, RaftNode,
     Restore, Role, SnapshotMeta, SplitMix64, Term,
 };
 use raftlog::storage::mem::MemStore;
 use raftlog::storage::LogStore;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -50,7 +50,12 @@ pub struct SimOptions {
 
 impl Default for SimOptions {
     fn default() -> SimOptions {
-        SimOptions { nodes: None, ops: 100, broken_rule: BrokenRule::None, verbose: false }
+        SimOptions {
+            nodes: None,
+            ops: 100,
+            broken_rule: BrokenRule::None,
+            verbose: false,
+        }
     }
 }
 
@@ -102,9 +107,20 @@ enum Ev {
     Admin,
     Snapshot,
     ClientIssue(usize),
-    ClientArrive { node: usize, client: usize, op_seq: u64 },
-    ClientReply { client: usize, op_seq: u64, result: Reply },
-    ClientTimeout { client: usize, op_seq: u64 },
+    ClientArrive {
+        node: usize,
+        client: usize,
+        op_seq: u64,
+    },
+    ClientReply {
+        client: usize,
+        op_seq: u64,
+        result: Reply,
+    },
+    ClientTimeout {
+        client: usize,
+        op_seq: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -242,10 +258,16 @@ impl Sim {
         // Clock rates: with election timeout E and drift D ticks, the lease
         // is safe while rates differ by at most a factor (E - D) / E... we
         // keep every rate within +-8%, well inside 2 ticks of 10.
-        let tick_period = (0..n).map(|_| rng.random_range(TICK * 92 / 100..=TICK * 108 / 100)).collect();
+        let tick_period = (0..n)
+            .map(|_| rng.random_range(TICK * 92 / 100..=TICK * 108 / 100))
+            .collect();
         let heavy = rng.random_bool(0.3);
         let faults = Faults {
-            loss: if heavy { rng.random_range(0.0..0.3) } else { rng.random_range(0.0..0.05) },
+            loss: if heavy {
+                rng.random_range(0.0..0.3)
+            } else {
+                rng.random_range(0.0..0.05)
+            },
             dup: rng.random_range(0.0..0.1),
             delay_max: rng.random_range(2..=60),
             long_delay: rng.random_range(0.0..0.05),
@@ -281,9 +303,18 @@ impl Sim {
             });
         }
         let clients = (0..rng.random_range(2..=5))
-            .map(|_| Client { op: None, op_seq: 0, target: 0, issued: 0 })
+            .map(|_| Client {
+                op: None,
+                op_seq: 0,
+                target: 0,
+                issued: 0,
+            })
             .collect();
-        let report = SeedReport { seed, nodes: n, ..Default::default() };
+        let report = SeedReport {
+            seed,
+            nodes: n,
+            ..Default::default()
+        };
         let mut sim = Sim {
             rng,
             ops_target: opts.ops,
@@ -355,7 +386,9 @@ impl Sim {
         let node = &mut self.nodes[i];
         let st = node.store.group_state(GROUP).unwrap_or_default();
         let entries = if st.last_index > st.compacted_index {
-            node.store.entries(GROUP, st.compacted_index + 1, st.last_index + 1).expect("read log")
+            node.store
+                .entries(GROUP, st.compacted_index + 1, st.last_index + 1)
+                .expect("read log")
         } else {
             Vec::new()
         };
@@ -367,10 +400,21 @@ impl Sim {
             bootstrap: bootstrap.clone(),
         };
         let seed = self.rng.random::<u64>();
-        let raft = RaftNode::new(GROUP, node.id, self.cfg.clone(), Box::new(SplitMix64(seed)), restore)
-            .expect("valid config");
+        let raft = RaftNode::new(
+            GROUP,
+            node.id,
+            self.cfg.clone(),
+            Box::new(SplitMix64(seed)),
+            restore,
+        )
+        .expect("valid config");
         if raft.term() < node.durable_term {
-            let msg = format!("node {} restarted with term {} below its durable term {}", node.id, raft.term(), node.durable_term);
+            let msg = format!(
+                "node {} restarted with term {} below its durable term {}",
+                node.id,
+                raft.term(),
+                node.durable_term
+            );
             self.violation(msg);
         }
         let node = &mut self.nodes[i];
@@ -412,10 +456,14 @@ impl Sim {
         for round in 0.. {
             if round == PROCESS_ROUNDS_MAX {
                 let id = self.nodes[i].id;
-                self.violation(format!("node {id} kept producing output for {round} rounds without input"));
+                self.violation(format!(
+                    "node {id} kept producing output for {round} rounds without input"
+                ));
                 return;
             }
-            let Some(raft) = self.nodes[i].raft.as_mut() else { return };
+            let Some(raft) = self.nodes[i].raft.as_mut() else {
+                return;
+            };
             if !raft.has_ready() {
                 break;
             }
@@ -442,14 +490,19 @@ impl Sim {
 
     fn persist(&mut self, i: usize, w: raftlog::core::Write) {
         for e in &w.entries {
-            let prev = self.nodes[i].raft.as_ref().and_then(|r| r.term_at(e.index - 1));
+            let prev = self.nodes[i]
+                .raft
+                .as_ref()
+                .and_then(|r| r.term_at(e.index - 1));
             let h = entry_hash(e);
             match self.seen.get(&(e.index, e.term)) {
                 Some(&(h0, p0)) => {
                     if h0 != h || (p0.is_some() && prev.is_some() && p0 != prev) {
                         self.violation(format!(
                             "log matching: entry ({}, {}) differs between nodes (seen on node {})",
-                            e.index, e.term, i + 1
+                            e.index,
+                            e.term,
+                            i + 1
                         ));
                     }
                 }
@@ -495,8 +548,14 @@ impl Sim {
     fn send(&mut self, i: usize, m: Message) {
         let to = m.to as usize - 1;
         let snap = if let MessageBody::InstallSnapshot { meta } = &m.body {
-            let s = self.nodes[i].snapshot.as_ref().expect("leader sends the snapshot it has");
-            assert_eq!(s.0.index, meta.index, "snapshot message matches the saved snapshot");
+            let s = self.nodes[i]
+                .snapshot
+                .as_ref()
+                .expect("leader sends the snapshot it has");
+            assert_eq!(
+                s.0.index, meta.index,
+                "snapshot message matches the saved snapshot"
+            );
             Some(s.1)
         } else {
             None
@@ -504,7 +563,11 @@ impl Sim {
         if self.blocked.contains(&(i, to)) || self.rng.random_bool(self.faults.loss) {
             return;
         }
-        let copies = if self.rng.random_bool(self.faults.dup) { 2 } else { 1 };
+        let copies = if self.rng.random_bool(self.faults.dup) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             let mut delay = self.rng.random_range(1..=self.faults.delay_max);
             if self.rng.random_bool(self.faults.long_delay) {
@@ -521,11 +584,16 @@ impl Sim {
             return;
         }
         if self.opts.verbose {
-            eprintln!("[{}] {} -> {} t{} {:?}", self.now, m.from, m.to, m.term, m.body);
+            eprintln!(
+                "[{}] {} -> {} t{} {:?}",
+                self.now, m.from, m.to, m.term, m.body
+            );
         }
         self.trace(("msg", m.from, m.to, m.term, m.body.name()));
         let node = &mut self.nodes[to];
-        let Some(raft) = node.raft.as_mut() else { return };
+        let Some(raft) = node.raft.as_mut() else {
+            return;
+        };
         if let (Some(v), MessageBody::InstallSnapshot { meta }) = (snap, &m.body) {
             node.incoming.insert(meta.index, v);
         }
@@ -535,10 +603,16 @@ impl Sim {
 
     fn install_snapshot(&mut self, i: usize, meta: SnapshotMeta) {
         let node = &mut self.nodes[i];
-        let value = *node.incoming.get(&meta.index).expect("snapshot data arrived with the message");
+        let value = *node
+            .incoming
+            .get(&meta.index)
+            .expect("snapshot data arrived with the message");
         if let Some(&(_, v)) = self.applied.get(&meta.index) {
             if v != value {
-                let msg = format!("snapshot at {} holds {value}, applied state there was {v}", meta.index);
+                let msg = format!(
+                    "snapshot at {} holds {value}, applied state there was {v}",
+                    meta.index
+                );
                 self.violation(msg);
             }
         }
@@ -562,12 +636,23 @@ impl Sim {
             if term == e.term {
                 let result = result.expect("proposals are normal entries");
                 let d = self.rng.random_range(1..=self.faults.delay_max);
-                self.schedule(d, Ev::ClientReply { client, op_seq, result: Reply::Done(result) });
+                self.schedule(
+                    d,
+                    Ev::ClientReply {
+                        client,
+                        op_seq,
+                        result: Reply::Done(result),
+                    },
+                );
             }
         }
         match self.applied.get(&e.index) {
             Some(&(h0, v0)) if h0 != h || v0 != value => {
-                let msg = format!("node {} applied a different entry or state at index {}", i + 1, e.index);
+                let msg = format!(
+                    "node {} applied a different entry or state at index {}",
+                    i + 1,
+                    e.index
+                );
                 self.violation(msg);
             }
             Some(_) => {}
@@ -577,7 +662,14 @@ impl Sim {
         }
         match self.committed.get(&e.index) {
             Some(&(t, h0)) if t != e.term || h0 != h => {
-                let msg = format!("node {} applied ({}, {}) but ({}, {}) was committed", i + 1, e.index, e.term, e.index, t);
+                let msg = format!(
+                    "node {} applied ({}, {}) but ({}, {}) was committed",
+                    i + 1,
+                    e.index,
+                    e.term,
+                    e.index,
+                    t
+                );
                 self.violation(msg);
             }
             _ => {}
@@ -630,7 +722,9 @@ impl Sim {
 
     fn serve_ready_reads(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let Some(raft) = node.raft.as_ref() else { return };
+        let Some(raft) = node.raft.as_ref() else {
+            return;
+        };
         let applied = raft.applied_index();
         let value = node.register;
         let mut served = Vec::new();
@@ -644,24 +738,42 @@ impl Sim {
         });
         for (client, op_seq) in served {
             let d = self.rng.random_range(1..=self.faults.delay_max);
-            self.schedule(d, Ev::ClientReply { client, op_seq, result: Reply::Done(OpResult::Read(value)) });
+            self.schedule(
+                d,
+                Ev::ClientReply {
+                    client,
+                    op_seq,
+                    result: Reply::Done(OpResult::Read(value)),
+                },
+            );
         }
     }
 
     /// Invariants local to one node, checked after each of its steps.
     fn check_node(&mut self, i: usize) {
         let node = &self.nodes[i];
-        let Some(raft) = node.raft.as_ref() else { return };
+        let Some(raft) = node.raft.as_ref() else {
+            return;
+        };
         let (term, commit, id) = (raft.term(), raft.commit_index(), node.id);
         let mut problems = Vec::new();
         if term < node.term_seen {
-            problems.push(format!("node {id} term went back from {} to {term}", node.term_seen));
+            problems.push(format!(
+                "node {id} term went back from {} to {term}",
+                node.term_seen
+            ));
         }
         if commit < node.commit_seen {
-            problems.push(format!("node {id} commit went back from {} to {commit}", node.commit_seen));
+            problems.push(format!(
+                "node {id} commit went back from {} to {commit}",
+                node.commit_seen
+            ));
         }
         if commit > raft.last_index() {
-            problems.push(format!("node {id} commit {commit} beyond its last index {}", raft.last_index()));
+            problems.push(format!(
+                "node {id} commit {commit} beyond its last index {}",
+                raft.last_index()
+            ));
         }
         let mut newly = Vec::new();
         for idx in node.commit_seen.max(raft.first_index().saturating_sub(1)) + 1..=commit {
@@ -714,7 +826,9 @@ impl Sim {
         // suffixes behind, the raw material of most raft bugs.
         let leader = self.leader();
         let side: Vec<bool> = match leader {
-            Some(l) if self.rng.random_bool(self.faults.target_leader) => (0..n).map(|i| i == l).collect(),
+            Some(l) if self.rng.random_bool(self.faults.target_leader) => {
+                (0..n).map(|i| i == l).collect()
+            }
             _ => (0..n).map(|_| self.rng.random_bool(0.5)).collect(),
         };
         let one_way = self.rng.random_bool(self.faults.one_way);
@@ -763,11 +877,21 @@ impl Sim {
                 let learners: BTreeSet<u64> = (1..=n)
                     .filter(|id| !voters.contains(id) && self.rng.random_bool(0.3))
                     .collect();
-                format!("change_peers {voters:?} {learners:?}: {:?}", raft.change_peers(voters.clone(), learners.clone()))
+                format!(
+                    "change_peers {voters:?} {learners:?}: {:?}",
+                    raft.change_peers(voters.clone(), learners.clone())
+                )
             }
             3 => {
-                let target = if self.rng.random_bool(0.5) { None } else { Some(pick(&mut self.rng)) };
-                format!("transfer {target:?}: {:?}", raft.transfer_leadership(target))
+                let target = if self.rng.random_bool(0.5) {
+                    None
+                } else {
+                    Some(pick(&mut self.rng))
+                };
+                format!(
+                    "transfer {target:?}: {:?}",
+                    raft.transfer_leadership(target)
+                )
             }
             4 => {
                 let p = pick(&mut self.rng);
@@ -793,12 +917,21 @@ impl Sim {
     fn snapshot(&mut self) {
         let i = self.rng.random_range(0..self.nodes.len());
         let node = &mut self.nodes[i];
-        let Some(raft) = node.raft.as_mut() else { return };
+        let Some(raft) = node.raft.as_mut() else {
+            return;
+        };
         let applied = raft.applied_index();
-        if node.snapshot.as_ref().is_some_and(|(m, _)| m.index >= applied) || applied == 0 {
+        if node
+            .snapshot
+            .as_ref()
+            .is_some_and(|(m, _)| m.index >= applied)
+            || applied == 0
+        {
             return;
         }
-        let meta = raft.on_snapshot_saved(applied).expect("snapshot at applied index");
+        let meta = raft
+            .on_snapshot_saved(applied)
+            .expect("snapshot at applied index");
         node.snapshot = Some((meta, node.register));
         self.trace(("snapshot", i, applied));
         self.process(i);
@@ -819,7 +952,10 @@ impl Sim {
         let op = match self.rng.random_range(0..10) {
             0..=3 => Op::Read,
             4..=6 => Op::Write(self.rng.random_range(1..1000)),
-            _ => Op::Cas { expected: self.rng.random_range(0..4), new: self.rng.random_range(1..1000) },
+            _ => Op::Cas {
+                expected: self.rng.random_range(0..4),
+                new: self.rng.random_range(1..1000),
+            },
         };
         let client = &mut self.clients[c];
         client.issued += 1;
@@ -835,11 +971,20 @@ impl Sim {
     fn client_send(&mut self, c: usize, op_seq: u64) {
         let node = self.clients[c].target;
         let d = self.rng.random_range(1..=self.faults.delay_max);
-        self.schedule(d, Ev::ClientArrive { node, client: c, op_seq });
+        self.schedule(
+            d,
+            Ev::ClientArrive {
+                node,
+                client: c,
+                op_seq,
+            },
+        );
     }
 
     fn client_arrive(&mut self, i: usize, c: usize, op_seq: u64) {
-        let Some((cur, _, op)) = self.clients[c].op else { return };
+        let Some((cur, _, op)) = self.clients[c].op else {
+            return;
+        };
         if cur != op_seq {
             return;
         }
@@ -850,30 +995,52 @@ impl Sim {
         let Some(raft) = node.raft.as_mut() else {
             // Down: the client notices after a while and tries elsewhere.
             let d = 300;
-            self.schedule(d, Ev::ClientReply { client: c, op_seq, result: Reply::Redirect(None) });
+            self.schedule(
+                d,
+                Ev::ClientReply {
+                    client: c,
+                    op_seq,
+                    result: Reply::Redirect(None),
+                },
+            );
             return;
         };
         let hint = raft.leader();
         let outcome = match op {
             Op::Read => {
-                let r = if use_lease { raft.lease_read(ctx) } else { raft.read_index(ctx) };
+                let r = if use_lease {
+                    raft.lease_read(ctx)
+                } else {
+                    raft.read_index(ctx)
+                };
                 r.map(|_| {
                     node.reads.insert(ctx, (c, op_seq));
                 })
             }
-            _ => raft.propose(encode_op(c, op_seq, op), None).map(|(idx, term)| {
-                node.proposals.insert(idx, (term, c, op_seq));
-            }),
+            _ => raft
+                .propose(encode_op(c, op_seq, op), None)
+                .map(|(idx, term)| {
+                    node.proposals.insert(idx, (term, c, op_seq));
+                }),
         };
         if outcome.is_err() {
             let d = self.rng.random_range(1..=self.faults.delay_max) + 50;
-            self.schedule(d, Ev::ClientReply { client: c, op_seq, result: Reply::Redirect(hint) });
+            self.schedule(
+                d,
+                Ev::ClientReply {
+                    client: c,
+                    op_seq,
+                    result: Reply::Redirect(hint),
+                },
+            );
         }
         self.process(i);
     }
 
     fn client_reply(&mut self, c: usize, op_seq: u64, reply: Reply) {
-        let Some((cur, id, _)) = self.clients[c].op else { return };
+        let Some((cur, id, _)) = self.clients[c].op else {
+            return;
+        };
         if cur != op_seq {
             return;
         }
@@ -897,7 +1064,9 @@ impl Sim {
     }
 
     fn client_timeout(&mut self, c: usize, op_seq: u64) {
-        let Some((cur, id, _)) = self.clients[c].op else { return };
+        let Some((cur, id, _)) = self.clients[c].op else {
+            return;
+        };
         if cur != op_seq {
             return;
         }
@@ -922,7 +1091,9 @@ impl Sim {
             self.violation(format!("simulation exceeded {EVENTS_MAX} events"));
             return false;
         }
-        let Some(((t, _), ev)) = self.queue.pop_first() else { return false };
+        let Some(((t, _), ev)) = self.queue.pop_first() else {
+            return false;
+        };
         self.now = t;
         match ev {
             Ev::Tick(i) => {
@@ -977,8 +1148,16 @@ impl Sim {
                 self.schedule(d, Ev::Snapshot);
             }
             Ev::ClientIssue(c) => self.client_issue(c),
-            Ev::ClientArrive { node, client, op_seq } => self.client_arrive(node, client, op_seq),
-            Ev::ClientReply { client, op_seq, result } => self.client_reply(client, op_seq, result),
+            Ev::ClientArrive {
+                node,
+                client,
+                op_seq,
+            } => self.client_arrive(node, client, op_seq),
+            Ev::ClientReply {
+                client,
+                op_seq,
+                result,
+            } => self.client_reply(client, op_seq, result),
             Ev::ClientTimeout { client, op_seq } => self.client_timeout(client, op_seq),
         }
         true
@@ -1028,14 +1207,18 @@ impl Sim {
             }
             if let Some(l) = self.leader() {
                 let raft = self.nodes[l].raft.as_ref().expect("up");
-                if self.max_committed > commits_before && raft.term_at(self.max_committed) == Some(raft.term()) {
+                if self.max_committed > commits_before
+                    && raft.term_at(self.max_committed) == Some(raft.term())
+                {
                     live = true;
                     break;
                 }
             }
         }
         if !live && !self.failed {
-            let status = self.leader().map(|l| self.nodes[l].raft.as_ref().expect("up").status());
+            let status = self
+                .leader()
+                .map(|l| self.nodes[l].raft.as_ref().expect("up").status());
             self.violation(format!(
                 "liveness: no leader committed a new entry within {} ticks after healing (leader status: {status:?})",
                 (bound - healed_at) / TICK
@@ -1057,7 +1240,10 @@ impl Sim {
             CheckResult::Linearizable => {}
             CheckResult::Inconclusive => self.report.lincheck_inconclusive = true,
             CheckResult::NotLinearizable { explanation } => {
-                self.violation(format!("linearizability: {}", explanation.replace('\n', " | ")));
+                self.violation(format!(
+                    "linearizability: {}",
+                    explanation.replace('\n', " | ")
+                ));
             }
         }
         self.report.sim_time = self.now;
@@ -1071,15 +1257,20 @@ impl Sim {
 pub fn run_seed(seed: u64, opts: &SimOptions) -> SeedReport {
     let opts = opts.clone();
     let nodes = opts.nodes;
-    match std::panic::catch_unwind(move || Sim::new(seed, opts).run()) {
+    IN_SEED.with(|f| f.set(true));
+    let outcome = std::panic::catch_unwind(move || Sim::new(seed, opts).run());
+    IN_SEED.with(|f| f.set(false));
+    match outcome {
         Ok(r) => r,
         Err(e) => {
-            let msg = LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| {
-                e.downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "non-string panic".into())
-            });
+            let msg = LAST_PANIC
+                .with(|p| p.borrow_mut().take())
+                .unwrap_or_else(|| {
+                    e.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "non-string panic".into())
+                });
             SeedReport {
                 seed,
                 nodes: nodes.unwrap_or(0),
@@ -1092,19 +1283,31 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> SeedReport {
 
 thread_local! {
     static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    static IN_SEED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Replaces the panic hook with one that records "message at file:line" for
-/// `run_seed` to report, instead of printing a backtrace per failing seed.
+/// Wraps the panic hook so that a panic inside `run_seed` is recorded as
+/// "message at file:line" for the seed's report instead of printing a
+/// backtrace per failing seed. Panics elsewhere go to the previous hook.
 pub fn install_quiet_panic_hook() {
-    std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "non-string panic".into());
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
-        LAST_PANIC.with(|p| *p.borrow_mut() = Some(format!("{msg}{at}")));
-    }));
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_SEED.with(|f| f.get()) {
+                return previous(info);
+            }
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "non-string panic".into());
+            let at = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(format!("{msg}{at}")));
+        }));
+    });
 }

@@ -115,22 +115,45 @@ impl Write {
 /// Things the host may want to react to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    BecameLeader { term: Term },
-    BecameFollower { term: Term, leader: Option<NodeId> },
+    BecameLeader {
+        term: Term,
+    },
+    BecameFollower {
+        term: Term,
+        leader: Option<NodeId>,
+    },
     /// Leadership lost (stepped down or removed): pending proposals may or
     /// may not commit.
-    LeaderStepDown { term: Term },
+    LeaderStepDown {
+        term: Term,
+    },
     /// A configuration entry committed (it applies with the entries).
-    ConfigurationCommitted { index: Index, conf: super::types::Configuration },
+    ConfigurationCommitted {
+        index: Index,
+        conf: super::types::Configuration,
+    },
     /// A membership change requested through the admin API finished.
-    ConfChangeDone { result: Result<(), ConfChangeError> },
+    ConfChangeDone {
+        result: Result<(), ConfChangeError>,
+    },
     /// A read with this context may be served once `applied >= index`.
-    ReadIndexReady { ctx: u64, index: Index },
-    ReadIndexFailed { ctx: u64, reason: ReadFailure },
+    ReadIndexReady {
+        ctx: u64,
+        index: Index,
+    },
+    ReadIndexFailed {
+        ctx: u64,
+        reason: ReadFailure,
+    },
     /// A leadership transfer ended (`to` became leader or the attempt timed out).
-    TransferEnded { target: NodeId, succeeded: bool },
+    TransferEnded {
+        target: NodeId,
+        succeeded: bool,
+    },
     /// The log since the last snapshot exceeds `snapshot_log_bytes_max`.
-    SnapshotSuggested { applied: Index },
+    SnapshotSuggested {
+        applied: Index,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,9 +14,7 @@
 //! itself toward a quorum only for entries that are durable.
 
 use super::log::MemLog;
-use super::message::{
-    ConfChangeError, Event, Message, MessageBody, ReadFailure, Ready, Write,
-};
+use super::message::{ConfChangeError, Event, Message, MessageBody, ReadFailure, Ready, Write};
 use super::progress::{Progress, ProgressState};
 use super::types::{
     Configuration, Entry, EntryKind, GroupId, HardState, Index, NodeId, SnapshotMeta, Term,
@@ -255,6 +253,10 @@ struct Transfer {
     timeout_now_sent: bool,
 }
 
+/// A write handed to the host and not yet durable: its seq, the last index
+/// and term it wrote, and the messages to release once it is durable.
+type InflightWrite = (u64, Option<(Index, Term)>, Vec<Message>);
+
 pub struct RaftNode {
     id: NodeId,
     group: GroupId,
@@ -309,9 +311,7 @@ pub struct RaftNode {
     // Outputs.
     next_write_seq: u64,
     write: Write,
-    /// Writes handed to the host and not yet durable: (seq, last index and
-    /// term written, messages to release when durable).
-    inflight_writes: VecDeque<(u64, Option<(Index, Term)>, Vec<Message>)>,
+    inflight_writes: VecDeque<InflightWrite>,
     msgs: Vec<Message>,
     held_msgs: Vec<Message>,
     events: Vec<Event>,
@@ -334,9 +334,13 @@ impl RaftNode {
         restore: Restore,
     ) -> Result<RaftNode, Error> {
         if id == 0 {
-            return Err(Error::Invalid { group, what: "node id 0 is reserved".into() });
+            return Err(Error::Invalid {
+                group,
+                what: "node id 0 is reserved".into(),
+            });
         }
-        cfg.validate().map_err(|what| Error::Invalid { group, what })?;
+        cfg.validate()
+            .map_err(|what| Error::Invalid { group, what })?;
         let snapshot = restore.snapshot.clone().unwrap_or_default();
         let (mut c_index, mut c_term) = restore.compacted;
         let mut entries = restore.entries;
@@ -580,9 +584,16 @@ impl RaftNode {
         if self.applied < limit {
             let hi = limit.min(self.applied + self.cfg.apply_batch_entries_max as Index);
             rd.committed_entries = self.log.slice(self.applied + 1, hi, usize::MAX, usize::MAX);
-            for e in rd.committed_entries.iter().filter(|e| e.kind == EntryKind::Config) {
+            for e in rd
+                .committed_entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::Config)
+            {
                 let conf = Configuration::decode(&e.data).expect("config entry decodes");
-                self.events.push(Event::ConfigurationCommitted { index: e.index, conf });
+                self.events.push(Event::ConfigurationCommitted {
+                    index: e.index,
+                    conf,
+                });
             }
             self.applied = hi;
             self.after_apply(hi);
@@ -624,18 +635,33 @@ impl RaftNode {
     }
 
     fn send(&mut self, to: NodeId, body: MessageBody) {
-        let m = Message { group: self.group, from: self.id, to, term: self.term, body };
+        let m = Message {
+            group: self.group,
+            from: self.id,
+            to,
+            term: self.term,
+            body,
+        };
         self.msgs.push(m);
     }
 
     /// Sends `body` once everything written so far is durable.
     fn send_after_write(&mut self, to: NodeId, body: MessageBody) {
-        let m = Message { group: self.group, from: self.id, to, term: self.term, body };
+        let m = Message {
+            group: self.group,
+            from: self.id,
+            to,
+            term: self.term,
+            body,
+        };
         self.held_msgs.push(m);
     }
 
     fn persist_hard_state(&mut self) {
-        self.write.hard_state = Some(HardState { term: self.term, vote: self.vote });
+        self.write.hard_state = Some(HardState {
+            term: self.term,
+            vote: self.vote,
+        });
     }
 
     // ------------------------------------------------------------------
@@ -669,7 +695,8 @@ impl RaftNode {
     /// the others, who cannot win its vote, would wait forever.
     fn can_campaign(&self) -> bool {
         let committed_conf = self.log.conf_at(self.commit).1;
-        (self.conf().is_voter(self.id) || committed_conf.is_voter(self.id)) && self.installing.is_none()
+        (self.conf().is_voter(self.id) || committed_conf.is_voter(self.id))
+            && self.installing.is_none()
     }
 
     fn tick_leader(&mut self) {
@@ -707,7 +734,10 @@ impl RaftNode {
             if t.ticks >= self.cfg.election_timeout_ticks {
                 let target = t.target;
                 self.transfer = None;
-                self.events.push(Event::TransferEnded { target, succeeded: false });
+                self.events.push(Event::TransferEnded {
+                    target,
+                    succeeded: false,
+                });
             }
         }
         let mut abort = false;
@@ -741,8 +771,12 @@ impl RaftNode {
         self.reset_election_timer();
         self.votes.insert(self.id, true);
         let (li, lt) = (self.log.last_index(), self.log.last_term());
-        let voters: Vec<NodeId> =
-            self.conf().all_voters().into_iter().filter(|id| *id != self.id).collect();
+        let voters: Vec<NodeId> = self
+            .conf()
+            .all_voters()
+            .into_iter()
+            .filter(|id| *id != self.id)
+            .collect();
         for id in voters {
             let body = MessageBody::RequestVote {
                 pre_vote: true,
@@ -750,7 +784,13 @@ impl RaftNode {
                 last_log_term: lt,
                 leadership_transfer: false,
             };
-            let m = Message { group: self.group, from: self.id, to: id, term: self.term + 1, body };
+            let m = Message {
+                group: self.group,
+                from: self.id,
+                to: id,
+                term: self.term + 1,
+                body,
+            };
             self.held_msgs.push(m);
         }
         self.check_election();
@@ -769,8 +809,12 @@ impl RaftNode {
         self.self_vote_seq = Some(self.next_write_seq);
         debug_assert!(!was_leader);
         let (li, lt) = (self.log.last_index(), self.log.last_term());
-        let voters: Vec<NodeId> =
-            self.conf().all_voters().into_iter().filter(|id| *id != self.id).collect();
+        let voters: Vec<NodeId> = self
+            .conf()
+            .all_voters()
+            .into_iter()
+            .filter(|id| *id != self.id)
+            .collect();
         for id in voters {
             self.send_after_write(
                 id,
@@ -821,7 +865,10 @@ impl RaftNode {
             self.events.push(Event::LeaderStepDown { term: self.term });
         }
         if changed {
-            self.events.push(Event::BecameFollower { term: self.term, leader });
+            self.events.push(Event::BecameFollower {
+                term: self.term,
+                leader,
+            });
         }
     }
 
@@ -832,14 +879,22 @@ impl RaftNode {
     fn leader_cleanup(&mut self) {
         self.progress.clear();
         for r in std::mem::take(&mut self.pending_reads) {
-            self.events.push(Event::ReadIndexFailed { ctx: r.ctx, reason: ReadFailure::NotLeader });
+            self.events.push(Event::ReadIndexFailed {
+                ctx: r.ctx,
+                reason: ReadFailure::NotLeader,
+            });
         }
         if let Some(t) = self.transfer.take() {
             let succeeded = self.stepping_from == t.target;
-            self.events.push(Event::TransferEnded { target: t.target, succeeded });
+            self.events.push(Event::TransferEnded {
+                target: t.target,
+                succeeded,
+            });
         }
         if self.conf_change.take().is_some() {
-            self.events.push(Event::ConfChangeDone { result: Err(ConfChangeError::LeadershipLost) });
+            self.events.push(Event::ConfChangeDone {
+                result: Err(ConfChangeError::LeadershipLost),
+            });
         }
         self.round_ticks.clear();
         self.need_broadcast = false;
@@ -861,7 +916,10 @@ impl RaftNode {
             self.progress.insert(id, Progress::new(next));
         }
         let durable = self.durable;
-        let me = self.progress.entry(self.id).or_insert_with(|| Progress::new(next));
+        let me = self
+            .progress
+            .entry(self.id)
+            .or_insert_with(|| Progress::new(next));
         me.maybe_update(durable);
         me.become_replicate();
         me.recent_active = true;
@@ -910,7 +968,11 @@ impl RaftNode {
         // Term handling first.
         if m.term > self.term {
             match &m.body {
-                MessageBody::RequestVote { pre_vote, leadership_transfer, .. } => {
+                MessageBody::RequestVote {
+                    pre_vote,
+                    leadership_transfer,
+                    ..
+                } => {
                     if !leadership_transfer && self.in_lease() {
                         self.send_vote_response(&m, *pre_vote, false);
                         return;
@@ -919,7 +981,10 @@ impl RaftNode {
                         self.become_follower(m.term, None);
                     }
                 }
-                MessageBody::RequestVoteResponse { pre_vote: true, granted: true } => {
+                MessageBody::RequestVoteResponse {
+                    pre_vote: true,
+                    granted: true,
+                } => {
                     // A granted pre-vote carries the term we would campaign in.
                 }
                 MessageBody::AppendEntries { .. }
@@ -955,22 +1020,46 @@ impl RaftNode {
         }
 
         match m.body.clone() {
-            MessageBody::RequestVote { pre_vote, last_log_index, last_log_term, .. } => {
-                self.handle_vote_request(&m, pre_vote, last_log_index, last_log_term)
-            }
+            MessageBody::RequestVote {
+                pre_vote,
+                last_log_index,
+                last_log_term,
+                ..
+            } => self.handle_vote_request(&m, pre_vote, last_log_index, last_log_term),
             MessageBody::RequestVoteResponse { pre_vote, granted } => {
-                let expect = if pre_vote { Role::PreCandidate } else { Role::Candidate };
+                let expect = if pre_vote {
+                    Role::PreCandidate
+                } else {
+                    Role::Candidate
+                };
                 if self.role == expect {
-                    let term_ok = if pre_vote { m.term == self.term + 1 || !granted } else { true };
+                    let term_ok = if pre_vote {
+                        m.term == self.term + 1 || !granted
+                    } else {
+                        true
+                    };
                     if term_ok {
                         self.votes.insert(m.from, granted);
                         self.check_election();
                     }
                 }
             }
-            MessageBody::AppendEntries { prev_log_index, prev_log_term, entries, leader_commit, round } => {
+            MessageBody::AppendEntries {
+                prev_log_index,
+                prev_log_term,
+                entries,
+                leader_commit,
+                round,
+            } => {
                 self.follow(m.from);
-                self.handle_append(m.from, prev_log_index, prev_log_term, entries, leader_commit, round);
+                self.handle_append(
+                    m.from,
+                    prev_log_index,
+                    prev_log_term,
+                    entries,
+                    leader_commit,
+                    round,
+                );
             }
             MessageBody::Heartbeat { commit, round } => {
                 self.follow(m.from);
@@ -1018,7 +1107,11 @@ impl RaftNode {
                     );
                 }
             }
-            MessageBody::HeartbeatResponse { round, readonly, last_index } => {
+            MessageBody::HeartbeatResponse {
+                round,
+                readonly,
+                last_index,
+            } => {
                 if self.role == Role::Leader {
                     self.handle_heartbeat_response(m.from, round, readonly, last_index);
                 }
@@ -1034,7 +1127,11 @@ impl RaftNode {
     fn send_vote_response(&mut self, m: &Message, pre_vote: bool, granted: bool) {
         // A granted pre-vote answers in the candidate's future term; all
         // other answers carry ours.
-        let term = if pre_vote && granted { m.term } else { self.term };
+        let term = if pre_vote && granted {
+            m.term
+        } else {
+            self.term
+        };
         let resp = Message {
             group: self.group,
             from: self.id,
@@ -1070,7 +1167,10 @@ impl RaftNode {
             self.become_follower(self.term, Some(leader));
         } else if self.leader != Some(leader) {
             self.leader = Some(leader);
-            self.events.push(Event::BecameFollower { term: self.term, leader: Some(leader) });
+            self.events.push(Event::BecameFollower {
+                term: self.term,
+                leader: Some(leader),
+            });
         }
         self.election_elapsed = 0;
     }
@@ -1143,7 +1243,10 @@ impl RaftNode {
                 return;
             }
             Some(t) if t != prev_term => {
-                let ci = self.log.first_index_of_term(prev_index).max(self.commit + 1);
+                let ci = self
+                    .log
+                    .first_index_of_term(prev_index)
+                    .max(self.commit + 1);
                 reject(self, ci, t);
                 return;
             }
@@ -1155,7 +1258,11 @@ impl RaftNode {
             match self.log.term(e.index) {
                 Some(t) if t == e.term => continue,
                 Some(_) => {
-                    assert!(e.index > self.commit, "conflict at committed index {}", e.index);
+                    assert!(
+                        e.index > self.commit,
+                        "conflict at committed index {}",
+                        e.index
+                    );
                     self.log.truncate_from(e.index);
                     if self.durable >= e.index {
                         self.durable = e.index - 1;
@@ -1180,7 +1287,13 @@ impl RaftNode {
         if meta.index <= self.commit {
             // Already have it all; let the leader move on.
             let c = self.commit;
-            self.send_after_write(from, MessageBody::InstallSnapshotResponse { index: c, success: true });
+            self.send_after_write(
+                from,
+                MessageBody::InstallSnapshotResponse {
+                    index: c,
+                    success: true,
+                },
+            );
             return;
         }
         self.installing = Some(meta.clone());
@@ -1210,7 +1323,10 @@ impl RaftNode {
         if let Some(leader) = self.leader {
             self.send_after_write(
                 leader,
-                MessageBody::InstallSnapshotResponse { index: meta.index, success: true },
+                MessageBody::InstallSnapshotResponse {
+                    index: meta.index,
+                    success: true,
+                },
             );
         }
     }
@@ -1220,7 +1336,12 @@ impl RaftNode {
     // ------------------------------------------------------------------
 
     fn append_leader_entry(&mut self, kind: EntryKind, data: Bytes) -> Index {
-        let e = Entry { index: self.log.last_index() + 1, term: self.term, kind, data };
+        let e = Entry {
+            index: self.log.last_index() + 1,
+            term: self.term,
+            kind,
+            data,
+        };
         let idx = e.index;
         self.log.append(e.clone());
         self.write.entries.push(e);
@@ -1229,7 +1350,12 @@ impl RaftNode {
     }
 
     fn broadcast_append(&mut self) {
-        let ids: Vec<NodeId> = self.progress.keys().copied().filter(|id| *id != self.id).collect();
+        let ids: Vec<NodeId> = self
+            .progress
+            .keys()
+            .copied()
+            .filter(|id| *id != self.id)
+            .collect();
         for id in ids {
             self.send_append(id, false);
         }
@@ -1242,7 +1368,9 @@ impl RaftNode {
     fn send_append(&mut self, to: NodeId, mut force: bool) {
         loop {
             let last = self.log.last_index();
-            let Some(p) = self.progress.get(&to) else { return };
+            let Some(p) = self.progress.get(&to) else {
+                return;
+            };
             if !p.can_send(self.cfg.inflight_messages_max, self.cfg.inflight_bytes_max) {
                 return;
             }
@@ -1259,7 +1387,12 @@ impl RaftNode {
                 return;
             };
             let entries = if has_new {
-                self.log.slice(next, last, self.cfg.append_entries_max, self.cfg.append_bytes_max)
+                self.log.slice(
+                    next,
+                    last,
+                    self.cfg.append_entries_max,
+                    self.cfg.append_bytes_max,
+                )
             } else {
                 Vec::new()
             };
@@ -1288,7 +1421,10 @@ impl RaftNode {
 
     fn send_snapshot(&mut self, to: NodeId) {
         let meta = self.snapshot.clone();
-        assert!(meta.index >= self.log.compacted().0, "no snapshot covers the compacted log");
+        assert!(
+            meta.index >= self.log.compacted().0,
+            "no snapshot covers the compacted log"
+        );
         let p = self.progress.get_mut(&to).expect("progress");
         p.become_snapshot(meta.index);
         self.send(to, MessageBody::InstallSnapshot { meta });
@@ -1300,7 +1436,12 @@ impl RaftNode {
         while self.round_ticks.len() > 4 * self.cfg.election_timeout_ticks as usize + 16 {
             self.round_ticks.pop_front();
         }
-        let ids: Vec<NodeId> = self.progress.keys().copied().filter(|id| *id != self.id).collect();
+        let ids: Vec<NodeId> = self
+            .progress
+            .keys()
+            .copied()
+            .filter(|id| *id != self.id)
+            .collect();
         let round = self.round;
         for id in ids {
             let p = &self.progress[&id];
@@ -1322,7 +1463,9 @@ impl RaftNode {
         round: u64,
         readonly: bool,
     ) {
-        let Some(p) = self.progress.get_mut(&from) else { return };
+        let Some(p) = self.progress.get_mut(&from) else {
+            return;
+        };
         p.recent_active = true;
         p.readonly = readonly;
         if round > p.acked_round {
@@ -1352,7 +1495,10 @@ impl RaftNode {
             }
             let mut next = conflict_index;
             if conflict_term > 0 {
-                if let Some(i) = self.log.last_index_of_term_at_most(conflict_term, rejected_index) {
+                if let Some(i) = self
+                    .log
+                    .last_index_of_term_at_most(conflict_term, rejected_index)
+                {
                     next = i + 1;
                 }
             }
@@ -1364,8 +1510,16 @@ impl RaftNode {
         self.check_reads();
     }
 
-    fn handle_heartbeat_response(&mut self, from: NodeId, round: u64, readonly: bool, last_index: Index) {
-        let Some(p) = self.progress.get_mut(&from) else { return };
+    fn handle_heartbeat_response(
+        &mut self,
+        from: NodeId,
+        round: u64,
+        readonly: bool,
+        last_index: Index,
+    ) {
+        let Some(p) = self.progress.get_mut(&from) else {
+            return;
+        };
         p.recent_active = true;
         p.readonly = readonly;
         if round > p.acked_round {
@@ -1401,7 +1555,9 @@ impl RaftNode {
     }
 
     fn handle_snapshot_response(&mut self, from: NodeId, index: Index, success: bool) {
-        let Some(p) = self.progress.get_mut(&from) else { return };
+        let Some(p) = self.progress.get_mut(&from) else {
+            return;
+        };
         p.recent_active = true;
         if p.state != ProgressState::Snapshot {
             return;
@@ -1468,7 +1624,11 @@ impl RaftNode {
     /// proposal is refused when the term moved on (braft Task's ABA guard).
     /// Returns the index (and term) the entry got: it is committed when it is
     /// applied with that term.
-    pub fn propose(&mut self, data: Bytes, expected_term: Option<Term>) -> Result<(Index, Term), Error> {
+    pub fn propose(
+        &mut self,
+        data: Bytes,
+        expected_term: Option<Term>,
+    ) -> Result<(Index, Term), Error> {
         self.check_can_propose(expected_term)?;
         let idx = self.append_leader_entry(EntryKind::Normal, data);
         Ok((idx, self.term))
@@ -1477,11 +1637,18 @@ impl RaftNode {
     fn check_can_propose(&self, expected_term: Option<Term>) -> Result<(), Error> {
         let group = self.group;
         if self.role != Role::Leader {
-            return Err(Error::NotLeader { group, leader: self.leader });
+            return Err(Error::NotLeader {
+                group,
+                leader: self.leader,
+            });
         }
         if let Some(t) = expected_term {
             if t != self.term {
-                return Err(Error::TermMismatch { group, expected: t, current: self.term });
+                return Err(Error::TermMismatch {
+                    group,
+                    expected: t,
+                    current: self.term,
+                });
             }
         }
         if self.transfer.is_some() {
@@ -1492,7 +1659,11 @@ impl RaftNode {
         }
         let pending = (self.log.last_index() - self.commit) as usize;
         if pending >= self.cfg.uncommitted_entries_max {
-            return Err(Error::ProposalQueueFull { group, pending, max: self.cfg.uncommitted_entries_max });
+            return Err(Error::ProposalQueueFull {
+                group,
+                pending,
+                max: self.cfg.uncommitted_entries_max,
+            });
         }
         Ok(())
     }
@@ -1515,12 +1686,18 @@ impl RaftNode {
     pub fn on_snapshot_saved(&mut self, index: Index) -> Result<SnapshotMeta, Error> {
         let group = self.group;
         if index > self.applied {
-            return Err(Error::Invalid { group, what: format!("snapshot at {index} beyond applied {}", self.applied) });
+            return Err(Error::Invalid {
+                group,
+                what: format!("snapshot at {index} beyond applied {}", self.applied),
+            });
         }
         if index <= self.snapshot.index {
             return Ok(self.snapshot.clone());
         }
-        let term = self.log.term(index).ok_or(Error::Compacted { group, index })?;
+        let term = self
+            .log
+            .term(index)
+            .ok_or(Error::Compacted { group, index })?;
         let conf = self.log.conf_at(index).1.clone();
         self.snapshot = SnapshotMeta { index, term, conf };
         // Followers lagging by more than the margin get the snapshot.
@@ -1548,7 +1725,10 @@ impl RaftNode {
     pub fn remove_peer(&mut self, peer: NodeId) -> Result<ConfChangeStart, Error> {
         let mut c = self.conf_for_change()?;
         if !c.contains(peer) {
-            return Err(Error::UnknownPeer { group: self.group, peer });
+            return Err(Error::UnknownPeer {
+                group: self.group,
+                peer,
+            });
         }
         c.voters.remove(&peer);
         c.learners.remove(&peer);
@@ -1558,7 +1738,10 @@ impl RaftNode {
     pub fn add_learner(&mut self, peer: NodeId) -> Result<ConfChangeStart, Error> {
         let mut c = self.conf_for_change()?;
         if c.voters.contains(&peer) {
-            return Err(Error::Invalid { group: self.group, what: format!("peer {peer} is a voter") });
+            return Err(Error::Invalid {
+                group: self.group,
+                what: format!("peer {peer} is a voter"),
+            });
         }
         c.learners.insert(peer);
         self.change_conf(c)
@@ -1572,19 +1755,32 @@ impl RaftNode {
         learners: BTreeSet<NodeId>,
     ) -> Result<ConfChangeStart, Error> {
         self.conf_for_change()?;
-        self.change_conf(Configuration { voters, voters_outgoing: BTreeSet::new(), learners })
+        self.change_conf(Configuration {
+            voters,
+            voters_outgoing: BTreeSet::new(),
+            learners,
+        })
     }
 
     fn conf_for_change(&self) -> Result<Configuration, Error> {
         let group = self.group;
         if self.role != Role::Leader {
-            return Err(Error::NotLeader { group, leader: self.leader });
+            return Err(Error::NotLeader {
+                group,
+                leader: self.leader,
+            });
         }
         if self.transfer.is_some() {
-            return Err(Error::Busy { group, what: "leadership transfer in progress" });
+            return Err(Error::Busy {
+                group,
+                what: "leadership transfer in progress",
+            });
         }
         if self.conf_change.is_some() || self.conf().is_joint() || self.conf_uncommitted() {
-            return Err(Error::Busy { group, what: "another configuration change is running" });
+            return Err(Error::Busy {
+                group,
+                what: "another configuration change is running",
+            });
         }
         Ok(self.conf().clone())
     }
@@ -1596,23 +1792,39 @@ impl RaftNode {
     fn change_conf(&mut self, target: Configuration) -> Result<ConfChangeStart, Error> {
         let group = self.group;
         if target.voters.is_empty() {
-            return Err(Error::Invalid { group, what: "a configuration needs at least one voter".into() });
+            return Err(Error::Invalid {
+                group,
+                what: "a configuration needs at least one voter".into(),
+            });
         }
         if target.voters.contains(&0) || target.learners.contains(&0) {
-            return Err(Error::Invalid { group, what: "node id 0 is reserved".into() });
+            return Err(Error::Invalid {
+                group,
+                what: "node id 0 is reserved".into(),
+            });
         }
         if target.voters.iter().any(|v| target.learners.contains(v)) {
-            return Err(Error::Invalid { group, what: "a peer cannot be voter and learner".into() });
+            return Err(Error::Invalid {
+                group,
+                what: "a peer cannot be voter and learner".into(),
+            });
         }
         if &target == self.conf() {
             return Ok(ConfChangeStart::NoOp);
         }
         let next = self.log.last_index() + 1;
         for id in target.all_members() {
-            self.progress.entry(id).or_insert_with(|| Progress::new(next));
+            self.progress
+                .entry(id)
+                .or_insert_with(|| Progress::new(next));
         }
         self.conf_change = Some(ConfPhase::CatchingUp { target, ticks: 0 });
-        let ids: Vec<NodeId> = self.progress.keys().copied().filter(|id| *id != self.id).collect();
+        let ids: Vec<NodeId> = self
+            .progress
+            .keys()
+            .copied()
+            .filter(|id| *id != self.id)
+            .collect();
         for id in ids {
             self.send_append(id, true);
         }
@@ -1621,14 +1833,23 @@ impl RaftNode {
     }
 
     fn maybe_finish_catchup(&mut self) {
-        let Some(ConfPhase::CatchingUp { target, .. }) = &self.conf_change else { return };
+        let Some(ConfPhase::CatchingUp { target, .. }) = &self.conf_change else {
+            return;
+        };
         let current = self.conf().clone();
         let last = self.log.last_index();
         let margin = self.cfg.catchup_margin;
-        let caught_up = target.voters.iter().filter(|id| !current.voters.contains(id)).all(|id| {
-            *id == self.id
-                || self.progress.get(id).is_some_and(|p| p.match_index + margin >= last && p.match_index > 0)
-        });
+        let caught_up = target
+            .voters
+            .iter()
+            .filter(|id| !current.voters.contains(id))
+            .all(|id| {
+                *id == self.id
+                    || self
+                        .progress
+                        .get(id)
+                        .is_some_and(|p| p.match_index + margin >= last && p.match_index > 0)
+            });
         if !caught_up {
             return;
         }
@@ -1661,10 +1882,13 @@ impl RaftNode {
         let next = self.log.last_index() + 1;
         let members = self.conf().all_members();
         for id in &members {
-            self.progress.entry(*id).or_insert_with(|| Progress::new(next));
+            self.progress
+                .entry(*id)
+                .or_insert_with(|| Progress::new(next));
         }
         let me = self.id;
-        self.progress.retain(|id, _| members.contains(id) || *id == me);
+        self.progress
+            .retain(|id, _| members.contains(id) || *id == me);
         self.maybe_commit();
     }
 
@@ -1720,9 +1944,16 @@ impl RaftNode {
     pub fn reset_peers(&mut self, voters: BTreeSet<NodeId>) -> Result<(), Error> {
         let group = self.group;
         if voters.is_empty() || voters.contains(&0) {
-            return Err(Error::Invalid { group, what: "reset_peers needs non-zero peer ids".into() });
+            return Err(Error::Invalid {
+                group,
+                what: "reset_peers needs non-zero peer ids".into(),
+            });
         }
-        let conf = Configuration { voters, voters_outgoing: BTreeSet::new(), learners: BTreeSet::new() };
+        let conf = Configuration {
+            voters,
+            voters_outgoing: BTreeSet::new(),
+            learners: BTreeSet::new(),
+        };
         if self.role == Role::Leader {
             self.step_down(self.term, None);
         }
@@ -1732,7 +1963,9 @@ impl RaftNode {
         // Campaign soon rather than after a full timeout.
         self.election_elapsed = self.randomized_timeout;
         self.leader = None;
-        self.uptime_ticks = self.uptime_ticks.max(self.cfg.election_timeout_ticks as u64);
+        self.uptime_ticks = self
+            .uptime_ticks
+            .max(self.cfg.election_timeout_ticks as u64);
         Ok(())
     }
 
@@ -1746,13 +1979,19 @@ impl RaftNode {
     pub fn transfer_leadership(&mut self, target: Option<NodeId>) -> Result<NodeId, Error> {
         let group = self.group;
         if self.role != Role::Leader {
-            return Err(Error::NotLeader { group, leader: self.leader });
+            return Err(Error::NotLeader {
+                group,
+                leader: self.leader,
+            });
         }
         if self.transfer.is_some() {
             return Err(Error::TransferInProgress { group });
         }
         if self.conf_change.is_some() {
-            return Err(Error::Busy { group, what: "a configuration change is running" });
+            return Err(Error::Busy {
+                group,
+                what: "a configuration change is running",
+            });
         }
         let conf = self.conf().clone();
         let target = match target {
@@ -1768,11 +2007,23 @@ impl RaftNode {
                     .all_voters()
                     .into_iter()
                     .filter(|id| *id != self.id)
-                    .max_by_key(|id| (self.progress.get(id).map_or(0, |p| p.match_index), std::cmp::Reverse(*id)));
-                best.ok_or(Error::Invalid { group, what: "no other voter to transfer to".into() })?
+                    .max_by_key(|id| {
+                        (
+                            self.progress.get(id).map_or(0, |p| p.match_index),
+                            std::cmp::Reverse(*id),
+                        )
+                    });
+                best.ok_or(Error::Invalid {
+                    group,
+                    what: "no other voter to transfer to".into(),
+                })?
             }
         };
-        self.transfer = Some(Transfer { target, ticks: 0, timeout_now_sent: false });
+        self.transfer = Some(Transfer {
+            target,
+            ticks: 0,
+            timeout_now_sent: false,
+        });
         self.maybe_send_timeout_now(target);
         if self.transfer.as_ref().is_some_and(|t| !t.timeout_now_sent) {
             self.send_append(target, true);
@@ -1786,7 +2037,11 @@ impl RaftNode {
         if t.target != peer || t.timeout_now_sent {
             return;
         }
-        if self.progress.get(&peer).is_some_and(|p| p.match_index == last) {
+        if self
+            .progress
+            .get(&peer)
+            .is_some_and(|p| p.match_index == last)
+        {
             t.timeout_now_sent = true;
             self.lease_broken = true;
             self.send(peer, MessageBody::TimeoutNow);
@@ -1810,11 +2065,15 @@ impl RaftNode {
         {
             return Err(Error::Invalid {
                 group,
-                what: "election timeout must exceed the heartbeat interval and the clock drift".into(),
+                what: "election timeout must exceed the heartbeat interval and the clock drift"
+                    .into(),
             });
         }
         if !self.conf().is_voter(self.id) {
-            return Err(Error::UnknownPeer { group, peer: self.id });
+            return Err(Error::UnknownPeer {
+                group,
+                peer: self.id,
+            });
         }
         self.cfg.election_timeout_ticks = election_timeout_ticks;
         if self.role != Role::Leader {
@@ -1833,7 +2092,10 @@ impl RaftNode {
     pub fn read_index(&mut self, ctx: u64) -> Result<(), Error> {
         let group = self.group;
         if self.role != Role::Leader {
-            return Err(Error::NotLeader { group, leader: self.leader });
+            return Err(Error::NotLeader {
+                group,
+                leader: self.leader,
+            });
         }
         if self.pending_reads.len() >= self.cfg.read_queue_max {
             return Err(Error::ProposalQueueFull {
@@ -1845,7 +2107,11 @@ impl RaftNode {
         // Only acknowledgements of a round started after the read arrived
         // count; reads arriving before the next `ready` share that round.
         self.read_round_wanted = true;
-        self.pending_reads.push_back(PendingRead { ctx, index: 0, round: self.round + 1 });
+        self.pending_reads.push_back(PendingRead {
+            ctx,
+            index: 0,
+            round: self.round + 1,
+        });
         self.check_reads();
         Ok(())
     }
@@ -1867,11 +2133,18 @@ impl RaftNode {
 
     /// The lease runs from the start of the latest round a quorum acknowledged.
     pub fn lease_valid(&self) -> bool {
-        if !(self.cfg.lease_read && self.cfg.check_quorum) || self.role != Role::Leader || self.lease_broken {
+        if !(self.cfg.lease_read && self.cfg.check_quorum)
+            || self.role != Role::Leader
+            || self.lease_broken
+        {
             return false;
         }
-        let Some(round) = self.quorum_acked_round() else { return false };
-        let Some(&(_, start)) = self.round_ticks.iter().find(|(r, _)| *r == round) else { return false };
+        let Some(round) = self.quorum_acked_round() else {
+            return false;
+        };
+        let Some(&(_, start)) = self.round_ticks.iter().find(|(r, _)| *r == round) else {
+            return false;
+        };
         let lease = (self.cfg.election_timeout_ticks - self.cfg.max_clock_drift_ticks) as u64;
         self.now < start + lease
     }
@@ -1908,7 +2181,10 @@ impl RaftNode {
                 break;
             }
             let r = self.pending_reads.pop_front().expect("front");
-            self.events.push(Event::ReadIndexReady { ctx: r.ctx, index: r.index });
+            self.events.push(Event::ReadIndexReady {
+                ctx: r.ctx,
+                index: r.index,
+            });
         }
     }
 }

@@ -50,7 +50,12 @@ fn main() {
         Some(s) => (s, args.seeds),
         None => (0, args.seeds),
     };
-    let opts = SimOptions { nodes: args.nodes.map(|n| n as usize), ops: args.ops, broken_rule, verbose: args.verbose };
+    let opts = SimOptions {
+        nodes: args.nodes.map(|n| n as usize),
+        ops: args.ops,
+        broken_rule,
+        verbose: args.verbose,
+    };
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -103,7 +108,10 @@ fn main() {
         inconclusive.load(Ordering::Relaxed),
         combined.load(Ordering::Relaxed)
     );
-    println!("seeds={count} violations={}", violations.load(Ordering::Relaxed));
+    println!(
+        "seeds={count} violations={}",
+        violations.load(Ordering::Relaxed)
+    );
     if violations.load(Ordering::Relaxed) > 0 {
         std::process::exit(1);
     }
