@@ -97,7 +97,8 @@ struct Faults {
 
 #[derive(Debug)]
 enum Ev {
-    Tick(usize),
+    /// Node, epoch (a restarted node ignores its previous life's clock).
+    Tick(usize, u64),
     Deliver(Box<Message>, Option<u64>),
     DiskSync(usize, u64),
     Restart(usize),
@@ -182,7 +183,13 @@ struct Sim {
     leaders: HashMap<Term, u64>,
     /// (index, term) -> (payload hash, previous entry's term).
     seen: HashMap<(u64, Term), (u64, Option<Term>)>,
+    /// Committed entries: index -> (entry term, payload hash).
     committed: BTreeMap<u64, (Term, u64)>,
+    /// Index -> the term of the node that first reported it committed: the
+    /// committing leader's term or a later one. Leader completeness binds
+    /// leaders of later terms only (a delayed election in an older term may
+    /// legitimately produce a leader without it).
+    committed_in: BTreeMap<u64, Term>,
     applied: BTreeMap<u64, (u64, u64)>,
     max_committed: u64,
     next_ctx: u64,
@@ -336,6 +343,7 @@ impl Sim {
             leaders: HashMap::new(),
             seen: HashMap::new(),
             committed: BTreeMap::new(),
+            committed_in: BTreeMap::new(),
             applied: BTreeMap::new(),
             max_committed: 0,
             next_ctx: 1,
@@ -430,7 +438,8 @@ impl Sim {
         node.incoming.clear();
         let period = self.faults.tick_period[i];
         let phase = self.rng.random_range(0..period);
-        self.schedule(phase, Ev::Tick(i));
+        let epoch = self.nodes[i].epoch;
+        self.schedule(phase, Ev::Tick(i, epoch));
     }
 
     fn crash(&mut self, i: usize) {
@@ -696,7 +705,8 @@ impl Sim {
                 let first = raft.first_index();
                 let mut bad = None;
                 for (&idx, &(t, _)) in self.committed.range(first..) {
-                    if raft.term_at(idx) != Some(t) {
+                    let binding = self.committed_in.get(&idx).is_some_and(|&c| c < term);
+                    if binding && raft.term_at(idx) != Some(t) {
                         bad = Some((idx, t));
                         break;
                     }
@@ -794,6 +804,7 @@ impl Sim {
                 Some(_) => {}
                 None => {
                     self.committed.insert(idx, (t, h));
+                    self.committed_in.insert(idx, term);
                     self.max_committed = self.max_committed.max(idx);
                 }
             }
@@ -1096,12 +1107,15 @@ impl Sim {
         };
         self.now = t;
         match ev {
-            Ev::Tick(i) => {
-                if let Some(r) = self.nodes[i].raft.as_mut() {
-                    r.tick();
-                    self.process(i);
-                    let p = self.faults.tick_period[i];
-                    self.schedule(p, Ev::Tick(i));
+            Ev::Tick(i, epoch) => {
+                let node = &mut self.nodes[i];
+                if node.epoch == epoch {
+                    if let Some(r) = node.raft.as_mut() {
+                        r.tick();
+                        self.process(i);
+                        let p = self.faults.tick_period[i];
+                        self.schedule(p, Ev::Tick(i, epoch));
+                    }
                 }
             }
             Ev::Deliver(m, snap) => self.deliver(*m, snap),
@@ -1216,12 +1230,30 @@ impl Sim {
             }
         }
         if !live && !self.failed {
-            let status = self
-                .leader()
-                .map(|l| self.nodes[l].raft.as_ref().expect("up").status());
+            let nodes: Vec<String> = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.raft.as_ref())
+                .map(|r| {
+                    let st = r.status();
+                    format!(
+                        "node {} {} term {} leader {:?} last {} commit {} conf {:?}/{:?} learners {:?}",
+                        st.id,
+                        st.state.name(),
+                        st.term,
+                        st.leader,
+                        st.last_log_index,
+                        st.last_committed_index,
+                        st.conf.voters,
+                        st.conf.voters_outgoing,
+                        st.conf.learners
+                    )
+                })
+                .collect();
             self.violation(format!(
-                "liveness: no leader committed a new entry within {} ticks after healing (leader status: {status:?})",
-                (bound - healed_at) / TICK
+                "liveness: no leader committed a new entry within {} ticks after healing; {}",
+                (bound - healed_at) / TICK,
+                nodes.join("; ")
             ));
         }
         // Outstanding ops are unknown.
