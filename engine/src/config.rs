@@ -1,0 +1,213 @@
+//! Engine settings. Times the raft core counts in ticks are given here in milliseconds and
+//! converted with `tick_ms`; every limit is named `*_max` with its unit.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use raftlog::core::{GroupId, NodeId, RaftConfig};
+
+use crate::error::{Error, Result};
+
+/// One block group this node holds a replica of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BgSpec {
+    pub id: GroupId,
+    /// Voters of the group when it is created (braft's initial_conf); ignored once the group
+    /// has a log or a snapshot.
+    pub members: Vec<NodeId>,
+    pub size_bytes: u64,
+}
+
+impl BgSpec {
+    /// The NBD export name of the group.
+    pub fn name(&self) -> String {
+        format!("bg{}", self.id)
+    }
+}
+
+/// Settings of the whole engine (every core).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub node_id: NodeId,
+    /// `core-N/` directories (WAL, data and meta files) live here.
+    pub data_dir: PathBuf,
+    /// Core threads. Block group `g` lives on core `g % cores`; every node of a cluster must use
+    /// the same count, because core `i` only talks to core `i` of its peers.
+    pub cores: usize,
+    /// Pin core `i` to CPU `i % available` (best effort).
+    pub pin_cores: bool,
+    /// QUIC address of core 0; core `i` binds port + `i`.
+    pub quic_listen: SocketAddr,
+    /// Peers' core-0 QUIC addresses (core `i` dials port + `i`).
+    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// Mutual-TLS identity directory (node.pem, node.key, ca.pem); `None` = insecure loopback
+    /// (dev cluster only; the transport refuses it on other addresses).
+    pub tls_dir: Option<PathBuf>,
+    pub bgs: Vec<BgSpec>,
+    /// Period of the raft clock.
+    pub tick_ms: u64,
+    pub election_timeout_ms: u64,
+    /// Heartbeat period = election timeout / this factor (braft's
+    /// raft_election_heartbeat_factor).
+    pub heartbeat_factor: u64,
+    pub append_entries_max: usize,
+    pub append_bytes_max: usize,
+    /// Entries kept below a snapshot so lagging followers catch up by log.
+    pub snapshot_keep_entries: u64,
+    /// Log bytes since the last snapshot above which the core suggests a new one.
+    pub snapshot_log_bytes_max: usize,
+    /// Take a snapshot of every group this often (0 = only when suggested).
+    pub snapshot_interval_s: u64,
+    pub snapshot_chunk_bytes: usize,
+    pub snapshot_bytes_per_sec_max: u64,
+    pub wal_segment_bytes_max: u64,
+    /// `false` skips fdatasync in the WAL: benchmarks only, never durable.
+    pub raft_sync: bool,
+    /// Requests queued towards one core, at most (senders wait beyond it).
+    pub request_queue_max: usize,
+    /// A client request that found no leader (or whose leader did not answer) is retried for
+    /// this long, then fails with EIO.
+    pub request_timeout_ms: u64,
+    /// A forwarded request with no answer for this long is retried (another leader may have
+    /// been elected).
+    pub forward_timeout_ms: u64,
+    /// Largest raft entry payload; bigger writes are split into several entries.
+    pub entry_data_bytes_max: usize,
+}
+
+impl EngineConfig {
+    pub fn new(node_id: NodeId, data_dir: PathBuf, quic_listen: SocketAddr) -> EngineConfig {
+        EngineConfig {
+            node_id,
+            data_dir,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            pin_cores: true,
+            quic_listen,
+            peers: BTreeMap::new(),
+            tls_dir: None,
+            bgs: Vec::new(),
+            tick_ms: 50,
+            election_timeout_ms: 1000,
+            heartbeat_factor: 10,
+            append_entries_max: 256,
+            append_bytes_max: 1 << 20,
+            snapshot_keep_entries: 1024,
+            snapshot_log_bytes_max: 64 << 20,
+            snapshot_interval_s: 3600,
+            snapshot_chunk_bytes: 128 << 10,
+            snapshot_bytes_per_sec_max: 200 << 20,
+            wal_segment_bytes_max: 64 << 20,
+            raft_sync: true,
+            request_queue_max: 4096,
+            request_timeout_ms: 10_000,
+            forward_timeout_ms: 2_000,
+            entry_data_bytes_max: 256 << 10,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::Config { what });
+        if self.node_id == 0 {
+            return bad("node_id 0 is reserved".into());
+        }
+        if self.cores == 0 || self.cores > 256 {
+            return bad(format!("cores {} must be in 1..=256", self.cores));
+        }
+        if self.tick_ms == 0 {
+            return bad("tick_ms must be positive".into());
+        }
+        if self.election_timeout_ms < 2 * self.tick_ms {
+            return bad(format!(
+                "election_timeout_ms {} must be at least two ticks of {} ms",
+                self.election_timeout_ms, self.tick_ms
+            ));
+        }
+        if self.heartbeat_factor < 2 {
+            return bad("heartbeat_factor must be at least 2".into());
+        }
+        if self.entry_data_bytes_max == 0 || self.entry_data_bytes_max > (512 << 10) {
+            return bad(format!(
+                "entry_data_bytes_max {} must be in 1..=512 KiB (one entry must fit in a WAL record)",
+                self.entry_data_bytes_max
+            ));
+        }
+        if self.quic_listen.port() as usize + self.cores > 65536 {
+            return bad(format!(
+                "quic_listen port {} + {} cores exceeds 65535",
+                self.quic_listen.port(),
+                self.cores
+            ));
+        }
+        if self.peers.contains_key(&self.node_id) {
+            return bad(format!("node {} lists itself as a peer", self.node_id));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for bg in &self.bgs {
+            if !seen.insert(bg.id) {
+                return bad(format!("bg {} is declared twice", bg.id));
+            }
+            if bg.size_bytes == 0 || bg.size_bytes % 4096 != 0 {
+                return bad(format!(
+                    "bg {}: size_bytes {} must be a positive multiple of 4096",
+                    bg.id, bg.size_bytes
+                ));
+            }
+            if !bg.members.contains(&self.node_id) {
+                return bad(format!(
+                    "bg {}: members {:?} do not include this node {}",
+                    bg.id, bg.members, self.node_id
+                ));
+            }
+            for m in &bg.members {
+                if *m != self.node_id && !self.peers.contains_key(m) {
+                    return bad(format!("bg {}: member {m} has no peer address", bg.id));
+                }
+            }
+        }
+        self.raft_config()
+            .validate()
+            .map_err(|what| Error::Config { what })
+    }
+
+    pub fn election_timeout_ticks(&self) -> u32 {
+        (self.election_timeout_ms / self.tick_ms).max(2) as u32
+    }
+
+    /// The raft core's settings derived from these.
+    pub fn raft_config(&self) -> RaftConfig {
+        let election = self.election_timeout_ticks();
+        let heartbeat = (election as u64 / self.heartbeat_factor).max(1) as u32;
+        RaftConfig {
+            election_timeout_ticks: election,
+            heartbeat_interval_ticks: heartbeat.min(election - 1),
+            max_clock_drift_ticks: (election / 5).max(1).min(election - 1),
+            append_entries_max: self.append_entries_max,
+            append_bytes_max: self.append_bytes_max,
+            snapshot_keep_entries: self.snapshot_keep_entries,
+            snapshot_log_bytes_max: self.snapshot_log_bytes_max,
+            // A snapshot of a whole volume takes a while to stream: give it a minute before a
+            // retry, or a slow transfer is started over and over.
+            snapshot_timeout_ticks: (60_000 / self.tick_ms).max(1) as u32,
+            ..RaftConfig::default()
+        }
+    }
+
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.tick_ms)
+    }
+
+    pub fn core_of(&self, bg: GroupId) -> usize {
+        (bg % self.cores as u64) as usize
+    }
+
+    pub fn core_dir(&self, core: usize) -> PathBuf {
+        self.data_dir.join(format!("core-{core}"))
+    }
+
+    /// QUIC address of `core` given a core-0 address.
+    pub fn core_addr(base: SocketAddr, core: usize) -> SocketAddr {
+        SocketAddr::new(base.ip(), base.port() + core as u16)
+    }
+}

@@ -1,0 +1,1245 @@
+//! One core: a thread with a tokio `current_thread` runtime that owns a WAL, a transport
+//! endpoint, and the raft nodes and data files of the block groups hashed to it. Nothing here is
+//! shared with other threads except the bounded request queue and the transport's channels.
+//!
+//! # The loop
+//! Each iteration waits for one input — a durability completion, a client request, a frame from
+//! a peer or the tick — then drains whatever else is already queued (bounded per iteration), and
+//! flushes: for every group touched, `ready()` is drained: writes go to the WAL (all writes of the
+//! iteration are queued before any is awaited, so the WAL commits them as one group), messages go
+//! to a per-peer outbox, committed entries are applied to the data file, events are handled. At
+//! the end the outbox is sent as one frame per peer and lane (the heartbeats of every group of
+//! the core in one frame).
+//!
+//! # Durability
+//! A single watcher task awaits the WAL completions in submission order and reports
+//! `(group, seq)` back to the loop, which calls `on_write_durable(seq)`. The WAL is one ordered
+//! stream, so a completion implies every earlier write of every group is durable too; that is
+//! also why a write with nothing to persist (only held messages) may be reported once the
+//! writes queued before it are.
+//!
+//! # Client requests
+//! A request enters on the core that owns its group. The leader executes it: a block op is
+//! proposed (split into entries of at most `entry_data_bytes_max`) and answered when every entry
+//! is applied with the term it was proposed in; a read asks for `lease_read` (ReadIndex when the
+//! lease is not valid), waits until the group applied that index, then `pread`s. A follower
+//! forwards the request to the leader's same core over the transport (`codec::ForwardRequest`);
+//! the leader answers with a `ForwardResponse`. A request that finds no leader, or whose leader
+//! lost leadership or did not answer within `forward_timeout_ms`, is parked and dispatched again
+//! on the next tick or leader change, until `request_timeout_ms`, then fails. Retrying a write
+//! that did commit is harmless: applies are idempotent overwrites. FLUSH (and FUA) need no work:
+//! a write is acknowledged only after it is committed, i.e. in the WAL of a majority, fsynced.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use raftlog::core::{
+    Configuration, Entry, EntryKind, Event, GroupId, Index, Message, MessageBody, NodeId, RaftNode,
+    Restore, Role, SnapshotMeta, SplitMix64, Term,
+};
+use raftlog::storage::LogStore;
+use raftlog::wal::{Durable, Wal, WalConfig, WalHandle, WalOp};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+use transport::{Frame, Lane, Received, Security, Transport};
+
+use crate::block::{self, BlockOp, DataFile};
+use crate::codec::{
+    self, ForwardOp, ForwardRequest, ForwardResponse, ForwardResult, KIND_FORWARD_REQUEST,
+    KIND_FORWARD_RESPONSE, KIND_RAFT,
+};
+use crate::config::{BgSpec, EngineConfig};
+use crate::error::{Error, Result};
+use crate::snapshot::{FileSource, Incoming};
+use crate::status::{BgStatus, PeerStat};
+
+/// Inputs drained per source per loop iteration, at most (keeps one busy source from starving
+/// the others and bounds the work between two flushes).
+const DRAIN_BATCH_MAX: usize = 1024;
+/// Payload bytes of one raft frame, at most (below the transport's 16 MiB frame limit).
+const FRAME_PAYLOAD_BYTES_MAX: usize = 8 << 20;
+/// `ready()` rounds per group per flush, at most (a group producing output forever is a bug; it
+/// is continued at the next iteration instead of hanging the core).
+const READY_ROUNDS_MAX: usize = 64;
+
+/// What a client asks of a block group.
+#[derive(Debug)]
+pub enum ClientOp {
+    Read { offset: u64, len: u32 },
+    Op(BlockOp),
+    Flush,
+}
+
+/// A request from outside the core (the NBD front end, the HTTP status page).
+pub enum CoreRequest {
+    Client {
+        bg: GroupId,
+        op: ClientOp,
+        reply: oneshot::Sender<Result<Bytes>>,
+    },
+    Status(oneshot::Sender<Vec<BgStatus>>),
+    /// Take a snapshot of `bg` now; answers with the snapshot index.
+    Snapshot {
+        bg: GroupId,
+        reply: oneshot::Sender<Result<Index>>,
+    },
+    Shutdown,
+}
+
+/// Completions produced by the core's own tasks.
+enum Internal {
+    Durable(GroupId, u64),
+    WalFailed(raftlog::Error),
+    SnapshotSent {
+        bg: GroupId,
+        peer: NodeId,
+        msg: Message,
+        result: std::result::Result<(), String>,
+    },
+}
+
+enum ReplyTo {
+    Local(oneshot::Sender<Result<Bytes>>),
+    Remote { peer: NodeId, req_id: u64 },
+}
+
+/// A request being served, with everything needed to retry it.
+struct Client {
+    bg: GroupId,
+    op: ForwardOp,
+    reply: ReplyTo,
+    started: Instant,
+    deadline: Instant,
+    last_err: String,
+}
+
+impl Client {
+    fn op_name(&self) -> &'static str {
+        match &self.op {
+            ForwardOp::Read { .. } => "read",
+            ForwardOp::Op(op) => op.name(),
+        }
+    }
+    fn offset(&self) -> u64 {
+        match &self.op {
+            ForwardOp::Read { offset, .. } => *offset,
+            ForwardOp::Op(op) => op.offset(),
+        }
+    }
+}
+
+/// A block op proposed on the leader: answered when `remaining` entries are applied.
+struct Exec {
+    client: Client,
+    remaining: usize,
+}
+
+struct Group {
+    spec: BgSpec,
+    raft: RaftNode,
+    data: DataFile,
+    /// Leader: proposed entry index → (term, exec id).
+    proposals: HashMap<Index, (Term, u64)>,
+    execs: HashMap<u64, Exec>,
+    /// Leader: reads waiting for ReadIndexReady, by ctx.
+    reads: HashMap<u64, Client>,
+    /// Reads whose read index is known, waiting for the apply to reach it.
+    ready_reads: Vec<(Index, Client)>,
+    /// Peers a snapshot is being streamed to.
+    sending: BTreeSet<NodeId>,
+    last_snapshot_at: Instant,
+}
+
+pub(crate) struct CoreCtx {
+    pub core: usize,
+    pub cfg: Arc<EngineConfig>,
+    pub requests: mpsc::Receiver<CoreRequest>,
+    pub started: oneshot::Sender<Result<()>>,
+}
+
+struct Core {
+    core: usize,
+    cfg: Arc<EngineConfig>,
+    dir: std::path::PathBuf,
+    me: NodeId,
+    groups: BTreeMap<GroupId, Group>,
+    dirty: BTreeSet<GroupId>,
+    wal: WalHandle,
+    transport: Rc<Transport>,
+    incoming: Incoming,
+    durable_tx: mpsc::UnboundedSender<(GroupId, u64, Option<Durable>)>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    parked: Vec<Client>,
+    forwarded: HashMap<u64, (Client, NodeId, Instant)>,
+    next_id: u64,
+    /// Per peer: (control lane, data lane) messages of this flush.
+    outbox: BTreeMap<NodeId, (Vec<Message>, Vec<Message>)>,
+}
+
+/// Runs core `ctx.core` until shutdown or a fatal error. Call inside a `LocalSet` on a
+/// `current_thread` runtime with I/O and time enabled.
+pub(crate) async fn run(ctx: CoreCtx) -> Result<()> {
+    let CoreCtx {
+        core,
+        cfg,
+        mut requests,
+        started,
+    } = ctx;
+    let setup = setup(core, &cfg).await;
+    let (mut c, wal_rc, mut net_rx, mut internal_rx, durable_rx) = match setup {
+        Ok(s) => {
+            let _ = started.send(Ok(()));
+            s
+        }
+        Err(e) => {
+            let _ = started.send(Err(Error::Config {
+                what: format!("core {core} failed to start: {e}"),
+            }));
+            return Err(e);
+        }
+    };
+    let wal_task = tokio::task::spawn_local(raftlog::wal::run(wal_rc.clone()));
+    tokio::task::spawn_local(watch_durable(durable_rx, c.internal_tx.clone()));
+    let mut ticker = tokio::time::interval(cfg.tick());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result: Result<()> = async {
+        loop {
+            tokio::select! {
+                biased;
+                ev = internal_rx.recv() => {
+                    if let Some(ev) = ev { c.on_internal(ev)?; }
+                }
+                r = requests.recv() => match r {
+                    None | Some(CoreRequest::Shutdown) => return Ok(()),
+                    Some(r) => c.on_request(r)?,
+                },
+                f = net_rx.recv() => {
+                    if let Some(f) = f { c.on_frame(f); }
+                }
+                _ = ticker.tick() => c.on_tick()?,
+            }
+            for _ in 0..DRAIN_BATCH_MAX {
+                match internal_rx.try_recv() {
+                    Ok(ev) => c.on_internal(ev)?,
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..DRAIN_BATCH_MAX {
+                match requests.try_recv() {
+                    Ok(CoreRequest::Shutdown) => return Ok(()),
+                    Ok(r) => c.on_request(r)?,
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..DRAIN_BATCH_MAX {
+                match net_rx.try_recv() {
+                    Ok(f) => c.on_frame(f),
+                    Err(_) => break,
+                }
+            }
+            c.flush().await?;
+        }
+    }
+    .await;
+    if let Err(e) = &result {
+        error!(core, error = %e, "core stopped on a fatal error");
+    }
+    c.fail_everything(core);
+    // Closing tells peers at once (they re-elect without waiting for an idle timeout); the
+    // drain that follows is bounded so a shutdown stays quick.
+    let _ = tokio::time::timeout(Duration::from_millis(300), c.transport.shutdown()).await;
+    c.wal.shutdown();
+    match tokio::time::timeout(Duration::from_secs(10), wal_task).await {
+        Ok(Ok(Err(e))) => warn!(core, error = %e, "wal writer ended with an error"),
+        Ok(Err(e)) => warn!(core, error = %e, "wal writer task failed"),
+        Err(_) => warn!(core, "wal writer did not finish within 10 s"),
+        Ok(Ok(Ok(()))) => {}
+    }
+    for g in c.groups.values() {
+        if let Err(e) = g.data.sync() {
+            warn!(core, error = %e, "data file sync at shutdown failed");
+        }
+    }
+    info!(core, "core stopped");
+    result
+}
+
+type Setup = (
+    Core,
+    Rc<RefCell<Wal>>,
+    mpsc::Receiver<Received>,
+    mpsc::UnboundedReceiver<Internal>,
+    mpsc::UnboundedReceiver<(GroupId, u64, Option<Durable>)>,
+);
+
+async fn setup(core: usize, cfg: &Arc<EngineConfig>) -> Result<Setup> {
+    let dir = cfg.core_dir(core);
+    std::fs::create_dir_all(&dir).map_err(|source| Error::File {
+        bg: 0,
+        path: dir.clone(),
+        op: "create core directory",
+        offset: 0,
+        source,
+    })?;
+    let mut wcfg = WalConfig::new(dir.join("wal"));
+    wcfg.log_segment_bytes_max = cfg.wal_segment_bytes_max;
+    wcfg.raft_sync = cfg.raft_sync;
+    let mut wal = Wal::open(wcfg).map_err(|source| Error::Wal { core, source })?;
+    let mut groups = BTreeMap::new();
+    let mut sizes = HashMap::new();
+    for spec in cfg.bgs.iter().filter(|b| cfg.core_of(b.id) == core) {
+        let g = open_group(cfg, &dir, &mut wal, spec)?;
+        sizes.insert(spec.id, spec.size_bytes);
+        groups.insert(spec.id, g);
+    }
+    let incoming = Incoming::new(dir.clone(), sizes);
+    let mut tcfg =
+        transport::Config::new(cfg.node_id, EngineConfig::core_addr(cfg.quic_listen, core));
+    tcfg.snapshot_chunk_bytes = cfg.snapshot_chunk_bytes;
+    tcfg.snapshot_chunk_bytes_max = tcfg.snapshot_chunk_bytes_max.max(cfg.snapshot_chunk_bytes);
+    tcfg.snapshot_bytes_per_sec_max = cfg.snapshot_bytes_per_sec_max;
+    let security = match &cfg.tls_dir {
+        Some(d) => Security::MutualTls(
+            transport::NodeIdentity::load(d, cfg.node_id)
+                .map_err(|source| Error::Transport { core, source })?,
+        ),
+        None => Security::InsecureLoopback,
+    };
+    let (transport, net_rx) = Transport::bind(tcfg, security, Some(Arc::new(incoming.clone())))
+        .map_err(|source| Error::Transport { core, source })?;
+    for (id, addr) in &cfg.peers {
+        transport
+            .add_peer(*id, EngineConfig::core_addr(*addr, core))
+            .map_err(|source| Error::Transport { core, source })?;
+    }
+    let (durable_tx, durable_rx) = mpsc::unbounded_channel();
+    let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+    let dirty = groups.keys().copied().collect();
+    let c = Core {
+        core,
+        me: cfg.node_id,
+        cfg: cfg.clone(),
+        dir,
+        groups,
+        dirty,
+        wal: wal.handle(),
+        transport: Rc::new(transport),
+        incoming,
+        durable_tx,
+        internal_tx,
+        parked: Vec::new(),
+        forwarded: HashMap::new(),
+        next_id: 1,
+        outbox: BTreeMap::new(),
+    };
+    info!(core, groups = c.groups.len(), addr = %c.transport.local_addr(), "core started");
+    Ok((
+        c,
+        Rc::new(RefCell::new(wal)),
+        net_rx,
+        internal_rx,
+        durable_rx,
+    ))
+}
+
+/// Recovers one group: snapshot meta from its meta file, hard state and log from the WAL; the
+/// raft node then re-applies every entry after the snapshot (idempotent, see `block`).
+fn open_group(
+    cfg: &EngineConfig,
+    dir: &std::path::Path,
+    wal: &mut Wal,
+    spec: &BgSpec,
+) -> Result<Group> {
+    let bg = spec.id;
+    let data = DataFile::open(dir, bg, spec.size_bytes)?;
+    let snapshot = block::read_meta(dir, bg)?;
+    let st = wal.group_state(bg).unwrap_or_default();
+    let entries = if st.last_index > st.compacted_index {
+        wal.entries(bg, st.compacted_index + 1, st.last_index + 1)
+            .map_err(|source| Error::Raft { bg, source })?
+    } else {
+        Vec::new()
+    };
+    info!(
+        bg,
+        snapshot_index = snapshot.as_ref().map_or(0, |m| m.index),
+        log_first = st.compacted_index + 1,
+        log_last = st.last_index,
+        term = st.hard_state.term,
+        "recovering block group"
+    );
+    let restore = Restore {
+        hard_state: st.hard_state,
+        snapshot,
+        compacted: (st.compacted_index, st.compacted_term),
+        entries,
+        bootstrap: Configuration::new(spec.members.iter().copied()),
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ (cfg.node_id << 32)
+        ^ bg;
+    let raft = RaftNode::new(
+        bg,
+        cfg.node_id,
+        cfg.raft_config(),
+        Box::new(SplitMix64(seed)),
+        restore,
+    )
+    .map_err(|source| Error::Raft { bg, source })?;
+    Ok(Group {
+        spec: spec.clone(),
+        raft,
+        data,
+        proposals: HashMap::new(),
+        execs: HashMap::new(),
+        reads: HashMap::new(),
+        ready_reads: Vec::new(),
+        sending: BTreeSet::new(),
+        last_snapshot_at: Instant::now(),
+    })
+}
+
+/// Awaits WAL completions in submission order (see the module docs).
+async fn watch_durable(
+    mut rx: mpsc::UnboundedReceiver<(GroupId, u64, Option<Durable>)>,
+    tx: mpsc::UnboundedSender<Internal>,
+) {
+    while let Some((bg, seq, d)) = rx.recv().await {
+        if let Some(d) = d {
+            if let Err(e) = d.await {
+                let _ = tx.send(Internal::WalFailed(e));
+                return;
+            }
+        }
+        if tx.send(Internal::Durable(bg, seq)).is_err() {
+            return;
+        }
+    }
+}
+
+impl Core {
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn on_internal(&mut self, ev: Internal) -> Result<()> {
+        match ev {
+            Internal::Durable(bg, seq) => {
+                if let Some(g) = self.groups.get_mut(&bg) {
+                    g.raft.on_write_durable(seq);
+                    self.dirty.insert(bg);
+                }
+            }
+            Internal::WalFailed(source) => {
+                return Err(Error::Wal {
+                    core: self.core,
+                    source,
+                })
+            }
+            Internal::SnapshotSent {
+                bg,
+                peer,
+                msg,
+                result,
+            } => {
+                let Some(g) = self.groups.get_mut(&bg) else {
+                    return Ok(());
+                };
+                g.sending.remove(&peer);
+                match result {
+                    Ok(()) => {
+                        info!(bg, peer, "snapshot streamed; sending InstallSnapshot");
+                        self.outbox.entry(peer).or_default().1.push(msg);
+                    }
+                    Err(reason) => {
+                        warn!(bg, peer, %reason, "snapshot send failed");
+                        g.raft.report_snapshot_failed(peer);
+                        self.dirty.insert(bg);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_request(&mut self, r: CoreRequest) -> Result<()> {
+        match r {
+            CoreRequest::Client { bg, op, reply } => {
+                let now = Instant::now();
+                let op = match op {
+                    // Every acknowledged write is committed (fsynced in a majority's WAL), so
+                    // there is nothing left to make durable.
+                    ClientOp::Flush => {
+                        let _ = reply.send(Ok(Bytes::new()));
+                        return Ok(());
+                    }
+                    ClientOp::Read { offset, len } => ForwardOp::Read { offset, len },
+                    ClientOp::Op(op) => ForwardOp::Op(op),
+                };
+                let client = Client {
+                    bg,
+                    op,
+                    reply: ReplyTo::Local(reply),
+                    started: now,
+                    deadline: now + Duration::from_millis(self.cfg.request_timeout_ms),
+                    last_err: "not dispatched yet".into(),
+                };
+                self.dispatch(client);
+            }
+            CoreRequest::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            CoreRequest::Snapshot { bg, reply } => {
+                let r = self.take_snapshot(bg);
+                let _ = reply.send(r);
+            }
+            CoreRequest::Shutdown => {}
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------
+    // Client requests
+    // ------------------------------------------------------------------
+
+    /// Origin side: execute here if leader, forward to a known leader, or park.
+    fn dispatch(&mut self, client: Client) {
+        if Instant::now() >= client.deadline {
+            let e = Error::Unavailable {
+                bg: client.bg,
+                op: client.op_name(),
+                offset: client.offset(),
+                waited_ms: client.started.elapsed().as_millis() as u64,
+                last: client.last_err.clone(),
+            };
+            self.reply(client, Err(e));
+            return;
+        }
+        let Some(g) = self.groups.get(&client.bg) else {
+            let bg = client.bg;
+            self.reply(client, Err(Error::UnknownBg { bg }));
+            return;
+        };
+        if g.raft.role() == Role::Leader {
+            self.execute(client);
+            return;
+        }
+        match (g.raft.leader(), &client.reply) {
+            (Some(l), ReplyTo::Local(_)) if l != self.me => self.forward(client, l),
+            _ => self.retry_later(client, "no leader known".into()),
+        }
+    }
+
+    fn forward(&mut self, mut client: Client, leader: NodeId) {
+        let req_id = self.next_id();
+        let req = ForwardRequest {
+            req_id,
+            op: client.op.clone(),
+        };
+        let frame = Frame::new(KIND_FORWARD_REQUEST, client.bg, req.encode());
+        match self.transport.send(leader, frame, Lane::Data) {
+            Ok(()) => {
+                self.forwarded
+                    .insert(req_id, (client, leader, Instant::now()));
+            }
+            Err(e) => {
+                client.last_err = format!("forward to leader {leader}: {e}");
+                self.parked.push(client);
+            }
+        }
+    }
+
+    /// A retryable failure: the origin parks the request; a forwarded one is answered
+    /// NotLeader so that its origin retries.
+    fn retry_later(&mut self, mut client: Client, why: String) {
+        match client.reply {
+            ReplyTo::Local(_) => {
+                client.last_err = why;
+                self.parked.push(client);
+            }
+            ReplyTo::Remote { peer, req_id } => {
+                let resp = ForwardResponse {
+                    req_id,
+                    result: ForwardResult::NotLeader,
+                };
+                self.send_response(peer, client.bg, resp);
+            }
+        }
+    }
+
+    fn send_response(&self, peer: NodeId, bg: GroupId, resp: ForwardResponse) {
+        let frame = Frame::new(KIND_FORWARD_RESPONSE, bg, resp.encode());
+        if let Err(e) = self.transport.send(peer, frame, Lane::Data) {
+            // The origin times the request out and retries.
+            debug!(bg, peer, error = %e, "forward response not sent");
+        }
+    }
+
+    fn reply(&mut self, client: Client, result: Result<Bytes>) {
+        match client.reply {
+            ReplyTo::Local(tx) => {
+                let _ = tx.send(result);
+            }
+            ReplyTo::Remote { peer, req_id } => {
+                let result = match result {
+                    Ok(b) => ForwardResult::Ok(b),
+                    Err(e) => ForwardResult::Failed(e.to_string()),
+                };
+                self.send_response(peer, client.bg, ForwardResponse { req_id, result });
+            }
+        }
+    }
+
+    /// Leader side.
+    fn execute(&mut self, client: Client) {
+        let bg = client.bg;
+        let ctx = self.next_id();
+        let exec_id = self.next_id();
+        let limit = self.cfg.entry_data_bytes_max;
+        let size = self.groups[&bg].data.size();
+        let (offset, len) = match &client.op {
+            ForwardOp::Read { offset, len } => (*offset, *len as u64),
+            ForwardOp::Op(op) => (op.offset(), op.len()),
+        };
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            let e = Error::OutOfRange {
+                bg,
+                op: client.op_name(),
+                offset,
+                len,
+                size,
+            };
+            self.reply(client, Err(e));
+            return;
+        }
+        self.dirty.insert(bg);
+        let g = self
+            .groups
+            .get_mut(&bg)
+            .expect("dispatch checked the group");
+        match &client.op {
+            ForwardOp::Read { .. } => match g.raft.lease_read(ctx) {
+                Ok(()) => {
+                    g.reads.insert(ctx, client);
+                }
+                Err(e) => self.retry_later(client, e.to_string()),
+            },
+            ForwardOp::Op(op) => {
+                let pieces = op.clone().split(limit);
+                let n = pieces.len();
+                for p in pieces {
+                    match g.raft.propose(p.encode(), None) {
+                        Ok((index, term)) => {
+                            g.proposals.insert(index, (term, exec_id));
+                        }
+                        Err(e) => {
+                            // Entries already proposed may still commit; the retry writes the
+                            // same bytes again (idempotent). Their completions find no exec.
+                            self.retry_later(client, e.to_string());
+                            return;
+                        }
+                    }
+                }
+                g.execs.insert(
+                    exec_id,
+                    Exec {
+                        client,
+                        remaining: n,
+                    },
+                );
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Peers
+    // ------------------------------------------------------------------
+
+    fn on_frame(&mut self, r: Received) {
+        let from = r.from;
+        let group_field = r.frame.group;
+        match r.frame.kind {
+            KIND_RAFT => {
+                let msgs = match codec::decode_messages(r.frame.payload) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(
+                            core = self.core,
+                            "{}",
+                            codec::describe(from, group_field, &e)
+                        );
+                        return;
+                    }
+                };
+                for m in msgs {
+                    self.step(from, m);
+                }
+            }
+            KIND_FORWARD_REQUEST => {
+                let req = match ForwardRequest::decode(r.frame.payload) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(
+                            core = self.core,
+                            "{}",
+                            codec::describe(from, group_field, &e)
+                        );
+                        return;
+                    }
+                };
+                let now = Instant::now();
+                let client = Client {
+                    bg: group_field,
+                    op: req.op,
+                    reply: ReplyTo::Remote {
+                        peer: from,
+                        req_id: req.req_id,
+                    },
+                    started: now,
+                    deadline: now + Duration::from_millis(self.cfg.forward_timeout_ms),
+                    last_err: String::new(),
+                };
+                match self.groups.get(&group_field).map(|g| g.raft.role()) {
+                    Some(Role::Leader) => self.execute(client),
+                    Some(_) => self.retry_later(client, String::new()),
+                    None => self.reply(client, Err(Error::UnknownBg { bg: group_field })),
+                }
+            }
+            KIND_FORWARD_RESPONSE => {
+                let resp = match ForwardResponse::decode(r.frame.payload) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(
+                            core = self.core,
+                            "{}",
+                            codec::describe(from, group_field, &e)
+                        );
+                        return;
+                    }
+                };
+                // A late answer to a request that was already retried is ignored.
+                let Some((client, leader, _)) = self.forwarded.remove(&resp.req_id) else {
+                    return;
+                };
+                if leader != from {
+                    warn!(
+                        core = self.core,
+                        from, leader, "forward response from the wrong node ignored"
+                    );
+                    self.forwarded
+                        .insert(resp.req_id, (client, leader, Instant::now()));
+                    return;
+                }
+                match resp.result {
+                    ForwardResult::Ok(data) => self.reply(client, Ok(data)),
+                    ForwardResult::NotLeader => {
+                        self.retry_later(client, format!("node {from} is no longer the leader"))
+                    }
+                    ForwardResult::Failed(reason) => {
+                        let e = Error::Remote {
+                            bg: client.bg,
+                            op: client.op_name(),
+                            offset: client.offset(),
+                            leader: from,
+                            reason,
+                        };
+                        self.reply(client, Err(e));
+                    }
+                }
+            }
+            k => warn!(
+                core = self.core,
+                from,
+                kind = k,
+                "frame of unknown kind dropped"
+            ),
+        }
+    }
+
+    fn step(&mut self, from: NodeId, m: Message) {
+        if m.from != from || m.to != self.me {
+            warn!(
+                core = self.core,
+                from,
+                msg_from = m.from,
+                msg_to = m.to,
+                "raft message with a wrong sender or recipient dropped"
+            );
+            return;
+        }
+        let bg = m.group;
+        let Some(g) = self.groups.get_mut(&bg) else {
+            debug!(bg, from, "message for a group not hosted here dropped");
+            return;
+        };
+        if let MessageBody::InstallSnapshot { meta } = &m.body {
+            // Step it only once its data is here: the core cannot abort an install it asked for.
+            if meta.index > g.raft.commit_index() && !self.incoming.is_complete(bg, meta.index) {
+                debug!(
+                    bg,
+                    from,
+                    index = meta.index,
+                    "InstallSnapshot before its data: dropped"
+                );
+                return;
+            }
+        }
+        g.raft.step(m);
+        self.dirty.insert(bg);
+    }
+
+    // ------------------------------------------------------------------
+    // Time
+    // ------------------------------------------------------------------
+
+    fn on_tick(&mut self) -> Result<()> {
+        let interval = Duration::from_secs(self.cfg.snapshot_interval_s);
+        let mut due = Vec::new();
+        for (bg, g) in self.groups.iter_mut() {
+            g.raft.tick();
+            self.dirty.insert(*bg);
+            if self.cfg.snapshot_interval_s > 0 && g.last_snapshot_at.elapsed() >= interval {
+                due.push(*bg);
+            }
+        }
+        for bg in due {
+            self.take_snapshot(bg)?;
+        }
+        let now = Instant::now();
+        let timeout = Duration::from_millis(self.cfg.forward_timeout_ms);
+        let expired: Vec<u64> = self
+            .forwarded
+            .iter()
+            .filter(|(_, (_, _, at))| now.duration_since(*at) >= timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some((client, leader, _)) = self.forwarded.remove(&id) {
+                self.retry_later(
+                    client,
+                    format!(
+                        "leader {leader} did not answer within {} ms",
+                        timeout.as_millis()
+                    ),
+                );
+            }
+        }
+        self.redispatch_parked();
+        Ok(())
+    }
+
+    fn redispatch_parked(&mut self) {
+        for c in std::mem::take(&mut self.parked) {
+            self.dispatch(c);
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Output
+    // ------------------------------------------------------------------
+
+    async fn flush(&mut self) -> Result<()> {
+        while let Some(bg) = self.dirty.pop_first() {
+            for _ in 0..READY_ROUNDS_MAX {
+                let Some(g) = self.groups.get_mut(&bg) else {
+                    break;
+                };
+                if !g.raft.has_ready() {
+                    break;
+                }
+                let rd = g.raft.ready();
+                if let Some(w) = rd.write {
+                    self.persist(bg, w).await?;
+                }
+                for m in rd.messages {
+                    self.route(bg, m)?;
+                }
+                if let Some(meta) = rd.snapshot_to_install {
+                    self.install_snapshot(bg, meta)?;
+                }
+                for e in rd.committed_entries {
+                    self.apply(bg, e)?;
+                }
+                for ev in rd.events {
+                    self.on_event(bg, ev)?;
+                }
+            }
+            self.serve_ready_reads(bg);
+        }
+        self.send_outbox();
+        Ok(())
+    }
+
+    async fn persist(&mut self, bg: GroupId, w: raftlog::core::Write) -> Result<()> {
+        let core = self.core;
+        let wal_err = |source| Error::Wal { core, source };
+        let mut last = None;
+        if let Some((index, term)) = w.compact {
+            last = Some(
+                self.wal
+                    .submit(WalOp::Compact {
+                        group: bg,
+                        index,
+                        term,
+                    })
+                    .await
+                    .map_err(wal_err)?,
+            );
+        }
+        if !w.entries.is_empty() {
+            let op = WalOp::Append {
+                group: bg,
+                entries: w.entries,
+            };
+            last = Some(self.wal.submit(op).await.map_err(wal_err)?);
+        }
+        if let Some(hs) = w.hard_state {
+            last = Some(
+                self.wal
+                    .submit(WalOp::SetHardState { group: bg, hs })
+                    .await
+                    .map_err(wal_err)?,
+            );
+        }
+        // The watcher outlives the loop; a send can only fail while shutting down.
+        let _ = self.durable_tx.send((bg, w.seq, last));
+        Ok(())
+    }
+
+    fn route(&mut self, bg: GroupId, m: Message) -> Result<()> {
+        if let MessageBody::InstallSnapshot { meta } = &m.body {
+            return self.start_snapshot_send(bg, m.to, meta.clone(), m);
+        }
+        let slot = self.outbox.entry(m.to).or_default();
+        if codec::is_control(&m) {
+            slot.0.push(m);
+        } else {
+            slot.1.push(m);
+        }
+        Ok(())
+    }
+
+    fn send_outbox(&mut self) {
+        for (peer, (control, data)) in std::mem::take(&mut self.outbox) {
+            for (lane, msgs) in [(Lane::Control, control), (Lane::Data, data)] {
+                let mut start = 0;
+                while start < msgs.len() {
+                    let mut end = start;
+                    let mut bytes = 0;
+                    while end < msgs.len()
+                        && (end == start
+                            || bytes + codec::message_len(&msgs[end]) <= FRAME_PAYLOAD_BYTES_MAX)
+                    {
+                        bytes += codec::message_len(&msgs[end]);
+                        end += 1;
+                    }
+                    let payload = codec::encode_messages(&msgs[start..end]);
+                    if let Err(e) =
+                        self.transport
+                            .send(peer, Frame::new(KIND_RAFT, 0, payload), lane)
+                    {
+                        // Raft retransmits what is lost.
+                        debug!(core = self.core, peer, error = %e, "raft frame dropped");
+                    }
+                    start = end;
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, bg: GroupId, e: Entry) -> Result<()> {
+        let g = self.groups.get_mut(&bg).expect("applying group exists");
+        if e.kind == EntryKind::Normal {
+            match BlockOp::decode(&e.data) {
+                // A failed apply leaves the replica diverged from its log: fatal for the core.
+                Some(op) => g.data.apply(&op)?,
+                None => error!(
+                    bg,
+                    index = e.index,
+                    "undecodable block op in the log skipped"
+                ),
+            }
+        }
+        let Some((term, exec_id)) = g.proposals.remove(&e.index) else {
+            return Ok(());
+        };
+        if term == e.term {
+            let done = match g.execs.get_mut(&exec_id) {
+                Some(x) => {
+                    x.remaining -= 1;
+                    x.remaining == 0
+                }
+                None => false,
+            };
+            if done {
+                let x = g.execs.remove(&exec_id).expect("present");
+                self.reply(x.client, Ok(Bytes::new()));
+            }
+        } else if let Some(x) = g.execs.remove(&exec_id) {
+            self.retry_later(
+                x.client,
+                format!("entry {} was replaced by term {}", e.index, e.term),
+            );
+        }
+        Ok(())
+    }
+
+    fn serve_ready_reads(&mut self, bg: GroupId) {
+        let Some(g) = self.groups.get_mut(&bg) else {
+            return;
+        };
+        if g.ready_reads.is_empty() {
+            return;
+        }
+        let applied = g.raft.applied_index();
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut g.ready_reads)
+            .into_iter()
+            .partition(|(i, _)| *i <= applied);
+        g.ready_reads = later;
+        let mut done = Vec::new();
+        for (_, client) in now {
+            let r = match client.op {
+                ForwardOp::Read { offset, len } => g.data.read(offset, len),
+                ForwardOp::Op(_) => Ok(Bytes::new()),
+            };
+            done.push((client, r));
+        }
+        for (c, r) in done {
+            self.reply(c, r);
+        }
+    }
+
+    fn on_event(&mut self, bg: GroupId, ev: Event) -> Result<()> {
+        match ev {
+            Event::BecameLeader { term } => {
+                info!(bg, term, "became leader");
+                self.redispatch_parked();
+            }
+            Event::BecameFollower { term, leader } => {
+                debug!(bg, term, ?leader, "following");
+                self.abandon_leader_work(bg, "leadership moved");
+                if leader.is_some() {
+                    self.redispatch_parked();
+                }
+            }
+            Event::LeaderStepDown { term } => {
+                info!(bg, term, "stepped down");
+                self.abandon_leader_work(bg, "leader stepped down");
+            }
+            Event::ReadIndexReady { ctx, index } => {
+                let g = self.groups.get_mut(&bg).expect("group exists");
+                if let Some(c) = g.reads.remove(&ctx) {
+                    g.ready_reads.push((index, c));
+                }
+            }
+            Event::ReadIndexFailed { ctx, reason } => {
+                let g = self.groups.get_mut(&bg).expect("group exists");
+                if let Some(c) = g.reads.remove(&ctx) {
+                    self.retry_later(c, format!("read index failed: {reason:?}"));
+                }
+            }
+            Event::SnapshotSuggested { applied } => {
+                debug!(bg, applied, "snapshot suggested");
+                self.take_snapshot(bg)?;
+            }
+            Event::ConfigurationCommitted { index, conf } => {
+                info!(bg, index, voters = ?conf.voters, "configuration committed");
+            }
+            Event::ConfChangeDone { result } => info!(bg, ?result, "membership change done"),
+            Event::TransferEnded { target, succeeded } => {
+                info!(bg, target, succeeded, "leader transfer ended")
+            }
+        }
+        Ok(())
+    }
+
+    /// Leadership is gone: pending proposals and reads are retried through the new leader.
+    fn abandon_leader_work(&mut self, bg: GroupId, why: &str) {
+        let g = self.groups.get_mut(&bg).expect("group exists");
+        g.proposals.clear();
+        let mut clients: Vec<Client> = g.execs.drain().map(|(_, x)| x.client).collect();
+        clients.extend(g.reads.drain().map(|(_, c)| c));
+        clients.extend(g.ready_reads.drain(..).map(|(_, c)| c));
+        for c in clients {
+            self.retry_later(c, why.to_string());
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Snapshots
+    // ------------------------------------------------------------------
+
+    /// Data file fdatasynced → raft told → meta file written; the WAL compaction goes out with
+    /// the next `ready()` (see `block` for why this order).
+    fn take_snapshot(&mut self, bg: GroupId) -> Result<Index> {
+        let dir = self.dir.clone();
+        let g = self.groups.get_mut(&bg).ok_or(Error::UnknownBg { bg })?;
+        g.last_snapshot_at = Instant::now();
+        let applied = g.raft.applied_index();
+        if applied <= g.raft.snapshot_meta().index {
+            return Ok(g.raft.snapshot_meta().index);
+        }
+        g.data.sync()?;
+        let meta = match g.raft.on_snapshot_saved(applied) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(bg, applied, error = %e, "snapshot not taken");
+                return Ok(g.raft.snapshot_meta().index);
+            }
+        };
+        block::write_meta(&dir, bg, &meta)?;
+        info!(bg, index = meta.index, term = meta.term, "snapshot saved");
+        self.dirty.insert(bg);
+        Ok(meta.index)
+    }
+
+    fn start_snapshot_send(
+        &mut self,
+        bg: GroupId,
+        peer: NodeId,
+        meta: SnapshotMeta,
+        msg: Message,
+    ) -> Result<()> {
+        let g = self.groups.get_mut(&bg).expect("group exists");
+        if !g.sending.insert(peer) {
+            return Ok(());
+        }
+        let file = g.data.reopen_read_only()?;
+        let size = g.data.size();
+        let transport = self.transport.clone();
+        let tx = self.internal_tx.clone();
+        info!(
+            bg,
+            peer,
+            index = meta.index,
+            bytes = size,
+            "streaming snapshot"
+        );
+        tokio::task::spawn_local(async move {
+            let mut src = FileSource(file);
+            let result = transport
+                .send_snapshot(peer, bg, meta.index, size, &mut src)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Internal::SnapshotSent {
+                bg,
+                peer,
+                msg,
+                result,
+            });
+        });
+        Ok(())
+    }
+
+    /// Follower: the complete copy replaces the data file, then the meta records it.
+    fn install_snapshot(&mut self, bg: GroupId, meta: SnapshotMeta) -> Result<()> {
+        let dir = self.dir.clone();
+        let g = self.groups.get_mut(&bg).expect("group exists");
+        if !self.incoming.is_complete(bg, meta.index) {
+            // Unreachable through `step`'s gate; without data the install cannot complete.
+            error!(
+                bg,
+                index = meta.index,
+                "asked to install a snapshot whose data is missing"
+            );
+            return Ok(());
+        }
+        let inc = block::incoming_path(&dir, bg);
+        let data = block::data_path(&dir, bg);
+        let file_err = |op, path: &std::path::Path, source| Error::File {
+            bg,
+            path: path.to_path_buf(),
+            op,
+            offset: 0,
+            source,
+        };
+        std::fs::rename(&inc, &data).map_err(|e| file_err("rename snapshot over", &data, e))?;
+        block::sync_dir(&dir).map_err(|e| file_err("fsync dir", &dir, e))?;
+        g.data = DataFile::open(&dir, bg, g.spec.size_bytes)?;
+        block::write_meta(&dir, bg, &meta)?;
+        self.incoming.take(bg);
+        info!(
+            bg,
+            index = meta.index,
+            term = meta.term,
+            "snapshot installed"
+        );
+        g.raft.on_snapshot_installed(meta);
+        g.last_snapshot_at = Instant::now();
+        self.dirty.insert(bg);
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------
+    // Status and shutdown
+    // ------------------------------------------------------------------
+
+    fn status(&self) -> Vec<BgStatus> {
+        self.groups
+            .values()
+            .map(|g| {
+                let s = g.raft.status();
+                let snapshot_status = match self.incoming.progress(g.spec.id) {
+                    Some((done, total, false)) => format!("DOWNLOADING {done}/{total}"),
+                    _ if !g.sending.is_empty() => format!("SENDING to {:?}", g.sending),
+                    _ => "IDLE".to_string(),
+                };
+                BgStatus {
+                    bg: g.spec.id,
+                    name: g.spec.name(),
+                    core: self.core,
+                    node: s.id,
+                    state: s.state.name().to_string(),
+                    term: s.term,
+                    leader: s.leader,
+                    voters: s.conf.voters.iter().copied().collect(),
+                    conf_index: s.conf_index,
+                    first_log_index: s.first_log_index,
+                    last_log_index: s.last_log_index,
+                    disk_index: s.disk_index,
+                    known_applied_index: s.known_applied_index,
+                    last_committed_index: s.last_committed_index,
+                    last_snapshot_index: s.last_snapshot_index,
+                    last_snapshot_term: s.last_snapshot_term,
+                    readonly: s.readonly,
+                    snapshot_status,
+                    size_bytes: g.spec.size_bytes,
+                    pending_requests: g.execs.len() + g.reads.len() + g.ready_reads.len(),
+                    peers: s
+                        .peers
+                        .iter()
+                        .map(|p| PeerStat {
+                            id: p.id,
+                            next_index: p.next_index,
+                            match_index: p.match_index,
+                            state: p.state.name().to_string(),
+                            connected: self.transport.is_connected(p.id),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    fn fail_everything(&mut self, core: usize) {
+        let mut clients: Vec<Client> = std::mem::take(&mut self.parked);
+        clients.extend(self.forwarded.drain().map(|(_, (c, _, _))| c));
+        for g in self.groups.values_mut() {
+            clients.extend(g.execs.drain().map(|(_, x)| x.client));
+            clients.extend(g.reads.drain().map(|(_, c)| c));
+            clients.extend(g.ready_reads.drain(..).map(|(_, c)| c));
+        }
+        for c in clients {
+            let bg = c.bg;
+            self.reply(c, Err(Error::ShuttingDown { bg, core }));
+        }
+    }
+}

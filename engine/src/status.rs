@@ -1,0 +1,88 @@
+//! Status of the block groups of a node: braft's raft_stat fields plus the engine's own, as a
+//! serialisable struct (for `/status.json`) and as braft-like text (for `/raft_stat`).
+
+use std::fmt::Write as _;
+
+use raftlog::core::{GroupId, Index, NodeId, Term};
+use serde::Serialize;
+
+/// A follower as the leader sees it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct PeerStat {
+    pub id: NodeId,
+    pub next_index: Index,
+    pub match_index: Index,
+    pub state: String,
+    pub connected: bool,
+}
+
+/// One block group on this node.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BgStatus {
+    pub bg: GroupId,
+    /// The NBD export name.
+    pub name: String,
+    pub core: usize,
+    pub node: NodeId,
+    /// LEADER / FOLLOWER / CANDIDATE / ...
+    pub state: String,
+    pub term: Term,
+    pub leader: Option<NodeId>,
+    pub voters: Vec<NodeId>,
+    pub conf_index: Index,
+    pub first_log_index: Index,
+    pub last_log_index: Index,
+    pub disk_index: Index,
+    pub known_applied_index: Index,
+    pub last_committed_index: Index,
+    pub last_snapshot_index: Index,
+    pub last_snapshot_term: Term,
+    pub readonly: bool,
+    /// IDLE, DOWNLOADING done/total, or SENDING to [peers].
+    pub snapshot_status: String,
+    pub size_bytes: u64,
+    /// Client requests executing on this node as leader.
+    pub pending_requests: usize,
+    pub peers: Vec<PeerStat>,
+}
+
+impl BgStatus {
+    /// braft's `/raft_stat` layout, one `key: value` per line.
+    pub fn raft_stat_text(&self) -> String {
+        let mut s = String::new();
+        let leader = self.leader.map_or("none".to_string(), |l| l.to_string());
+        let _ = writeln!(s, "[{}] (bg {}, core {})", self.name, self.bg, self.core);
+        let _ = writeln!(s, "peer_id: {}", self.node);
+        let _ = writeln!(s, "state: {}", self.state);
+        let _ = writeln!(s, "readonly: {}", self.readonly);
+        let _ = writeln!(s, "term: {}", self.term);
+        let _ = writeln!(s, "leader: {leader}");
+        let voters: Vec<String> = self.voters.iter().map(|v| v.to_string()).collect();
+        let _ = writeln!(s, "conf_index: {}", self.conf_index);
+        let _ = writeln!(s, "peers: {}", voters.join(" "));
+        let _ = writeln!(
+            s,
+            "storage: [{}, {}]",
+            self.first_log_index, self.last_log_index
+        );
+        let _ = writeln!(s, "disk_index: {}", self.disk_index);
+        let _ = writeln!(s, "known_applied_index: {}", self.known_applied_index);
+        let _ = writeln!(s, "last_committed_index: {}", self.last_committed_index);
+        let _ = writeln!(s, "snapshot_status: {}", self.snapshot_status);
+        let _ = writeln!(
+            s,
+            "last_snapshot_index: {}\nlast_snapshot_term: {}",
+            self.last_snapshot_index, self.last_snapshot_term
+        );
+        let _ = writeln!(s, "size_bytes: {}", self.size_bytes);
+        let _ = writeln!(s, "pending_requests: {}", self.pending_requests);
+        for p in &self.peers {
+            let _ = writeln!(
+                s,
+                "replicator_{}: next_index={} match_index={} state={} connected={}",
+                p.id, p.next_index, p.match_index, p.state, p.connected
+            );
+        }
+        s
+    }
+}
