@@ -91,6 +91,8 @@ struct Faults {
     disk_latency_max: u64,
     /// Probability that a crash or partition hits the current leader.
     target_leader: f64,
+    /// Probability that a new leader is cut off shortly after its election.
+    flap_leader: f64,
     /// Per-node tick period in time units.
     tick_period: Vec<u64>,
 }
@@ -104,6 +106,10 @@ enum Ev {
     Restart(usize),
     Crash,
     Partition,
+    /// Cut a newly elected leader off (node, its term): leaders that fail
+    /// right after election leave old-term entries half replicated, which
+    /// is where commit-rule bugs (Raft's Figure 8) show.
+    IsolateLeader(usize, Term),
     Heal,
     Admin,
     Snapshot,
@@ -286,6 +292,11 @@ impl Sim {
             snapshot_every: rng.random_range(500..=5000),
             disk_latency_max: rng.random_range(1..=80),
             target_leader: rng.random_range(0.0..0.8),
+            flap_leader: if rng.random_bool(0.5) {
+                rng.random_range(0.0..0.6)
+            } else {
+                0.0
+            },
             tick_period,
         };
         let voters: Configuration = Configuration::new(1..=n as u64);
@@ -700,6 +711,10 @@ impl Sim {
                     }
                 }
                 self.leaders.insert(term, id);
+                if !self.healed && self.rng.random_bool(self.faults.flap_leader) {
+                    let d = self.rng.random_range(0..=2 * self.faults.delay_max);
+                    self.schedule(d, Ev::IsolateLeader(i, term));
+                }
                 // Leader completeness: every committed entry is in its log.
                 let raft = self.nodes[i].raft.as_ref().expect("up");
                 let first = raft.first_index();
@@ -1143,6 +1158,23 @@ impl Sim {
                     self.partition();
                     let d = self.rng.random_range(1..=self.faults.partition_every);
                     self.schedule(d, Ev::Partition);
+                }
+            }
+            Ev::IsolateLeader(l, term) => {
+                let still = self.nodes[l]
+                    .raft
+                    .as_ref()
+                    .is_some_and(|r| r.role() == Role::Leader && r.term() == term);
+                if still && !self.healed {
+                    let n = self.nodes.len();
+                    self.blocked.clear();
+                    for o in (0..n).filter(|o| *o != l) {
+                        self.blocked.insert((l, o));
+                        self.blocked.insert((o, l));
+                    }
+                    self.trace(("isolate-leader", l, term));
+                    let heal = self.rng.random_range(100..3000);
+                    self.schedule(heal, Ev::Heal);
                 }
             }
             Ev::Heal => {
