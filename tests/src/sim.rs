@@ -268,9 +268,10 @@ impl Sim {
             read_queue_max: 256,
             broken_rule: opts.broken_rule,
         };
-        // Clock rates: with election timeout E and drift D ticks, the lease
-        // is safe while rates differ by at most a factor (E - D) / E... we
-        // keep every rate within +-8%, well inside 2 ticks of 10.
+        // Clock rates: a leader's lease lasts E - D of its ticks, a follower
+        // refuses votes for E of its own ticks after hearing from it, so the
+        // lease is safe while (E - D) * slowest_period <= E * fastest_period.
+        // With E = 10, D = 2 and periods within +-8% of TICK: 8 * 108 <= 10 * 92.
         let tick_period = (0..n)
             .map(|_| rng.random_range(TICK * 92 / 100..=TICK * 108 / 100))
             .collect();
