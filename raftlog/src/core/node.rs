@@ -1466,11 +1466,7 @@ impl RaftNode {
         let Some(p) = self.progress.get_mut(&from) else {
             return;
         };
-        p.recent_active = true;
-        p.readonly = readonly;
-        if round > p.acked_round {
-            p.acked_round = round;
-        }
+        p.heard(round, readonly);
         if success {
             let updated = p.maybe_update(match_index);
             if updated || p.state == ProgressState::Probe {
@@ -1520,11 +1516,7 @@ impl RaftNode {
         let Some(p) = self.progress.get_mut(&from) else {
             return;
         };
-        p.recent_active = true;
-        p.readonly = readonly;
-        if round > p.acked_round {
-            p.acked_round = round;
-        }
+        p.heard(round, readonly);
         let leader_last = self.log.last_index();
         match p.state {
             ProgressState::Probe => {
@@ -1904,11 +1896,7 @@ impl RaftNode {
                 let target = target.clone();
                 if conf.is_joint() {
                     // Leave the joint configuration automatically.
-                    let final_conf = Configuration {
-                        voters: conf.voters.clone(),
-                        voters_outgoing: BTreeSet::new(),
-                        learners: conf.learners.clone(),
-                    };
+                    let final_conf = conf.leave_joint();
                     let idx = self.append_leader_entry(EntryKind::Config, final_conf.encode());
                     self.conf_change = Some(ConfPhase::Appended { index: idx, target });
                     self.on_conf_appended();
@@ -1922,11 +1910,7 @@ impl RaftNode {
             }
             None if conf.is_joint() => {
                 // A new leader inherited a joint configuration: finish it.
-                let final_conf = Configuration {
-                    voters: conf.voters.clone(),
-                    voters_outgoing: BTreeSet::new(),
-                    learners: conf.learners.clone(),
-                };
+                let final_conf = conf.leave_joint();
                 if self.log.last_conf().0 == ci {
                     self.append_leader_entry(EntryKind::Config, final_conf.encode());
                     self.on_conf_appended();

@@ -62,6 +62,14 @@ impl Progress {
         }
     }
 
+    /// Records a response from the follower: it is alive, acknowledged
+    /// heartbeat `round`, and is or is not read-only.
+    pub fn heard(&mut self, round: u64, readonly: bool) {
+        self.recent_active = true;
+        self.readonly = readonly;
+        self.acked_round = self.acked_round.max(round);
+    }
+
     pub fn become_probe(&mut self) {
         // After a snapshot the follower holds at least the snapshot.
         let floor = if self.state == ProgressState::Snapshot {

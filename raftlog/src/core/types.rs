@@ -97,6 +97,15 @@ impl Configuration {
         s
     }
 
+    /// The configuration a joint one leaves to: its incoming voters.
+    pub fn leave_joint(&self) -> Configuration {
+        Configuration {
+            voters: self.voters.clone(),
+            voters_outgoing: BTreeSet::new(),
+            learners: self.learners.clone(),
+        }
+    }
+
     pub fn is_voter(&self, id: NodeId) -> bool {
         self.voters.contains(&id) || self.voters_outgoing.contains(&id)
     }
