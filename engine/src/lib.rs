@@ -53,11 +53,11 @@ pub use status::{BgStatus, PeerStat};
 use crate::core::{ClientOp, CoreCtx, CoreRequest};
 
 /// A running engine. Dropping it without [`Engine::shutdown`] leaves the core threads running
-/// until the process exits.
+/// until the process exits (their request queues stay open through the [`BgHandle`]s).
 pub struct Engine {
     cfg: Arc<EngineConfig>,
     cores: Vec<mpsc::Sender<CoreRequest>>,
-    threads: Vec<JoinHandle<()>>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
     failed: watch::Receiver<Option<String>>,
 }
 
@@ -117,10 +117,10 @@ impl Engine {
             threads.push(t);
             starts.push(started_rx);
         }
-        let mut engine = Engine {
+        let engine = Engine {
             cfg,
             cores,
-            threads,
+            threads: std::sync::Mutex::new(threads),
             failed,
         };
         for (core, rx) in starts.into_iter().enumerate() {
@@ -190,18 +190,33 @@ impl Engine {
     }
 
     /// Stops every core: in-flight requests fail with `ShuttingDown`, the WAL drains, data files
-    /// are synced. Blocks until the threads have exited.
-    pub fn shutdown(mut self) {
+    /// are synced. Blocks until the threads have exited (call it outside any async context, e.g.
+    /// from `spawn_blocking`). Calling it again does nothing.
+    pub fn shutdown(&self) {
         self.stop_threads();
     }
 
-    fn stop_threads(&mut self) {
+    fn stop_threads(&self) {
         for tx in &self.cores {
-            // A full queue still closes below when the sender is dropped.
-            let _ = tx.try_send(CoreRequest::Shutdown);
+            // The queue may be full of client requests: keep trying for a while (the core
+            // drains it), then give up on that core rather than hang the shutdown.
+            let mut msg = CoreRequest::Shutdown;
+            for _ in 0..200 {
+                match tx.try_send(msg) {
+                    Ok(()) => break,
+                    Err(mpsc::error::TrySendError::Full(m)) => {
+                        msg = m;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
+                }
+            }
         }
-        self.cores.clear();
-        for t in self.threads.drain(..) {
+        let threads: Vec<JoinHandle<()>> = match self.threads.lock() {
+            Ok(mut t) => t.drain(..).collect(),
+            Err(p) => p.into_inner().drain(..).collect(),
+        };
+        for t in threads {
             if t.join().is_err() {
                 error!("a core thread panicked");
             }

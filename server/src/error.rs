@@ -1,6 +1,6 @@
 //! The one error type of the `server` crate.
 //!
-//! Every variant names what it is about (export, peer, address, offset) so that a log line or an
+//! Every variant names what it is about (export, peer, address, offset, node) so that a log line or an
 //! operator message can be acted on without a backtrace. Variants that a block backend returns
 //! also carry the NBD errno the client sees, via [`Error::errno`].
 
@@ -53,6 +53,34 @@ pub enum Error {
         detail: String,
     },
 
+    /// The configuration file could not be read or parsed.
+    #[error("config file {path}: {reason}")]
+    ConfigFile { path: PathBuf, reason: String },
+
+    /// The configuration (file and flags together) is invalid.
+    #[error("config: {what}")]
+    Config { what: String },
+
+    /// The engine (raft groups, WAL, transport) failed.
+    #[error("engine: {0}")]
+    Engine(#[from] engine::Error),
+
+    /// Certificate management failed.
+    #[error("certificates: {0}")]
+    Certs(#[from] transport::Error),
+
+    /// The HTTP status listener could not be bound.
+    #[error("HTTP: cannot listen on {addr}: {source}")]
+    HttpBind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The local dev cluster could not be started or supervised.
+    #[error("dev cluster: node {node}: {reason}")]
+    Dev { node: u64, reason: String },
+
     /// A file used as block storage failed an I/O call.
     #[error("file {path}: {op} at offset {offset}: {source}")]
     File {
@@ -71,7 +99,15 @@ impl Error {
             Error::Backend { errno, .. } => *errno,
             Error::File { source, .. } => Errno::from_io(source),
             Error::NbdConfig { .. } => Errno::Inval,
-            Error::NbdBind { .. } | Error::NbdProtocol { .. } | Error::NbdIo { .. } => Errno::Io,
+            Error::Config { .. } => Errno::Inval,
+            Error::Engine(_)
+            | Error::NbdBind { .. }
+            | Error::NbdProtocol { .. }
+            | Error::NbdIo { .. }
+            | Error::ConfigFile { .. }
+            | Error::Certs(_)
+            | Error::HttpBind { .. }
+            | Error::Dev { .. } => Errno::Io,
         }
     }
 }

@@ -1,5 +1,25 @@
-//! bd-server library: NBD front end, admin, HTTP status.
+//! bd-server: the process that serves block groups to NBD clients.
+//!
+//! # What it owns
+//! - [`nbd`]: the NBD protocol server (handshake, transmission, limits), generic over a backend.
+//! - [`backend`]: the backend of a replicated block group, a thin adapter over
+//!   [`engine::BgHandle`].
+//! - [`http`]: `/raft_stat` and `/status.json`.
+//! - [`config`] and [`cli`]: the TOML config, flags, `run`, `init-ca`, `issue-cert`; [`dev`]: the
+//!   local 3-process cluster.
+//!
+//! # Data flow
+//! Write: NBD connection task → [`backend::BgBackend::write`] → engine core queue → raft (leader;
+//! a follower's core forwards to the leader over QUIC) → WAL fsync on a majority → apply to the
+//! data file on the leader → NBD reply. Read: the same path to the leader, which answers after a
+//! lease/ReadIndex check once its state machine applied the read index. The engine's crate docs
+//! describe the core side.
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod dev;
 pub mod error;
+pub mod http;
 pub mod nbd;
 
 pub use error::Error;

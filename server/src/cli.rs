@@ -1,0 +1,283 @@
+//! `bd-server`'s command line: `run`, `dev`, `init-ca`, `issue-cert`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tracing::{error, info, warn};
+
+use crate::backend::BgBackend;
+use crate::config::{BgConfig, PeerConfig, ServerConfig, BG_SIZE_BYTES_DEFAULT};
+use crate::error::Error;
+use crate::nbd::{Exports, NbdConfig, NbdServerHandle};
+
+/// Largest NBD read or write (advertised maximum block size). Bounded well below the transport's
+/// frame limit because a follower forwards the whole request to the leader in one frame.
+pub const NBD_REQUEST_BYTES_MAX: u32 = 4 << 20;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bd-server",
+    version,
+    about = "bd: a Raft-replicated block device served over NBD",
+    long_about = "bd: a Raft-replicated block device served over NBD.\n\n\
+        Quick start: `bd-server dev` starts a local 3-node cluster and prints the NBD URI of each node \
+        (nbd://127.0.0.1:10809/bg0 ...). Try: qemu-io -f raw nbd://127.0.0.1:10809/bg0 -c 'write -P 0xab 0 1M'.\n\n\
+        Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change the level."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run one node (settings from --config and/or flags; flags win).
+    Run(Box<RunArgs>),
+    /// Start a local 3-node cluster on loopback (three processes, insecure transport), create
+    /// block group bg0 on all three, and print each node's NBD URI. Ctrl-C stops it.
+    Dev(DevArgs),
+    /// Create a cluster CA (ca.pem, ca.key) in DIR. Keep ca.key off the nodes.
+    InitCa {
+        /// Directory for ca.pem and ca.key (created; existing files are never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate (node.pem, node.key, ca.pem) signed by the CA in --ca-dir.
+    IssueCert {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        node_id: u64,
+        /// Directory for the node's files; pass it as `tls_dir` / --tls-dir to `run`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    /// TOML config file (keys: see docs/server.md).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub node_id: Option<u64>,
+    /// Directory for the WAL, data and meta files of this node.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Core threads (0 = one per CPU). Every node of a cluster must use the same count.
+    #[arg(long)]
+    pub cores: Option<usize>,
+    /// NBD listen address.
+    #[arg(long)]
+    pub nbd_listen: Option<SocketAddr>,
+    /// QUIC listen address of core 0 (core N uses port + N).
+    #[arg(long)]
+    pub quic_listen: Option<SocketAddr>,
+    /// HTTP status listen address.
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+    /// A peer as ID=QUIC_ADDR (repeat for each peer).
+    #[arg(long = "peer", value_parser = parse_peer)]
+    pub peers: Vec<PeerConfig>,
+    /// A block group this node holds, with this node and every --peer as members (repeat).
+    #[arg(long = "bg")]
+    pub bgs: Vec<u64>,
+    /// Size of the groups given with --bg.
+    #[arg(long)]
+    pub bg_size_bytes: Option<u64>,
+    /// Directory with node.pem, node.key and ca.pem (from `issue-cert`).
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    /// No TLS (self-signed, nothing verified): only for a local cluster on loopback.
+    #[arg(long)]
+    pub insecure_loopback: bool,
+    #[arg(long)]
+    pub tick_ms: Option<u64>,
+    #[arg(long)]
+    pub election_timeout_ms: Option<u64>,
+    /// Heartbeat period = election timeout / this factor.
+    #[arg(long)]
+    pub heartbeat_factor: Option<u64>,
+    #[arg(long)]
+    pub max_entries_per_message: Option<usize>,
+    #[arg(long)]
+    pub max_bytes_per_message: Option<usize>,
+    /// WAL segment file size.
+    #[arg(long)]
+    pub segment_size_bytes: Option<u64>,
+    /// fdatasync the WAL (false = benchmarks only, acknowledged writes are NOT durable).
+    #[arg(long)]
+    pub raft_sync: Option<bool>,
+    #[arg(long)]
+    pub snapshot_interval_s: Option<u64>,
+    #[arg(long)]
+    pub snapshot_chunk_bytes: Option<usize>,
+    /// Log entries kept below a snapshot for followers that lag a little.
+    #[arg(long)]
+    pub snapshot_keep_entries: Option<u64>,
+}
+
+fn parse_peer(s: &str) -> Result<PeerConfig, String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected ID=ADDR, e.g. 2=127.0.0.1:7200"))?;
+    Ok(PeerConfig {
+        id: id.parse().map_err(|e| format!("peer id `{id}`: {e}"))?,
+        addr: addr
+            .parse()
+            .map_err(|e| format!("peer address `{addr}`: {e}"))?,
+    })
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DevArgs {
+    /// Where the three nodes keep their data (node1/, node2/, node3/ and their logs).
+    #[arg(long, default_value = "bd-data")]
+    pub data_dir: PathBuf,
+    /// NBD ports are BASE, BASE+1, BASE+2; HTTP BASE+100..; QUIC BASE+200.. (32 per node).
+    #[arg(long, default_value_t = 10809)]
+    pub base_port: u16,
+    /// Core threads per node.
+    #[arg(long, default_value_t = 1)]
+    pub cores: usize,
+    #[arg(long, default_value_t = BG_SIZE_BYTES_DEFAULT)]
+    pub bg_size_bytes: u64,
+}
+
+impl RunArgs {
+    /// The file (if any) with the flags applied on top.
+    pub fn resolve(&self) -> Result<ServerConfig, Error> {
+        let mut c = match &self.config {
+            Some(p) => ServerConfig::load(p)?,
+            None => ServerConfig::default(),
+        };
+        macro_rules! set {
+            ($($field:ident => $($target:ident).+),* $(,)?) => {
+                $(if let Some(v) = self.$field.clone() { c.$($target).+ = v; })*
+            };
+        }
+        set!(node_id => node_id, data_dir => data_dir, cores => cores, nbd_listen => nbd_listen,
+            quic_listen => quic_listen, http_listen => http_listen,
+            tick_ms => raft.tick_ms, election_timeout_ms => raft.election_timeout_ms,
+            heartbeat_factor => raft.heartbeat_factor,
+            max_entries_per_message => raft.max_entries_per_message,
+            max_bytes_per_message => raft.max_bytes_per_message,
+            segment_size_bytes => raft.segment_size_bytes, raft_sync => raft.raft_sync,
+            snapshot_interval_s => raft.snapshot_interval_s,
+            snapshot_chunk_bytes => raft.snapshot_chunk_bytes,
+            snapshot_keep_entries => raft.snapshot_keep_entries);
+        if let Some(d) = &self.tls_dir {
+            c.tls_dir = Some(d.clone());
+        }
+        if self.insecure_loopback {
+            c.insecure_loopback = true;
+        }
+        for p in &self.peers {
+            c.peers.retain(|x| x.id != p.id);
+            c.peers.push(p.clone());
+        }
+        for id in &self.bgs {
+            let mut members: Vec<u64> = c.peers.iter().map(|p| p.id).collect();
+            members.push(c.node_id);
+            members.sort_unstable();
+            c.bgs.retain(|b| b.id != *id);
+            c.bgs.push(BgConfig {
+                id: *id,
+                members,
+                size_bytes: self.bg_size_bytes.unwrap_or(BG_SIZE_BYTES_DEFAULT),
+            });
+        }
+        Ok(c)
+    }
+}
+
+/// Runs one node until SIGINT/SIGTERM (graceful) or a fatal engine error.
+pub fn run(args: &RunArgs) -> Result<(), Error> {
+    let cfg = args.resolve()?;
+    let ecfg = cfg.engine_config()?;
+    if cfg.insecure_loopback {
+        warn!(
+            "INSECURE: transport without TLS (insecure_loopback); use only for a local dev cluster"
+        );
+    }
+    let bgs = ecfg.bgs.clone();
+    // Started before the async runtime: it blocks until every core has recovered.
+    let engine = Arc::new(engine::Engine::start(ecfg)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bd-front")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Config {
+            what: format!("cannot start the front-end runtime: {e}"),
+        })?;
+    let result = rt.block_on(async {
+        let exports = Arc::new(Exports::new());
+        for b in &bgs {
+            let h = engine.bg(b.id).expect("configured group has a handle");
+            exports.insert(b.name(), Arc::new(BgBackend::new(b.name(), h)));
+        }
+        let nbd_cfg = NbdConfig {
+            request_bytes_max: NBD_REQUEST_BYTES_MAX,
+            ..NbdConfig::default()
+        };
+        let nbd = NbdServerHandle::start(cfg.nbd_listen, exports, nbd_cfg).await?;
+        let http = crate::http::bind(cfg.http_listen).await?;
+        let http_addr = http.local_addr().map_err(|source| Error::HttpBind {
+            addr: cfg.http_listen,
+            source,
+        })?;
+        let http_task = tokio::spawn(crate::http::serve(http, engine.clone()));
+        let names: Vec<String> = bgs.iter().map(|b| b.name()).collect();
+        info!(node = cfg.node_id, nbd = %nbd.local_addr(), http = %http_addr, exports = ?names, "bd-server ready");
+        let mut failed = engine.failed();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| Error::Config {
+                what: format!("cannot install the SIGTERM handler: {e}"),
+            })?;
+        let outcome = tokio::select! {
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); Ok(()) }
+            _ = term.recv() => { info!("SIGTERM: shutting down"); Ok(()) }
+            _ = failed.changed() => {
+                let why = failed.borrow().clone().unwrap_or_default();
+                error!(reason = %why, "engine failed: shutting down");
+                Err(Error::Config { what: format!("engine failed: {why}") })
+            }
+        };
+        // Stop taking requests, let the ones in flight finish, then stop the cores.
+        nbd.shutdown().await;
+        http_task.abort();
+        let e = engine.clone();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::task::spawn_blocking(move || e.shutdown()),
+        )
+        .await;
+        outcome
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    info!("bd-server stopped");
+    result
+}
+
+pub fn init_ca(dir: &std::path::Path) -> Result<(), Error> {
+    let p = transport::init_ca(dir)?;
+    println!(
+        "CA written to {} (and ca.key next to it; keep ca.key off the nodes)",
+        p.display()
+    );
+    Ok(())
+}
+
+pub fn issue_cert(ca_dir: &std::path::Path, node: u64, out: &std::path::Path) -> Result<(), Error> {
+    transport::issue_cert(ca_dir, node, out)?;
+    println!(
+        "certificate for node {node} written to {} (node.pem, node.key, ca.pem); run with --tls-dir {}",
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}

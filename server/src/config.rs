@@ -1,0 +1,249 @@
+//! bd-server's configuration: a TOML file (every key optional, defaults below) overridden by
+//! command-line flags, turned into the engine's and the NBD server's settings.
+//!
+//! ```toml
+//! node_id = 1
+//! data_dir = "bd-data/node1"
+//! cores = 2                         # every node of a cluster must use the same count
+//! nbd_listen = "127.0.0.1:10809"
+//! quic_listen = "127.0.0.1:7100"    # core N binds port + N
+//! http_listen = "127.0.0.1:8100"
+//! tls_dir = "certs/node1"           # node.pem, node.key, ca.pem (bd-server issue-cert)
+//! insecure_loopback = false         # no TLS: local dev cluster on loopback only
+//!
+//! [[peers]]
+//! id = 2
+//! addr = "127.0.0.1:7200"           # the peer's quic_listen
+//!
+//! [[bgs]]
+//! id = 0                            # NBD export "bg0"
+//! members = [1, 2, 3]
+//! size_bytes = 1073741824
+//!
+//! [raft]
+//! tick_ms = 50
+//! election_timeout_ms = 1000
+//! heartbeat_factor = 10
+//! max_entries_per_message = 256
+//! max_bytes_per_message = 1048576
+//! segment_size_bytes = 67108864
+//! raft_sync = true
+//! snapshot_interval_s = 3600
+//! snapshot_chunk_bytes = 131072
+//! snapshot_keep_entries = 1024
+//! snapshot_bytes_per_sec_max = 209715200
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use engine::{BgSpec, EngineConfig};
+use serde::Deserialize;
+
+use crate::error::Error;
+
+/// Default block group size: 1 GiB.
+pub const BG_SIZE_BYTES_DEFAULT: u64 = 1 << 30;
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u64,
+    pub addr: SocketAddr,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BgConfig {
+    pub id: u64,
+    pub members: Vec<u64>,
+    #[serde(default = "bg_size_default")]
+    pub size_bytes: u64,
+}
+
+fn bg_size_default() -> u64 {
+    BG_SIZE_BYTES_DEFAULT
+}
+
+/// braft-like raft settings.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftSettings {
+    pub tick_ms: u64,
+    pub election_timeout_ms: u64,
+    pub heartbeat_factor: u64,
+    pub max_entries_per_message: usize,
+    pub max_bytes_per_message: usize,
+    pub segment_size_bytes: u64,
+    pub raft_sync: bool,
+    pub snapshot_interval_s: u64,
+    pub snapshot_chunk_bytes: usize,
+    pub snapshot_keep_entries: u64,
+    pub snapshot_bytes_per_sec_max: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            tick_ms: 50,
+            election_timeout_ms: 1000,
+            heartbeat_factor: 10,
+            max_entries_per_message: 256,
+            max_bytes_per_message: 1 << 20,
+            segment_size_bytes: 64 << 20,
+            raft_sync: true,
+            snapshot_interval_s: 3600,
+            snapshot_chunk_bytes: 128 << 10,
+            snapshot_keep_entries: 1024,
+            snapshot_bytes_per_sec_max: 200 << 20,
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    /// 0 = one per available CPU.
+    pub cores: usize,
+    pub nbd_listen: SocketAddr,
+    pub quic_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub tls_dir: Option<PathBuf>,
+    pub insecure_loopback: bool,
+    pub peers: Vec<PeerConfig>,
+    pub bgs: Vec<BgConfig>,
+    pub raft: RaftSettings,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            node_id: 0,
+            data_dir: PathBuf::from("bd-data"),
+            cores: 0,
+            nbd_listen: SocketAddr::from(([127, 0, 0, 1], 10809)),
+            quic_listen: SocketAddr::from(([127, 0, 0, 1], 7100)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8100)),
+            tls_dir: None,
+            insecure_loopback: false,
+            peers: Vec::new(),
+            bgs: Vec::new(),
+            raft: RaftSettings::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn load(path: &Path) -> Result<ServerConfig, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigFile {
+            path: path.to_path_buf(),
+            reason: source.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| Error::ConfigFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The engine's settings; checks what only the server knows about.
+    pub fn engine_config(&self) -> Result<EngineConfig, Error> {
+        let bad = |what: String| Err(Error::Config { what });
+        if self.node_id == 0 {
+            return bad("node_id is required (and must not be 0)".into());
+        }
+        if self.tls_dir.is_none() && !self.insecure_loopback {
+            return bad(
+                "set tls_dir (see `bd-server issue-cert`) or, for a local dev cluster on loopback, \
+                 insecure_loopback = true"
+                    .into(),
+            );
+        }
+        if self.tls_dir.is_some() && self.insecure_loopback {
+            return bad("tls_dir and insecure_loopback exclude each other".into());
+        }
+        let mut c = EngineConfig::new(self.node_id, self.data_dir.clone(), self.quic_listen);
+        if self.cores > 0 {
+            c.cores = self.cores;
+        }
+        c.tls_dir = self.tls_dir.clone();
+        for p in &self.peers {
+            if c.peers.insert(p.id, p.addr).is_some() {
+                return bad(format!("peer {} is listed twice", p.id));
+            }
+        }
+        c.bgs = self
+            .bgs
+            .iter()
+            .map(|b| BgSpec {
+                id: b.id,
+                members: b.members.clone(),
+                size_bytes: b.size_bytes,
+            })
+            .collect();
+        let r = &self.raft;
+        c.tick_ms = r.tick_ms;
+        c.election_timeout_ms = r.election_timeout_ms;
+        c.heartbeat_factor = r.heartbeat_factor;
+        c.append_entries_max = r.max_entries_per_message;
+        c.append_bytes_max = r.max_bytes_per_message;
+        c.wal_segment_bytes_max = r.segment_size_bytes;
+        c.raft_sync = r.raft_sync;
+        c.snapshot_interval_s = r.snapshot_interval_s;
+        c.snapshot_chunk_bytes = r.snapshot_chunk_bytes;
+        c.snapshot_keep_entries = r.snapshot_keep_entries;
+        c.snapshot_bytes_per_sec_max = r.snapshot_bytes_per_sec_max;
+        c.validate().map_err(|e| Error::Config {
+            what: e.to_string(),
+        })?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_example_parses_and_unknown_keys_are_refused() {
+        let doc = include_str!("config.rs");
+        let example: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```toml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| l.trim_start_matches("//!").trim_start())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c: ServerConfig = toml::from_str(&example).unwrap();
+        assert_eq!(c.node_id, 1);
+        assert_eq!(c.bgs[0].members, vec![1, 2, 3]);
+        assert_eq!(c.raft, RaftSettings::default());
+        assert!(toml::from_str::<ServerConfig>("node_idd = 1").is_err());
+        assert!(toml::from_str::<ServerConfig>("[raft]\nelection_timeout = 1").is_err());
+    }
+
+    #[test]
+    fn engine_config_requires_security_choice_and_node_id() {
+        let mut c = ServerConfig {
+            node_id: 1,
+            ..Default::default()
+        };
+        assert!(
+            c.engine_config().is_err(),
+            "neither tls_dir nor insecure_loopback"
+        );
+        c.insecure_loopback = true;
+        c.bgs.push(BgConfig {
+            id: 0,
+            members: vec![1],
+            size_bytes: 1 << 20,
+        });
+        let e = c.engine_config().unwrap();
+        assert_eq!(e.bgs[0].id, 0);
+        c.node_id = 0;
+        assert!(c.engine_config().is_err());
+    }
+}
