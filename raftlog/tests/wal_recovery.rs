@@ -256,9 +256,29 @@ fn failed_write_is_fatal_and_never_retried() {
     assert_eq!(w.entries(1, 1, 4).unwrap(), ents(1, 3, 1, 10));
 }
 
+/// A temporary directory on a tmpfs, if there is one: tmpfs refuses a
+/// fallocate larger than the filesystem at once, while ext4 and xfs
+/// allocate until the disk is really full before failing — on a shared
+/// machine that makes every other process (parallel tests, builds) fail
+/// with ENOSPC for a moment.
+fn tmpfs_tempdir() -> Option<tempfile::TempDir> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let shm = Path::new("/dev/shm");
+    let c = std::ffi::CString::new("/dev/shm").unwrap();
+    // SAFETY: statfs fills the zeroed struct; the path is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type as i64 != TMPFS_MAGIC {
+        return None;
+    }
+    tempfile::tempdir_in(shm).ok()
+}
+
 #[test]
 fn enospc_is_a_clear_error_and_corrupts_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
+    let Some(tmp) = tmpfs_tempdir() else {
+        eprintln!("SKIPPED: no tmpfs at /dev/shm (a huge fallocate would fill the real disk)");
+        return;
+    };
     let mut w = Wal::open(cfg(tmp.path())).unwrap();
     w.append(7, &ents(1, 20, 1, 1000)).unwrap();
     w.sync().unwrap();
@@ -266,7 +286,7 @@ fn enospc_is_a_clear_error_and_corrupts_nothing() {
     let before: Vec<_> = segments(tmp.path());
     // A segment far larger than the free space: preallocation fails.
     let mut huge = cfg(tmp.path());
-    // 1 TiB: within ext4/xfs file size limits, beyond any test disk's space.
+    // 1 TiB: beyond the tmpfs's size, refused before anything is allocated.
     huge.log_segment_bytes_max = 1 << 40;
     let err = Wal::open(huge).err().expect("must fail");
     assert!(matches!(err, Error::WalNoSpace { .. }), "{err}");
@@ -504,4 +524,264 @@ fn invalid_queued_op_fails_alone() {
     ));
     good.wait().unwrap();
     assert_eq!(h.buffered_bytes(), 0);
+}
+
+// ---- holes left by batches completing out of order ----
+
+/// One record of a hand-built segment: an `Entries` record for group 1
+/// holding entry `index` (term 1), in `batch`, stamped `acked`. A `hole`
+/// leaves its bytes zero, as a batch still in flight at a crash would.
+struct Rec {
+    index: u64,
+    batch: u64,
+    acked: u64,
+    hole: bool,
+}
+
+fn rec(index: u64, batch: u64, acked: u64) -> Rec {
+    Rec {
+        index,
+        batch,
+        acked,
+        hole: false,
+    }
+}
+
+fn hole(index: u64, batch: u64, acked: u64) -> Rec {
+    Rec {
+        hole: true,
+        ..rec(index, batch, acked)
+    }
+}
+
+const WINDOW: u16 = 4;
+
+/// Writes segment `seq` (start record in batch 0 unless `start_hole`, then
+/// `recs`, then a seal if `sealed`) preallocated to the test segment size.
+/// Returns its path and each record's offset.
+fn synth_segment(
+    dir: &Path,
+    seq: u64,
+    start_hole: bool,
+    recs: &[Rec],
+    sealed: bool,
+) -> (PathBuf, Vec<u64>) {
+    use raftlog::wal::format::{self, RecordHeader};
+    let mut buf = Vec::new();
+    format::encode(
+        &mut buf,
+        &RecordHeader::segment_start(seq).in_batch(0, 0, WINDOW),
+        |_| {},
+    );
+    if start_hole {
+        buf.iter_mut().for_each(|b| *b = 0);
+    }
+    let mut offs = Vec::new();
+    let mut last_batch = 0;
+    for r in recs {
+        let start = buf.len();
+        offs.push(start as u64);
+        let e = &ents(r.index, r.index, 1, 100)[0];
+        let h =
+            RecordHeader::entries(1, (r.index, 1), (r.index, 1)).in_batch(r.batch, r.acked, WINDOW);
+        format::encode(&mut buf, &h, |b| {
+            format::encode_entry(b, 1, e.kind, &e.data, crc32fast::hash(&e.data))
+        });
+        if r.hole {
+            buf[start..].iter_mut().for_each(|b| *b = 0);
+        }
+        last_batch = r.batch;
+    }
+    if sealed {
+        format::encode(
+            &mut buf,
+            &RecordHeader::seal(seq).in_batch(last_batch, 0, WINDOW),
+            |_| {},
+        );
+    }
+    buf.resize(cfg(dir).log_segment_bytes_max as usize, 0);
+    let path = dir.join(format!("{seq:020}.wal"));
+    std::fs::write(&path, &buf).unwrap();
+    (path, offs)
+}
+
+#[test]
+fn hole_inside_the_in_flight_window_at_the_tail_is_truncated_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Batches 1, 2 durable; 3 (the hole), 4, 5 were in flight together: 4
+    // and 5 landed, 3 did not. Nothing after the hole was acknowledged.
+    let (seg, offs) = synth_segment(
+        tmp.path(),
+        1,
+        false,
+        &[
+            rec(1, 1, 1),
+            rec(2, 2, 2),
+            hole(3, 3, 2),
+            rec(4, 4, 2),
+            rec(5, 5, 3),
+        ],
+        false,
+    );
+    let (w, logs) = with_logs(|| Wal::open(cfg(tmp.path())));
+    let mut w = w.unwrap();
+    assert!(
+        logs.contains("WARN") && logs.contains("valid_records_after_hole=2"),
+        "{logs}"
+    );
+    assert_eq!(w.status().truncated_at_open, vec![(seg.clone(), offs[2])]);
+    assert_eq!(w.group_state(1).unwrap().last_index, 2);
+    assert_eq!(w.entries(1, 1, 3).unwrap(), ents(1, 2, 1, 100));
+    // The log continues cleanly from the cut.
+    w.append(1, &ents(3, 3, 1, 100)).unwrap();
+    w.sync().unwrap();
+    drop(w);
+    let (w, logs) = with_logs(|| Wal::open(cfg(tmp.path())));
+    let mut w = w.unwrap();
+    assert!(!logs.contains("WARN"), "clean restart warned: {logs}");
+    assert_eq!(w.entries(1, 1, 4).unwrap(), ents(1, 3, 1, 100));
+}
+
+fn assert_refused_at(dir: &Path, seg: &Path, offset: u64, what: &str) {
+    let err = Wal::open(cfg(dir)).err().expect("must refuse");
+    let msg = err.to_string();
+    match &err {
+        Error::WalCorrupt {
+            path, offset: o, ..
+        } => {
+            assert_eq!(path, seg, "{msg}");
+            assert_eq!(*o, offset, "{msg}");
+        }
+        e => panic!("wrong error: {e}"),
+    }
+    assert!(msg.contains(what), "{msg}");
+}
+
+#[test]
+fn hole_followed_by_a_record_beyond_the_window_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Batch 7 cannot have been in flight with batch 3 (window 4 after the
+    // last good batch 2 allows up to batch 6).
+    let (seg, offs) = synth_segment(
+        tmp.path(),
+        1,
+        false,
+        &[rec(1, 1, 1), rec(2, 2, 2), hole(3, 3, 2), rec(4, 7, 2)],
+        false,
+    );
+    let before = std::fs::read(&seg).unwrap();
+    assert_refused_at(tmp.path(), &seg, offs[2], "outside the in-flight window");
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        before,
+        "refusing modified the file"
+    );
+}
+
+#[test]
+fn hole_in_a_batch_a_later_record_saw_durable_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Within the window, but the record of batch 4 was written after
+    // batches 0..4 were durable: the hole (batch 3) had been acknowledged.
+    let (seg, offs) = synth_segment(
+        tmp.path(),
+        1,
+        false,
+        &[rec(1, 1, 1), rec(2, 2, 2), hole(3, 3, 2), rec(4, 4, 4)],
+        false,
+    );
+    assert_refused_at(tmp.path(), &seg, offs[2], "were durable");
+}
+
+#[test]
+fn hole_in_an_older_segment_is_refused_even_inside_the_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (seg, offs) = synth_segment(
+        tmp.path(),
+        1,
+        false,
+        &[rec(1, 1, 1), hole(2, 2, 1), rec(3, 3, 1)],
+        true,
+    );
+    synth_segment(tmp.path(), 2, false, &[rec(4, 1, 1)], false);
+    assert_refused_at(tmp.path(), &seg, offs[1], "later segments exist");
+}
+
+#[test]
+fn lost_start_batch_of_the_last_segment_removes_it_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    synth_segment(tmp.path(), 1, false, &[rec(1, 1, 1)], true);
+    // Batch 0 (the start record) of segment 2 never landed; batch 1, in
+    // flight with it, did.
+    let (seg2, _) = synth_segment(tmp.path(), 2, true, &[rec(2, 1, 0)], false);
+    let (w, logs) = with_logs(|| Wal::open(cfg(tmp.path())));
+    let mut w = w.unwrap();
+    assert!(logs.contains("WARN"), "{logs}");
+    assert_eq!(w.status().truncated_at_open, vec![(seg2.clone(), 0)]);
+    assert_eq!(w.entries(1, 1, 2).unwrap(), ents(1, 1, 1, 100));
+    assert_eq!(w.group_state(1).unwrap().last_index, 1);
+    drop(w);
+    // The same, but the later record saw batch 0 durable: corruption.
+    let tmp = tempfile::tempdir().unwrap();
+    synth_segment(tmp.path(), 1, false, &[rec(1, 1, 1)], true);
+    let (seg2, _) = synth_segment(tmp.path(), 2, true, &[rec(2, 1, 1)], false);
+    assert_refused_at(tmp.path(), &seg2, 0, "were durable");
+}
+
+fn batches_in_flight(backend: IoBackend) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.io_backend = backend;
+    c.batches_in_flight_max = 4;
+    let w = Rc::new(RefCell::new(Wal::open(c.clone()).unwrap()));
+    let h = w.borrow().handle();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        let writer = tokio::task::spawn_local(wal::run(w.clone()));
+        let mut tasks = Vec::new();
+        for g in 0..64u64 {
+            let h = h.clone();
+            tasks.push(tokio::task::spawn_local(async move {
+                for i in 1..=20u64 {
+                    h.append(g, ents(i, i, 1, 1000)).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        h.shutdown();
+        writer.await.unwrap().unwrap();
+    });
+    let st = w.borrow().status();
+    eprintln!("{backend:?}: {st:?}");
+    assert!(st.batches_in_flight_seen_max > 1, "{st:?}");
+    assert!(st.batches_in_flight_seen_max <= 4, "{st:?}");
+    assert_eq!(st.batches_in_flight, 0);
+    assert!(st.fsyncs < 64 * 20, "no group commit: {st:?}");
+    drop(local);
+    drop(rt);
+    Rc::try_unwrap(w)
+        .ok()
+        .unwrap()
+        .into_inner()
+        .close_unsealed();
+    let mut w = Wal::open(c).unwrap();
+    for g in 0..64u64 {
+        assert_eq!(w.entries(g, 1, 21).unwrap(), ents(1, 20, 1, 1000));
+    }
+}
+
+#[test]
+fn several_batches_are_in_flight_under_concurrent_appenders_uring() {
+    batches_in_flight(IoBackend::Auto);
+}
+
+#[test]
+fn several_batches_are_in_flight_under_concurrent_appenders_fallback() {
+    batches_in_flight(IoBackend::Fallback);
 }

@@ -8,7 +8,9 @@
 //!         anything is trusted):
 //!   magic u32 | crc32 u32 | header_len u32 | payload_len u32
 //! header  (header_len bytes): rkyv archive of `RecordHeader`
-//!         (format version, kind, group, index and term range, aux)
+//!         (format version, kind, group, index and term range, aux,
+//!         batch number within the segment, batches of the segment already
+//!         durable when it was encoded, writer's in-flight window)
 //! payload (payload_len bytes): raw; for `Entries` records, per entry a
 //!         24-byte table row (term u64, data_len u32, data_crc u32, kind u8,
 //!         7 zero bytes) followed by the entry's data
@@ -22,6 +24,16 @@
 //! past a bad record to tell a torn tail (nothing valid follows) from
 //! corruption in the middle (a valid record follows).
 //!
+//! Every record carries the number of the batch (one write + fdatasync)
+//! it was written in, counted from 0 within its segment, how many batches
+//! of the segment were already durable (acknowledged) when it was encoded,
+//! and the writer's in-flight window `batches_in_flight_max`. Up to that
+//! many batches are on the disk at once and may complete in any order, so
+//! after a crash a later batch can be on disk while an earlier one is
+//! missing; recovery uses the three numbers to tell such a hole at the tail
+//! (unacknowledged batches within `window` of the last good record) from
+//! corruption (see `recovery`). Version 2 added the three fields.
+//!
 //! Every segment starts with a `SegmentStart` record naming its sequence
 //! number and ends with a `Seal` record once the writer moves on to the next
 //! one (or closes cleanly): a segment other than the last that lacks its seal
@@ -33,7 +45,10 @@ use crate::core::types::{EntryKind, GroupId, HardState, Index, Term};
 
 pub const MAGIC: u32 = 0xBD0A_11E7;
 /// Bumped on any incompatible change of the record layout.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
+/// Largest `batches_in_flight_max` a writer may use (and recovery accepts
+/// in a record): bounds how far past a hole recovery may look.
+pub const WINDOW_MAX: u16 = 64;
 pub const PREFIX_LEN: usize = 16;
 pub const ALIGN: usize = 8;
 pub const ENTRY_ROW_LEN: usize = 24;
@@ -87,6 +102,14 @@ pub struct RecordHeader {
     pub first_term: u64,
     pub last_term: u64,
     pub aux: u64,
+    /// Batch number within the segment (the `SegmentStart` record is in
+    /// batch 0); set by the writer when it encodes the record.
+    pub batch: u64,
+    /// Batches `0..acked` of the segment were durable when this record was
+    /// encoded.
+    pub acked: u64,
+    /// The writer's `batches_in_flight_max`.
+    pub window: u16,
 }
 
 impl RecordHeader {
@@ -100,7 +123,19 @@ impl RecordHeader {
             first_term: 0,
             last_term: 0,
             aux: 0,
+            batch: 0,
+            acked: 0,
+            window: 1,
         }
+    }
+
+    /// The same header placed in batch `batch` of a writer with `window`,
+    /// when batches `0..acked` are durable.
+    pub fn in_batch(mut self, batch: u64, acked: u64, window: u16) -> RecordHeader {
+        self.batch = batch;
+        self.acked = acked;
+        self.window = window;
+        self
     }
 
     pub fn segment_start(seq: u64) -> RecordHeader {
@@ -297,6 +332,9 @@ pub fn decode_at(buf: &[u8], off: usize) -> Decoded<'_> {
     }
     if RecordKind::from_u8(header.kind).is_none() {
         return Decoded::Bad(format!("unknown record kind {}", header.kind));
+    }
+    if header.window == 0 || header.window > WINDOW_MAX {
+        return Decoded::Bad(format!("in-flight window {} out of range", header.window));
     }
     let payload_off = PREFIX_LEN + hl;
     Decoded::Record {

@@ -1,20 +1,23 @@
-//! The WAL's disk I/O: one batch at a time, written and (optionally)
-//! fdatasync'ed, on io_uring or on a helper thread doing pwritev+fdatasync.
+//! The WAL's disk I/O: up to `slots` batches at once, each written and
+//! (optionally) fdatasync'ed as its own chain, on io_uring (one write SQE
+//! linked to one fdatasync SQE per batch) or on a pool of helper threads
+//! doing pwritev+fdatasync.
 //!
-//! Only one batch is ever in flight: two independent write→fsync chains
-//! could complete out of order (the second fsync does not wait for the first
-//! chain's write), and a batch may only count as durable when every earlier
-//! one is. Group commit comes from the writer filling the next batch while
-//! this one is on the disk.
+//! Chains are independent and may complete in any order: a batch's
+//! fdatasync only covers its own write (and whatever else happened to be
+//! written before it started). The writer therefore acknowledges batches
+//! strictly in order (see `Wal::reap`), and recovery tolerates a hole among
+//! the last `slots` batches of the last segment (see `recovery`).
 //!
 //! Both backends signal completions on an eventfd, so an async host can wait
 //! for the disk and for new requests in one `select!`.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
@@ -25,12 +28,14 @@ pub enum IoBackend {
     Auto,
     /// io_uring or fail at open.
     Uring,
-    /// pwritev + fdatasync on a helper thread.
+    /// pwritev + fdatasync on helper threads.
     Fallback,
 }
 
 /// One batch: `buf` goes to `file` at `offset`, then fdatasync if `sync`.
 pub struct Job {
+    /// The caller's token, handed back in [`Done`].
+    pub id: u64,
     pub file: Arc<File>,
     pub path: PathBuf,
     pub offset: u64,
@@ -51,11 +56,12 @@ pub enum Io {
 }
 
 impl Io {
-    pub fn open(want: IoBackend) -> io::Result<Io> {
+    /// A backend that keeps up to `slots` jobs in flight.
+    pub fn open(want: IoBackend, slots: usize) -> io::Result<Io> {
         match want {
-            IoBackend::Fallback => Ok(Io::Fallback(FallbackIo::new()?)),
-            IoBackend::Uring => Ok(Io::Uring(Box::new(UringIo::new()?))),
-            IoBackend::Auto => match UringIo::new() {
+            IoBackend::Fallback => Ok(Io::Fallback(FallbackIo::new(slots)?)),
+            IoBackend::Uring => Ok(Io::Uring(Box::new(UringIo::new(slots)?))),
+            IoBackend::Auto => match UringIo::new(slots) {
                 Ok(u) => Ok(Io::Uring(Box::new(u))),
                 Err(e) => {
                     tracing::warn!(
@@ -63,7 +69,7 @@ impl Io {
                         "wal: io_uring is unavailable (kernel or seccomp refused it); \
                          using the pwritev+fdatasync fallback"
                     );
-                    Ok(Io::Fallback(FallbackIo::new()?))
+                    Ok(Io::Fallback(FallbackIo::new(slots)?))
                 }
             },
         }
@@ -76,23 +82,28 @@ impl Io {
         }
     }
 
-    pub fn busy(&self) -> bool {
+    /// Jobs submitted and not yet handed back by `poll`.
+    pub fn in_flight(&self) -> usize {
         match self {
-            Io::Uring(u) => u.job.is_some(),
-            Io::Fallback(f) => f.busy,
+            Io::Uring(u) => u.in_flight(),
+            Io::Fallback(f) => f.in_flight,
         }
     }
 
-    /// Starts `job`; the caller guarantees nothing is in flight.
+    pub fn busy(&self) -> bool {
+        self.in_flight() > 0
+    }
+
+    /// Starts `job`; the caller guarantees a free slot.
     pub fn submit(&mut self, job: Job) -> io::Result<()> {
-        assert!(!self.busy(), "one batch in flight at a time");
         match self {
             Io::Uring(u) => u.submit(job),
             Io::Fallback(f) => f.submit(job),
         }
     }
 
-    /// The finished job, if any; with `block`, waits for the in-flight one.
+    /// A finished job, if any (in completion order, not submission order);
+    /// with `block`, waits for one if any is in flight.
     pub fn poll(&mut self, block: bool) -> io::Result<Option<Done>> {
         match self {
             Io::Uring(u) => u.poll(block),
@@ -133,13 +144,12 @@ pub fn drain_event_fd(fd: RawFd) {
     unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
 }
 
-const UD_WRITE: u64 = 1;
-const UD_FSYNC: u64 = 2;
+/// user_data = slot << 1 | (1 for the fdatasync, 0 for the write).
+const UD_FSYNC_BIT: u64 = 1;
 
-pub struct UringIo {
-    ring: IoUring,
-    efd: OwnedFd,
-    job: Option<Job>,
+/// One chain in flight on the ring.
+struct Slot {
+    job: Job,
     /// Bytes of the job's buffer known written.
     written: usize,
     /// Completions still expected for the current chain.
@@ -150,12 +160,21 @@ pub struct UringIo {
     error: Option<(&'static str, io::Error)>,
 }
 
+pub struct UringIo {
+    ring: IoUring,
+    efd: OwnedFd,
+    slots: Vec<Option<Slot>>,
+    /// Finished chains not yet handed out by `poll`.
+    done: VecDeque<Done>,
+}
+
 impl UringIo {
-    fn new() -> io::Result<UringIo> {
-        let ring = IoUring::new(8)?;
+    fn new(slots: usize) -> io::Result<UringIo> {
+        let entries = (2 * slots.max(1)).next_power_of_two().max(8) as u32;
+        let ring = IoUring::new(entries)?;
         // Probe with a NOP: some sandboxes let io_uring_setup succeed but
         // refuse io_uring_enter.
-        let nop = opcode::Nop::new().build().user_data(0);
+        let nop = opcode::Nop::new().build().user_data(u64::MAX);
         // SAFETY: a NOP references no memory.
         unsafe { ring.submission_shared().push(&nop) }
             .map_err(|_| io::Error::other("io_uring submission queue full"))?;
@@ -171,31 +190,43 @@ impl UringIo {
         Ok(UringIo {
             ring,
             efd,
-            job: None,
+            slots: (0..slots.max(1)).map(|_| None).collect(),
+            done: VecDeque::new(),
+        })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count() + self.done.len()
+    }
+
+    fn submit(&mut self, job: Job) -> io::Result<()> {
+        let i = self
+            .slots
+            .iter()
+            .position(Option::is_none)
+            .ok_or_else(|| io::Error::other("no free I/O slot"))?;
+        self.slots[i] = Some(Slot {
+            job,
             written: 0,
             expect: 0,
             short: false,
             error: None,
-        })
+        });
+        self.push_chain(i)
     }
 
-    fn submit(&mut self, job: Job) -> io::Result<()> {
-        self.job = Some(job);
-        self.written = 0;
-        self.error = None;
-        self.push_chain()
-    }
-
-    /// Queues write(rest of buffer) linked to fdatasync.
-    fn push_chain(&mut self) -> io::Result<()> {
-        let job = self.job.as_ref().expect("chain needs a job");
+    /// Queues write(rest of slot `i`'s buffer) linked to fdatasync.
+    fn push_chain(&mut self, i: usize) -> io::Result<()> {
+        let slot = self.slots[i].as_mut().expect("chain needs a job");
+        let job = &slot.job;
         let fd = types::Fd(job.file.as_raw_fd());
-        let rest = &job.buf[self.written..];
+        let rest = &job.buf[slot.written..];
+        let ud = (i as u64) << 1;
         let mut write = opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
-            .offset(job.offset + self.written as u64)
+            .offset(job.offset + slot.written as u64)
             .build()
-            .user_data(UD_WRITE);
-        let mut sqes = vec![];
+            .user_data(ud);
+        let mut sqes = Vec::with_capacity(2);
         if job.sync {
             write = write.flags(squeue::Flags::IO_LINK);
             sqes.push(write);
@@ -203,16 +234,17 @@ impl UringIo {
                 opcode::Fsync::new(fd)
                     .flags(types::FsyncFlags::DATASYNC)
                     .build()
-                    .user_data(UD_FSYNC),
+                    .user_data(ud | UD_FSYNC_BIT),
             );
         } else {
             sqes.push(write);
         }
-        self.expect = sqes.len();
-        self.short = false;
-        // SAFETY: the buffer lives in `self.job` until both completions have
-        // been reaped (`poll` only hands the job back after that, and `Drop`
-        // of the WAL waits for the in-flight job).
+        slot.expect = sqes.len();
+        slot.short = false;
+        // SAFETY: the buffer lives in `self.slots[i]` until both completions
+        // have been reaped (`poll` only hands the job back after that, and
+        // `Drop` of the WAL waits until nothing is in flight). The ring has
+        // two SQEs per slot, so the queue cannot be full.
         unsafe {
             self.ring
                 .submission()
@@ -224,10 +256,13 @@ impl UringIo {
     }
 
     fn poll(&mut self, block: bool) -> io::Result<Option<Done>> {
-        if self.job.is_none() {
-            return Ok(None);
-        }
         loop {
+            if let Some(d) = self.done.pop_front() {
+                return Ok(Some(d));
+            }
+            if self.slots.iter().all(Option::is_none) {
+                return Ok(None);
+            }
             if block && self.ring.completion().is_empty() {
                 match self.ring.submit_and_wait(1) {
                     Ok(_) => {}
@@ -239,49 +274,57 @@ impl UringIo {
             for cqe in self.ring.completion() {
                 seen.push((cqe.user_data(), cqe.result()));
             }
+            let mut finished = Vec::new();
             for (ud, res) in seen {
-                self.expect -= 1;
-                let len = self.job.as_ref().map_or(0, |j| j.buf.len());
-                match ud {
-                    UD_WRITE if res < 0 => {
-                        self.error
+                let i = (ud >> 1) as usize;
+                let Some(slot) = self.slots.get_mut(i).and_then(Option::as_mut) else {
+                    continue;
+                };
+                slot.expect -= 1;
+                let len = slot.job.buf.len();
+                if ud & UD_FSYNC_BIT == 0 {
+                    if res < 0 {
+                        slot.error
                             .get_or_insert(("write", io::Error::from_raw_os_error(-res)));
-                    }
-                    UD_WRITE => {
-                        self.written += res as usize;
-                        if self.written < len {
+                    } else {
+                        slot.written += res as usize;
+                        if slot.written < len {
                             if res == 0 {
-                                self.error.get_or_insert((
+                                slot.error.get_or_insert((
                                     "write",
                                     io::Error::from(io::ErrorKind::WriteZero),
                                 ));
                             }
-                            self.short = true;
+                            slot.short = true;
                         }
                     }
-                    UD_FSYNC if res == -libc::ECANCELED && (self.short || self.error.is_some()) => {
-                    }
-                    UD_FSYNC if res < 0 => {
-                        self.error
-                            .get_or_insert(("fdatasync", io::Error::from_raw_os_error(-res)));
-                    }
-                    _ => {}
+                } else if res == -libc::ECANCELED && (slot.short || slot.error.is_some()) {
+                } else if res < 0 {
+                    slot.error
+                        .get_or_insert(("fdatasync", io::Error::from_raw_os_error(-res)));
+                }
+                if slot.expect == 0 {
+                    finished.push(i);
                 }
             }
-            if self.expect == 0 {
-                if self.error.is_none() && self.short {
+            for i in finished {
+                let slot = self.slots[i].as_ref().expect("finished slot");
+                if slot.error.is_none() && slot.short {
                     // A short write is progress, not a failure: write the rest.
-                    self.push_chain()?;
+                    self.push_chain(i)?;
                 } else {
-                    let job = self.job.take().expect("job in flight");
-                    let result = match self.error.take() {
+                    let slot = self.slots[i].take().expect("finished slot");
+                    let result = match slot.error {
                         Some(e) => Err(e),
                         None => Ok(()),
                     };
-                    return Ok(Some(Done { job, result }));
+                    self.done.push_back(Done {
+                        job: slot.job,
+                        result,
+                    });
                 }
             }
-            if !block {
+            if self.done.is_empty() && !block {
                 return Ok(None);
             }
         }
@@ -292,35 +335,47 @@ pub struct FallbackIo {
     tx: Option<mpsc::Sender<Job>>,
     rx: mpsc::Receiver<Done>,
     efd: Arc<OwnedFd>,
-    busy: bool,
-    thread: Option<std::thread::JoinHandle<()>>,
+    in_flight: usize,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl FallbackIo {
-    fn new() -> io::Result<FallbackIo> {
+    /// `slots` threads, each doing one pwritev+fdatasync at a time: threads
+    /// of their own so that the core's runtime keeps running (and filling
+    /// the next batch) while fdatasync blocks.
+    fn new(slots: usize) -> io::Result<FallbackIo> {
         let (tx, jobs) = mpsc::channel::<Job>();
+        let jobs = Arc::new(Mutex::new(jobs));
         let (done_tx, rx) = mpsc::channel::<Done>();
         let efd = Arc::new(eventfd()?);
-        let efd2 = efd.clone();
-        // A thread of its own so that the core's runtime keeps running (and
-        // filling the next batch) while fdatasync blocks.
-        let thread = std::thread::Builder::new()
-            .name("wal-fallback-io".into())
-            .spawn(move || {
-                for job in jobs {
-                    let result = write_and_sync(&job);
-                    if done_tx.send(Done { job, result }).is_err() {
-                        return;
-                    }
-                    signal(efd2.as_raw_fd());
-                }
-            })?;
+        let mut threads = Vec::new();
+        for n in 0..slots.max(1) {
+            let (jobs, done_tx, efd2) = (jobs.clone(), done_tx.clone(), efd.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("wal-fallback-io-{n}"))
+                    .spawn(move || loop {
+                        let job = {
+                            let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
+                            match rx.recv() {
+                                Ok(j) => j,
+                                Err(_) => return,
+                            }
+                        };
+                        let result = write_and_sync(&job);
+                        if done_tx.send(Done { job, result }).is_err() {
+                            return;
+                        }
+                        signal(efd2.as_raw_fd());
+                    })?,
+            );
+        }
         Ok(FallbackIo {
             tx: Some(tx),
             rx,
             efd,
-            busy: false,
-            thread: Some(thread),
+            in_flight: 0,
+            threads,
         })
     }
 
@@ -329,13 +384,13 @@ impl FallbackIo {
             .as_ref()
             .expect("sender lives until drop")
             .send(job)
-            .map_err(|_| io::Error::other("wal fallback I/O thread exited"))?;
-        self.busy = true;
+            .map_err(|_| io::Error::other("wal fallback I/O threads exited"))?;
+        self.in_flight += 1;
         Ok(())
     }
 
     fn poll(&mut self, block: bool) -> Option<Done> {
-        if !self.busy {
+        if self.in_flight == 0 {
             return None;
         }
         let r = if block {
@@ -344,7 +399,7 @@ impl FallbackIo {
             self.rx.try_recv().ok()
         };
         if r.is_some() {
-            self.busy = false;
+            self.in_flight -= 1;
         }
         r
     }
@@ -353,7 +408,7 @@ impl FallbackIo {
 impl Drop for FallbackIo {
     fn drop(&mut self) {
         self.tx.take();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }

@@ -19,13 +19,24 @@
 //!    each op, encodes it into the batch being filled and updates the index
 //!    at once, so entries can be read back (from the cache) before they are
 //!    durable — the leader replicates while its own write is in flight.
-//! 3. When no batch is on the disk, the filled batch goes out as one write
-//!    SQE linked (`IOSQE_IO_LINK`) to one `fdatasync` SQE; while it is in
-//!    flight the next batch fills. That is the group commit: one fsync for
-//!    every append of every group that arrived meanwhile.
-//! 4. The completion (eventfd-signalled) resolves every [`Durable`] of the
-//!    batch, releases its buffer bytes, lets the cache evict written
-//!    entries, and purges segments nothing live needs any more.
+//! 3. While fewer than `batches_in_flight_max` batches are on the disk, the
+//!    pending batch is closed and goes out at once as one write SQE linked
+//!    (`IOSQE_IO_LINK`) to one `fdatasync` SQE, at its own offset of the
+//!    segment; when the disk's slots are full, the next batch fills until
+//!    one frees. That is the group commit: one fsync for every append of
+//!    every group that arrived meanwhile, with several fsyncs overlapping
+//!    (a virtualised disk completes overlapping requests far faster than a
+//!    chain of single ones). Requests drained together while slots are
+//!    free are spread over those slots, so a burst of appenders does not
+//!    all end up in one batch.
+//! 4. Chains complete in any order; batches are acknowledged strictly in
+//!    order: when a batch and every earlier one are durable, its
+//!    [`Durable`]s resolve, its buffer bytes are released, the cache may
+//!    evict written entries, and segments nothing live needs are purged.
+//!    A batch of the next segment is not submitted before every batch of
+//!    the previous one (its seal included) is durable, so in-flight batches
+//!    always share one segment and a segment's seal is durable before the
+//!    next segment holds anything (what recovery relies on).
 //!
 //! # Hard state: meta records in the same stream
 //! Term and vote are `HardState` records in the WAL itself, not a separate
@@ -117,6 +128,10 @@ pub struct WalConfig {
     /// `false` skips every fdatasync: for benchmarks only, never durable.
     pub raft_sync: bool,
     pub io_backend: IoBackend,
+    /// Batches (each one write + fdatasync) on the disk at once, in
+    /// `1..=format::WINDOW_MAX`. Written into every record: recovery
+    /// accepts a hole only among the last this-many batches of the log.
+    pub batches_in_flight_max: usize,
     /// Fault injection for tests: the write of the batch after this many
     /// completed batches fails with EIO (nothing is written).
     #[doc(hidden)]
@@ -136,6 +151,7 @@ impl WalConfig {
             rewrite_bytes_max: 8 << 20,
             raft_sync: true,
             io_backend: IoBackend::Auto,
+            batches_in_flight_max: 8,
             inject_eio_after_batches: None,
         }
     }
@@ -160,6 +176,15 @@ impl WalConfig {
             return bad(format!(
                 "batch_bytes_max {} must be in 1..=2^30",
                 self.batch_bytes_max
+            ));
+        }
+        if self.batches_in_flight_max == 0
+            || self.batches_in_flight_max > format::WINDOW_MAX as usize
+        {
+            return bad(format!(
+                "batches_in_flight_max {} must be in 1..={}",
+                self.batches_in_flight_max,
+                format::WINDOW_MAX
             ));
         }
         if self.append_buffer_bytes_max == 0 {
@@ -190,6 +215,9 @@ pub struct WalStatus {
     pub buffered_bytes: usize,
     pub batches: u64,
     pub fsyncs: u64,
+    /// Batches on the disk right now, and the most seen at once.
+    pub batches_in_flight: usize,
+    pub batches_in_flight_seen_max: usize,
     pub appended_entries: u64,
     pub appended_bytes: u64,
     pub rewritten_bytes: u64,
@@ -202,7 +230,17 @@ pub struct WalStatus {
 
 #[derive(Default)]
 struct Batch {
+    /// Segment.
     seq: u64,
+    /// Number within the segment (written into its records' headers).
+    no: u64,
+    /// Token for the I/O backend.
+    id: u64,
+    /// Its write (and fdatasync) finished; acknowledged once every earlier
+    /// batch is done too.
+    done: bool,
+    /// Bytes submitted (`buf` is inside the I/O job meanwhile).
+    len: u64,
     /// File offset of `buf[0]`.
     offset: u64,
     buf: Vec<u8>,
@@ -218,6 +256,9 @@ struct Batch {
 #[derive(Default)]
 struct Stats {
     batches: u64,
+    /// Batches handed to the I/O backend.
+    submitted: u64,
+    inflight_seen_max: usize,
     fsyncs: u64,
     appended_entries: u64,
     appended_bytes: u64,
@@ -238,9 +279,14 @@ pub struct Wal {
     pending: Batch,
     /// Closed batches waiting for the disk, oldest first.
     ready: VecDeque<Batch>,
-    /// The batch on the disk (its buffer is inside the I/O job).
-    inflight: Option<Batch>,
-    spare_buf: Option<Vec<u8>>,
+    /// Batches on the disk (their buffers are inside the I/O jobs) or done
+    /// but waiting for an earlier one, oldest first; at most
+    /// `batches_in_flight_max`, all of the same segment.
+    inflight: VecDeque<Batch>,
+    spare_bufs: Vec<Vec<u8>>,
+    /// Batches `0..acked_in_active` of the active segment are durable
+    /// (stamped into each record for recovery).
+    acked_in_active: u64,
     /// Total bytes encoded since open.
     lsn: u64,
     /// Stream position up to which batches completed (durable when syncing).
@@ -261,7 +307,8 @@ impl Wal {
         cfg.validate()?;
         let dir = segment::open_dir(&cfg.dir)?;
         let rec = recovery::recover(&cfg.dir, &dir)?;
-        let io = Io::open(cfg.io_backend).map_err(|e| io_err("set up I/O", &cfg.dir, 0, e))?;
+        let io = Io::open(cfg.io_backend, cfg.batches_in_flight_max)
+            .map_err(|e| io_err("set up I/O", &cfg.dir, 0, e))?;
         if !cfg.raft_sync {
             tracing::warn!(
                 dir = %cfg.dir.display(),
@@ -285,8 +332,9 @@ impl Wal {
             active: rec.next_seq,
             pending: Batch::default(),
             ready: VecDeque::new(),
-            inflight: None,
-            spare_buf: None,
+            inflight: VecDeque::new(),
+            spare_bufs: Vec::new(),
+            acked_in_active: 0,
             lsn: 0,
             done_lsn: 0,
             written: (0, 0),
@@ -325,6 +373,8 @@ impl Wal {
             buffered_bytes: self.shared.queued_bytes(),
             batches: self.stats.batches,
             fsyncs: self.stats.fsyncs,
+            batches_in_flight: self.inflight.len(),
+            batches_in_flight_seen_max: self.stats.inflight_seen_max,
             appended_entries: self.stats.appended_entries,
             appended_bytes: self.stats.appended_bytes,
             rewritten_bytes: self.stats.rewritten_bytes,
@@ -358,7 +408,7 @@ impl Wal {
         };
         let mut batches: Vec<Batch> = self.ready.drain(..).collect();
         batches.push(std::mem::take(&mut self.pending));
-        batches.extend(self.inflight.take());
+        batches.extend(self.inflight.drain(..));
         for b in batches {
             for r in b.replies {
                 let _ = r.send(Err(mk()));
@@ -387,9 +437,11 @@ impl Wal {
             },
         );
         self.active = seq;
-        let buf = self.spare_buf.take().unwrap_or_default();
+        self.acked_in_active = 0;
+        let buf = self.spare_bufs.pop().unwrap_or_default();
         self.pending = Batch {
             seq,
+            no: 0,
             offset: 0,
             buf,
             end_lsn: self.lsn,
@@ -418,7 +470,12 @@ impl Wal {
             self.rotate()?;
         }
         let start = self.pending.buf.len();
-        let rel = format::encode(&mut self.pending.buf, h, payload);
+        let h = h.in_batch(
+            self.pending.no,
+            self.acked_in_active,
+            self.cfg.batches_in_flight_max as u16,
+        );
+        let rel = format::encode(&mut self.pending.buf, &h, payload);
         debug_assert_eq!(self.pending.buf.len() - start, len);
         self.lsn += len as u64;
         self.pending.end_lsn = self.lsn;
@@ -426,8 +483,8 @@ impl Wal {
     }
 
     /// Seals the active segment and starts the next one. The sealed batch
-    /// is written (and synced) before any batch of the new segment, since
-    /// batches go to the disk one at a time in order.
+    /// is durable before any batch of the new segment goes to the disk
+    /// (`kick` waits for it).
     fn rotate(&mut self) -> Result<(), Error> {
         let seq = self.active;
         self.put_raw_seal(seq);
@@ -439,7 +496,12 @@ impl Wal {
     }
 
     fn put_raw_seal(&mut self, seq: u64) {
-        format::encode(&mut self.pending.buf, &RecordHeader::seal(seq), |_| {});
+        let h = RecordHeader::seal(seq).in_batch(
+            self.pending.no,
+            self.acked_in_active,
+            self.cfg.batches_in_flight_max as u16,
+        );
+        format::encode(&mut self.pending.buf, &h, |_| {});
         self.lsn += Self::seal_len();
         self.pending.end_lsn = self.lsn;
     }
@@ -447,10 +509,13 @@ impl Wal {
     /// Moves the pending batch to the ready queue.
     fn close_pending(&mut self) {
         let purge_below = self.purge_candidate();
+        // A batch without bytes is never written, so its number is reused:
+        // numbers on disk then count exactly the submitted batches.
         let next = Batch {
             seq: self.active,
+            no: self.pending.no + (!self.pending.buf.is_empty()) as u64,
             offset: self.pending.offset + self.pending.buf.len() as u64,
-            buf: self.spare_buf.take().unwrap_or_default(),
+            buf: self.spare_bufs.pop().unwrap_or_default(),
             end_lsn: self.lsn,
             ..Batch::default()
         };
@@ -608,13 +673,35 @@ impl Wal {
         self.kick()
     }
 
+    /// Free disk slots not yet claimed by closed batches.
+    fn free_slots(&self) -> usize {
+        self.cfg
+            .batches_in_flight_max
+            .saturating_sub(self.inflight.len() + self.ready.len())
+    }
+
     fn drain_queue(&mut self) -> Result<(), Error> {
+        // Spread what is queued now over the free disk slots: with one
+        // batch per slot the fsyncs overlap instead of one batch carrying
+        // every appender while the other slots idle.
+        let queued = self.shared.queue.len();
+        let free = self.free_slots();
+        let per_batch = if free > 1 && self.cfg.raft_sync {
+            queued.div_ceil(free).max(1)
+        } else {
+            usize::MAX
+        };
         while let Some(req) = self.shared.queue.pop() {
             match self.apply(&req.op) {
                 Ok(()) => {
                     self.pending.replies.push(req.reply);
                     self.pending.credit += req.bytes;
-                    self.maybe_close();
+                    if self.pending.replies.len() >= per_batch && self.free_slots() > 1 {
+                        self.close_pending();
+                        self.kick()?;
+                    } else {
+                        self.maybe_close();
+                    }
                 }
                 Err(e) => {
                     let fatal = self.failed.is_some();
@@ -629,27 +716,50 @@ impl Wal {
         Ok(())
     }
 
-    /// Submits the next batch if the disk is idle.
+    /// Submits closed batches (closing the pending one first if nothing is
+    /// closed) while the disk has free slots. A batch of a newer segment
+    /// waits until every batch of the older one is acknowledged.
     fn kick(&mut self) -> Result<(), Error> {
-        while self.inflight.is_none() {
+        loop {
             if self.ready.is_empty() {
                 if self.pending.buf.is_empty() && self.pending.replies.is_empty() {
                     return Ok(());
                 }
+                if self.inflight.len() >= self.cfg.batches_in_flight_max {
+                    return Ok(());
+                }
                 self.close_pending();
             }
-            let mut b = self.ready.pop_front().expect("non-empty");
-            if b.buf.is_empty() {
+            let front = self.ready.front().expect("non-empty");
+            if front.buf.is_empty() {
                 // Only no-op requests: durable as soon as everything before.
-                self.complete(b);
+                let b = self.ready.pop_front().expect("non-empty");
+                match self.inflight.back_mut() {
+                    Some(last) => {
+                        last.replies.extend(b.replies);
+                        last.credit += b.credit;
+                        last.end_lsn = b.end_lsn;
+                        last.purge_below = last.purge_below.max(b.purge_below);
+                    }
+                    None => self.complete(b),
+                }
                 continue;
             }
+            if self.inflight.len() >= self.cfg.batches_in_flight_max
+                || self.inflight.front().is_some_and(|f| f.seq != front.seq)
+            {
+                return Ok(());
+            }
+            let mut b = self.ready.pop_front().expect("non-empty");
             assert!(
                 b.buf.len() <= u32::MAX as usize,
                 "batch larger than one write"
             );
             let seg = self.segments.get(&b.seq).expect("batch segment exists");
+            b.id = self.stats.submitted;
+            b.len = b.buf.len() as u64;
             let job = Job {
+                id: b.id,
                 file: seg.file.clone(),
                 path: seg.path.clone(),
                 offset: b.offset,
@@ -658,46 +768,56 @@ impl Wal {
             };
             let path = seg.path.clone();
             let offset = b.offset;
-            self.inflight = Some(b);
-            if self.cfg.inject_eio_after_batches == Some(self.stats.batches) {
+            self.inflight.push_back(b);
+            self.stats.inflight_seen_max = self.stats.inflight_seen_max.max(self.inflight.len());
+            if self.cfg.inject_eio_after_batches == Some(self.stats.submitted) {
                 let e = std::io::Error::from_raw_os_error(libc::EIO);
                 return Err(self.fail(io_err("write (injected)", &path, offset, e)));
             }
+            self.stats.submitted += 1;
             if let Err(e) = self.io.submit(job) {
                 return Err(self.fail(io_err("submit write", &path, offset, e)));
             }
         }
-        Ok(())
     }
 
-    /// Handles the in-flight batch's completion, if there is one (waiting
-    /// for it with `block`).
+    /// Handles finished batches (waiting for one with `block` if any is in
+    /// flight) and acknowledges, in order, every batch whose predecessors
+    /// are all done.
     fn reap(&mut self, block: bool) -> Result<(), Error> {
-        if self.inflight.is_none() {
-            return Ok(());
-        }
-        let done = match self.io.poll(block) {
-            Ok(Some(d)) => d,
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                let p = self.cfg.dir.clone();
-                return Err(self.fail(io_err("wait for I/O completion", &p, 0, e)));
+        let mut block = block;
+        while !self.inflight.is_empty() {
+            let done = match self.io.poll(block) {
+                Ok(Some(d)) => d,
+                Ok(None) => break,
+                Err(e) => {
+                    let p = self.cfg.dir.clone();
+                    return Err(self.fail(io_err("wait for I/O completion", &p, 0, e)));
+                }
+            };
+            block = false;
+            if let Err((op, e)) = done.result {
+                let err = io_err(op, &done.job.path, done.job.offset, e);
+                return Err(self.fail(err));
             }
-        };
-        let mut b = self.inflight.take().expect("checked above");
-        if let Err((op, e)) = done.result {
-            let err = io_err(op, &done.job.path, done.job.offset, e);
-            self.inflight = Some(b);
-            return Err(self.fail(err));
+            let mut buf = done.job.buf;
+            buf.clear();
+            if self.spare_bufs.len() <= self.cfg.batches_in_flight_max {
+                self.spare_bufs.push(buf);
+            }
+            self.stats.fsyncs += self.cfg.raft_sync as u64;
+            if let Some(b) = self.inflight.iter_mut().find(|b| b.id == done.job.id) {
+                b.done = true;
+            }
+            while self.inflight.front().is_some_and(|b| b.done) {
+                let b = self.inflight.pop_front().expect("checked");
+                self.written = (b.seq, b.offset + b.len);
+                if b.seq == self.active {
+                    self.acked_in_active = b.no + 1;
+                }
+                self.complete(b);
+            }
         }
-        let len = done.job.buf.len() as u64;
-        let mut buf = done.job.buf;
-        buf.clear();
-        self.spare_buf = Some(buf);
-        b.buf = Vec::new();
-        self.written = (b.seq, b.offset + len);
-        self.stats.fsyncs += self.cfg.raft_sync as u64;
-        self.complete(b);
         Ok(())
     }
 
@@ -837,7 +957,7 @@ impl Wal {
         loop {
             self.kick()?;
             if self.done_lsn >= target
-                && self.inflight.is_none()
+                && self.inflight.is_empty()
                 && self.ready.is_empty()
                 && self.pending.replies.is_empty()
             {
@@ -956,8 +1076,8 @@ impl Wal {
 
     /// Drops the store as a crash would: whatever is not yet on the disk is
     /// lost and the active segment stays unsealed (recovery then cuts its
-    /// tail). The batch already on the disk is waited for, since its buffer
-    /// must outlive the kernel's use of it. For crash tests.
+    /// tail). Batches already on the disk are waited for, since their
+    /// buffers must outlive the kernel's use of them. For crash tests.
     pub fn close_unsealed(mut self) {
         self.abandon = true;
     }
@@ -1060,7 +1180,7 @@ pub async fn run(wal: Rc<RefCell<Wal>>) -> Result<(), Error> {
             w.drive()?;
             if w.shared.shutdown.load(Ordering::Acquire)
                 && w.shared.queue.is_empty()
-                && w.inflight.is_none()
+                && w.inflight.is_empty()
                 && w.ready.is_empty()
                 && w.pending.replies.is_empty()
                 && w.lsn == w.done_lsn

@@ -5,12 +5,25 @@
 //!   syncs the directory); a gap means a lost file.
 //! - Every segment but the last must end with its seal record: the writer
 //!   syncs a segment's seal before it writes anything to the next one.
-//! - In the last segment, a bad or zero record with no valid record after it
-//!   (scanning on at every 8-byte boundary) is a torn tail: the process died
-//!   in the middle of a batch that was never acknowledged. It is cut off
-//!   with a `warn!` and the segment sealed, so it can never later look like
+//! - In the last segment, a bad or zero record (a hole) is the torn tail of
+//!   a crash when every valid record after it (scanning on at every 8-byte
+//!   boundary) can belong to a batch that was in flight, unacknowledged,
+//!   together with the hole's batch. The writer keeps up to `window`
+//!   batches on the disk, completing in any order, so later batches may
+//!   have landed while the hole's did not. The hole lies in batch `lo` or
+//!   `lo + 1`, `lo` being the batch of the last valid record before it (in
+//!   batch 0 if there is none); a record after it is unacknowledged tail
+//!   only if
+//!   - its batch is in `lo..=lo + window` (`..window` without `lo`): the
+//!     window of batches that could be in flight with the hole's, and
+//!   - its `acked` stamp is at most `lo + 1` (`0` without `lo`): when it was
+//!     written, the hole's batch was not yet known durable.
+//!
+//!   Then everything from the hole on is unacknowledged: it is cut off with
+//!   a `warn!` and the segment sealed, so it can never later look like
 //!   corruption in the middle of the log.
-//! - Anything else — a bad record followed by a valid one anywhere — is
+//! - Anything else — a bad record followed by a valid one that does not
+//!   pass both checks, or a hole in any segment but the last — is
 //!   corruption: recovery refuses with an error naming the file and offset.
 
 use std::collections::BTreeMap;
@@ -79,15 +92,18 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
     while let Some(&seq) = seqs.last() {
         let path = dir_path.join(segment::file_name(seq));
         let data = std::fs::read(&path).map_err(|e| io_err("read segment", &path, 0, e))?;
+        // No valid start record, and nothing after it that could not have
+        // been in flight with the start record's batch: nothing of this
+        // file was ever acknowledged.
         let empty = !matches!(format::decode_at(&data, 0), Decoded::Record { .. })
-            && find_valid_after(&data, 0).is_none();
+            && check_tail_hole(&data, 0, None).is_ok();
         if !empty {
             break;
         }
         tracing::warn!(
             path = %path.display(),
             torn = data.iter().any(|b| *b != 0),
-            "wal: removing a trailing segment that holds no valid record (created just before a crash)"
+            "wal: removing a trailing segment without a valid start record (created or half-written just before a crash; nothing in it was acknowledged)"
         );
         std::fs::remove_file(&path).map_err(|e| io_err("remove empty segment", &path, 0, e))?;
         segment::sync_dir(dir, dir_path)?;
@@ -104,7 +120,7 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
         let is_last = i + 1 == seqs.len();
         let path = dir_path.join(segment::file_name(seq));
         let data = std::fs::read(&path).map_err(|e| io_err("read segment", &path, 0, e))?;
-        let (end, sealed, bad) = replay_segment(&path, seq, &data, &mut out.groups)?;
+        let (end, sealed, bad, last) = replay_segment(&path, seq, &data, &mut out.groups)?;
         if !sealed {
             let (off, reason) = bad.expect("an unsealed segment stops at a bad or zero record");
             if !is_last {
@@ -114,19 +130,19 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
                     format!("{reason}; the segment has no seal record but later segments exist"),
                 ));
             }
-            if let Some(next) = find_valid_after(&data, off) {
-                return Err(corrupt(
-                    &path,
-                    off as u64,
-                    format!("{reason}; a valid record follows at offset {next}"),
-                ));
-            }
+            let after = match check_tail_hole(&data, off, last) {
+                Ok(n) => n,
+                Err(why) => {
+                    return Err(corrupt(&path, off as u64, format!("{reason}; {why}")));
+                }
+            };
             let nonzero = data[off..].iter().any(|b| *b != 0);
             tracing::warn!(
                 path = %path.display(),
                 offset = off,
                 bytes = data.len() - off,
                 torn = nonzero,
+                valid_records_after_hole = after,
                 reason = %reason,
                 "wal: truncating the torn or zero-filled tail of the last segment (unacknowledged writes of a crash)"
             );
@@ -159,8 +175,9 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
 }
 
 /// (end of the valid records, sealed?, the bad or zero record (offset,
-/// reason) that stopped an unsealed segment).
-type SegmentEnd = (usize, bool, Option<(usize, String)>);
+/// reason) that stopped an unsealed segment, (batch, window) of the last
+/// valid record).
+type SegmentEnd = (usize, bool, Option<(usize, String)>, Option<(u64, u16)>);
 
 /// Replays one segment.
 fn replay_segment(
@@ -170,6 +187,7 @@ fn replay_segment(
     groups: &mut BTreeMap<GroupId, GroupIndex>,
 ) -> Result<SegmentEnd, Error> {
     let mut off = 0usize;
+    let mut last = None;
     loop {
         match format::decode_at(data, off) {
             Decoded::Record {
@@ -179,6 +197,18 @@ fn replay_segment(
                 len,
             } => {
                 let kind = header.kind();
+                if last.is_some_and(|(b, _)| header.batch < b) {
+                    return Err(corrupt(
+                        path,
+                        off as u64,
+                        format!(
+                            "batch number {} goes back (previous record: batch {})",
+                            header.batch,
+                            last.unwrap_or_default().0
+                        ),
+                    ));
+                }
+                last = Some((header.batch, header.window));
                 if off == 0 && (kind != RecordKind::SegmentStart || header.aux != seq) {
                     return Err(corrupt(
                         path,
@@ -200,7 +230,7 @@ fn replay_segment(
                             format!("seal record names segment {}", header.aux),
                         ));
                     }
-                    return Ok((off + len, true, None));
+                    return Ok((off + len, true, None, last));
                 }
                 if kind == RecordKind::SegmentStart {
                     off += len;
@@ -222,9 +252,10 @@ fn replay_segment(
                     off,
                     false,
                     Some((off, "zero-filled or unwritten space".into())),
+                    last,
                 ))
             }
-            Decoded::Bad(reason) => return Ok((off, false, Some((off, reason)))),
+            Decoded::Bad(reason) => return Ok((off, false, Some((off, reason)), last)),
         }
     }
 }
@@ -285,6 +316,41 @@ fn apply(
     Ok(())
 }
 
+/// Whether the hole at `off` of the last segment can be the tail of a crash:
+/// every valid record after it may have been in flight, unacknowledged,
+/// together with the hole's batch (see the module docs). `before` is the
+/// (batch, window) of the last valid record before the hole, if any.
+/// Returns how many valid records follow, or why one of them proves
+/// corruption.
+fn check_tail_hole(data: &[u8], off: usize, before: Option<(u64, u16)>) -> Result<usize, String> {
+    let mut n = 0;
+    let mut at = off;
+    while let Some(next) = find_valid_after(data, at) {
+        let Decoded::Record { header: h, len, .. } = format::decode_at(data, next) else {
+            unreachable!("find_valid_after returns valid records")
+        };
+        let (lo, max_batch, max_acked) = match before {
+            Some((lo, window)) => (lo, lo + window as u64, lo + 1),
+            None => (0, h.window as u64 - 1, 0),
+        };
+        if h.batch < lo || h.batch > max_batch {
+            return Err(format!(
+                "a valid record follows at offset {next} in batch {}, outside the in-flight window {lo}..={max_batch} of the hole",
+                h.batch
+            ));
+        }
+        if h.acked > max_acked {
+            return Err(format!(
+                "a valid record follows at offset {next}, written when batches 0..{} were durable (the hole's batch among them)",
+                h.acked
+            ));
+        }
+        n += 1;
+        at = next + len - ALIGN;
+    }
+    Ok(n)
+}
+
 /// Offset of the first valid record after `off`, if any.
 pub fn find_valid_after(data: &[u8], off: usize) -> Option<usize> {
     let magic = MAGIC.to_le_bytes();
@@ -309,7 +375,9 @@ fn seal_at(path: &Path, seq: u64, end: u64) -> Result<(), Error> {
     file.set_len(end)
         .map_err(|e| io_err("truncate torn tail", path, end, e))?;
     let mut buf = Vec::new();
-    format::encode(&mut buf, &RecordHeader::seal(seq), |_| {});
+    // Batch numbers of a sealed tail are never checked again.
+    let seal = RecordHeader::seal(seq).in_batch(u64::MAX, 0, 1);
+    format::encode(&mut buf, &seal, |_| {});
     file.write_all_at(&buf, end)
         .map_err(|e| io_err("write seal", path, end, e))?;
     file.sync_all()
