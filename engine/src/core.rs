@@ -1020,12 +1020,14 @@ impl Core {
         match ev {
             Event::BecameLeader { term } => {
                 info!(bg, term, "became leader");
+                self.retry_forwarded_to_others(bg, self.me);
                 self.redispatch_parked();
             }
             Event::BecameFollower { term, leader } => {
                 debug!(bg, term, ?leader, "following");
                 self.abandon_leader_work(bg, "leadership moved");
-                if leader.is_some() {
+                if let Some(l) = leader {
+                    self.retry_forwarded_to_others(bg, l);
                     self.redispatch_parked();
                 }
             }
@@ -1058,6 +1060,26 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// A new leader is known: requests forwarded to another node will not be answered by a
+    /// leader (it lost leadership or died), so retry them now instead of waiting for
+    /// `forward_timeout_ms`. A write that old node did commit is written again (idempotent).
+    fn retry_forwarded_to_others(&mut self, bg: GroupId, leader: NodeId) {
+        let stale: Vec<u64> = self
+            .forwarded
+            .iter()
+            .filter(|(_, (c, to, _))| c.bg == bg && *to != leader)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            if let Some((client, to, _)) = self.forwarded.remove(&id) {
+                self.parked.push(Client {
+                    last_err: format!("node {to} is no longer the leader"),
+                    ..client
+                });
+            }
+        }
     }
 
     /// Leadership is gone: pending proposals and reads are retried through the new leader.
