@@ -52,6 +52,10 @@ pub struct WalArgs {
     /// WAL I/O backend: auto (io_uring if available), uring or fallback.
     #[arg(long, default_value = "auto")]
     backend: String,
+    /// WAL batches (write + fdatasync) on the disk at once
+    /// (`batches_in_flight_max`).
+    #[arg(long, default_value_t = WalConfig::new(".").batches_in_flight_max)]
+    in_flight: usize,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -66,6 +70,8 @@ struct Row {
     p50_us: u64,
     p99_us: u64,
     p999_us: u64,
+    /// WAL cells: the most batches seen on the disk at once.
+    max_in_flight: usize,
 }
 
 type Res<T> = Result<T, String>;
@@ -98,7 +104,7 @@ pub fn run(a: WalArgs) -> Res<()> {
         for &n in &a.appenders {
             cell += 1;
             let dir = root.join(format!("wal-{cell}"));
-            let r = wal_cell(&dir, size, n, a.groups, dur, backend)?;
+            let r = wal_cell(&dir, size, n, a.groups, dur, backend, a.in_flight)?;
             let _ = std::fs::remove_dir_all(&dir);
             progress(&r, a.json);
             rows.push(r);
@@ -163,12 +169,12 @@ fn progress(r: &Row, json: bool) {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| mode | entry | appenders | appends/s | MB/s | fsyncs/s | mean batch | p50 us | p99 us | p99.9 us |"
+        "| mode | entry | appenders | appends/s | MB/s | fsyncs/s | mean batch | max in flight | p50 us | p99 us | p99.9 us |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.0} | {:.1} | {:.0} | {:.1} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} |",
             r.mode,
             if r.entry_bytes >= 1024 {
                 format!("{} KiB", r.entry_bytes / 1024)
@@ -180,6 +186,11 @@ fn print_table(rows: &[Row]) {
             r.mb_per_s,
             r.fsyncs_per_s,
             r.mean_batch,
+            if r.mode.starts_with("wal") {
+                r.max_in_flight.to_string()
+            } else {
+                "-".into()
+            },
             r.p50_us,
             r.p99_us,
             r.p999_us
@@ -215,6 +226,7 @@ fn row(
         p50_us: h.value_at_quantile(0.5),
         p99_us: h.value_at_quantile(0.99),
         p999_us: h.value_at_quantile(0.999),
+        max_in_flight: 0,
     }
 }
 
@@ -226,9 +238,11 @@ fn wal_cell(
     groups: u64,
     dur: Duration,
     backend: IoBackend,
+    in_flight: usize,
 ) -> Res<Row> {
     let mut cfg = WalConfig::new(dir);
     cfg.io_backend = backend;
+    cfg.batches_in_flight_max = in_flight;
     cfg.log_segment_bytes_max = 256 << 20;
     cfg.batch_bytes_max = 8 << 20;
     cfg.segments_soft_max = 8;
@@ -251,7 +265,7 @@ fn wal_cell(
     let hist_all = Rc::new(RefCell::new(hist()));
     let count = Rc::new(RefCell::new(0u64));
     let stop = Rc::new(std::cell::Cell::new(false));
-    let (secs, fsyncs) = local.block_on(&rt, async {
+    let (secs, fsyncs, max_in_flight) = local.block_on(&rt, async {
         let writer = tokio::task::spawn_local(wal::run(w.clone()));
         let fs0 = w.borrow().status().fsyncs;
         let t0 = Instant::now();
@@ -297,13 +311,15 @@ fn wal_cell(
             t.await.expect("appender");
         }
         let secs = t0.elapsed().as_secs_f64();
-        let fsyncs = w.borrow().status().fsyncs - fs0;
+        let st = w.borrow().status();
+        let fsyncs = st.fsyncs - fs0;
         h.shutdown();
         writer.await.expect("writer").expect("wal writer");
-        (secs, fsyncs)
+        (secs, fsyncs, st.batches_in_flight_seen_max)
     });
     let c = *count.borrow();
     let mut r = row("wal", size, n, c, fsyncs, secs, &hist_all.borrow());
+    r.max_in_flight = max_in_flight;
     if backend != "io_uring" {
         r.mode = format!("wal ({backend})");
     }

@@ -785,3 +785,31 @@ fn several_batches_are_in_flight_under_concurrent_appenders_uring() {
 fn several_batches_are_in_flight_under_concurrent_appenders_fallback() {
     batches_in_flight(IoBackend::Fallback);
 }
+
+#[test]
+fn groups_that_never_compact_do_not_start_a_rewrite_storm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = WalConfig::new(tmp.path());
+    c.log_segment_bytes_max = 64 << 10;
+    c.record_bytes_max = 16 << 10;
+    c.segments_soft_max = 4;
+    let mut w = Wal::open(c.clone()).unwrap();
+    // ~500 KB of live entries in 64 groups (each small enough to rewrite),
+    // never compacted: far more than the soft limit's half (2 segments).
+    // Rewriting cannot bring the count down; it used to rewrite every group
+    // again on every pass.
+    for round in 0..20u64 {
+        for g in 0..64u64 {
+            w.append(g, &ents(round + 1, round + 1, 1, 400)).unwrap();
+        }
+        w.sync().unwrap();
+    }
+    let st = w.status();
+    assert_eq!(st.rewritten_bytes, 0, "{st:?}");
+    assert!(st.segments > c.segments_soft_max, "{st:?}");
+    drop(w);
+    let mut w = Wal::open(c).unwrap();
+    for g in 0..64u64 {
+        assert_eq!(w.entries(g, 1, 21).unwrap(), ents(1, 20, 1, 400));
+    }
+}

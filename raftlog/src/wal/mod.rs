@@ -299,6 +299,8 @@ pub struct Wal {
     truncated_at_open: Vec<(PathBuf, u64)>,
     /// Set by `close_unsealed`: drop without writing anything more.
     abandon: bool,
+    /// Active segment when cold-group rewrite was last found futile.
+    rewrite_futile_at: Option<u64>,
 }
 
 impl Wal {
@@ -343,6 +345,7 @@ impl Wal {
             stats: Stats::default(),
             truncated_at_open: rec.truncated,
             abandon: false,
+            rewrite_futile_at: None,
             cfg,
         };
         if let Err(e) = wal.start_segment(rec.next_seq) {
@@ -863,7 +866,31 @@ impl Wal {
     /// Rewrites groups that pin the oldest segments into the head, each as
     /// one `GroupImage` record, so those segments can be purged.
     fn maybe_rewrite(&mut self) -> Result<(), Error> {
-        if self.segments.len() <= self.cfg.segments_soft_max {
+        if self.segments.len() <= self.cfg.segments_soft_max
+            || self.rewrite_futile_at == Some(self.active)
+        {
+            return Ok(());
+        }
+        // Rewriting only brings the segment count down when the live data
+        // fits well under the soft limit. Above it (groups that do not
+        // compact), every pass would rewrite everything into new segments
+        // that push the count over the limit again: an endless rewrite
+        // storm. Check again once the writer moved to a new segment.
+        let live: u64 = self
+            .groups
+            .values()
+            .flat_map(|g| g.entries.iter())
+            .map(|e| e.len as u64 + ENTRY_ROW_LEN as u64)
+            .sum();
+        let room = (self.cfg.segments_soft_max / 2) as u64 * self.cfg.log_segment_bytes_max;
+        if live > room {
+            self.rewrite_futile_at = Some(self.active);
+            tracing::warn!(
+                live_bytes = live,
+                segments = self.segments.len(),
+                segments_soft_max = self.cfg.segments_soft_max,
+                "wal: live entries exceed half the segment soft limit; cold-group rewrite skipped (it cannot reduce the segment count) until groups compact"
+            );
             return Ok(());
         }
         let keep = (self.cfg.segments_soft_max / 2) as u64;
