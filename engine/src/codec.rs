@@ -25,6 +25,14 @@ pub const FRAME_MESSAGES_MAX: u32 = 1 << 16;
 /// Entries in one AppendEntries, at most.
 pub const MESSAGE_ENTRIES_MAX: u32 = 1 << 16;
 
+/// Largest term or log index a peer may send (2^63 - 1). Real values never come near it (one
+/// term per election, one index per entry), and the bound keeps the raft core's arithmetic
+/// (`term + 1`, `index + entries`) from overflowing on a corrupt or hostile message: a single
+/// RequestVote with term `u64::MAX` used to make every node of a cluster adopt it and then
+/// panic on `term + 1` at its next campaign (and again after every restart, the term being
+/// persisted).
+pub const TERM_INDEX_MAX: u64 = i64::MAX as u64;
+
 /// Why a frame was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Malformed(pub String);
@@ -69,6 +77,14 @@ impl Reader {
     fn u64(&mut self, what: &str) -> R<u64> {
         self.need(8, what)?;
         Ok(self.b.get_u64_le())
+    }
+    /// A term or log index: at most [`TERM_INDEX_MAX`].
+    fn ti(&mut self, what: &str) -> R<u64> {
+        let v = self.u64(what)?;
+        if v > TERM_INDEX_MAX {
+            return Err(Malformed(format!("{what} {v} is above {TERM_INDEX_MAX}")));
+        }
+        Ok(v)
     }
     fn bytes(&mut self, n: usize, what: &str) -> R<Bytes> {
         self.need(n, what)?;
@@ -217,13 +233,13 @@ fn get_message(r: &mut Reader) -> R<Message> {
     let group = r.u64("group")?;
     let from = r.u64("from")?;
     let to = r.u64("to")?;
-    let term = r.u64("term")?;
+    let term = r.ti("term")?;
     let tag = r.u8("tag")?;
     let body = match tag {
         TAG_REQUEST_VOTE => MessageBody::RequestVote {
             pre_vote: r.bool("pre_vote")?,
-            last_log_index: r.u64("last_log_index")?,
-            last_log_term: r.u64("last_log_term")?,
+            last_log_index: r.ti("last_log_index")?,
+            last_log_term: r.ti("last_log_term")?,
             leadership_transfer: r.bool("leadership_transfer")?,
         },
         TAG_REQUEST_VOTE_RESPONSE => MessageBody::RequestVoteResponse {
@@ -231,9 +247,9 @@ fn get_message(r: &mut Reader) -> R<Message> {
             granted: r.bool("granted")?,
         },
         TAG_APPEND => {
-            let prev_log_index = r.u64("prev_log_index")?;
-            let prev_log_term = r.u64("prev_log_term")?;
-            let leader_commit = r.u64("leader_commit")?;
+            let prev_log_index = r.ti("prev_log_index")?;
+            let prev_log_term = r.ti("prev_log_term")?;
+            let leader_commit = r.ti("leader_commit")?;
             let round = r.u64("round")?;
             let n = r.u32("entry count")?;
             if n > MESSAGE_ENTRIES_MAX {
@@ -243,14 +259,14 @@ fn get_message(r: &mut Reader) -> R<Message> {
             }
             let mut entries = Vec::with_capacity(n.min(1024) as usize);
             for i in 0..n as u64 {
-                let index = r.u64("entry index")?;
+                let index = r.ti("entry index")?;
                 if Some(index) != prev_log_index.checked_add(i + 1) {
                     return Err(Malformed(format!(
                         "entry index {index} does not follow prev_log_index {prev_log_index} + {}",
                         i + 1
                     )));
                 }
-                let eterm = r.u64("entry term")?;
+                let eterm = r.ti("entry term")?;
                 let kind = r.u8("entry kind")?;
                 let kind = EntryKind::from_u8(kind)
                     .ok_or_else(|| Malformed(format!("unknown entry kind {kind}")))?;
@@ -278,25 +294,25 @@ fn get_message(r: &mut Reader) -> R<Message> {
         }
         TAG_APPEND_RESPONSE => MessageBody::AppendEntriesResponse {
             success: r.bool("success")?,
-            match_index: r.u64("match_index")?,
-            rejected_index: r.u64("rejected_index")?,
-            conflict_index: r.u64("conflict_index")?,
-            conflict_term: r.u64("conflict_term")?,
+            match_index: r.ti("match_index")?,
+            rejected_index: r.ti("rejected_index")?,
+            conflict_index: r.ti("conflict_index")?,
+            conflict_term: r.ti("conflict_term")?,
             round: r.u64("round")?,
             readonly: r.bool("readonly")?,
         },
         TAG_HEARTBEAT => MessageBody::Heartbeat {
-            commit: r.u64("commit")?,
+            commit: r.ti("commit")?,
             round: r.u64("round")?,
         },
         TAG_HEARTBEAT_RESPONSE => MessageBody::HeartbeatResponse {
             round: r.u64("round")?,
             readonly: r.bool("readonly")?,
-            last_index: r.u64("last_index")?,
+            last_index: r.ti("last_index")?,
         },
         TAG_INSTALL_SNAPSHOT => {
-            let index = r.u64("snapshot index")?;
-            let sterm = r.u64("snapshot term")?;
+            let index = r.ti("snapshot index")?;
+            let sterm = r.ti("snapshot term")?;
             let len = r.u32("conf length")? as usize;
             let conf = r.bytes(len, "conf")?;
             let conf = Configuration::decode(&conf)
@@ -310,7 +326,7 @@ fn get_message(r: &mut Reader) -> R<Message> {
             }
         }
         TAG_INSTALL_SNAPSHOT_RESPONSE => MessageBody::InstallSnapshotResponse {
-            index: r.u64("index")?,
+            index: r.ti("index")?,
             success: r.bool("success")?,
         },
         TAG_TIMEOUT_NOW => MessageBody::TimeoutNow,
@@ -677,5 +693,42 @@ mod tests {
         for r in resps {
             assert_eq!(ForwardResponse::decode(r.encode()).unwrap(), r);
         }
+    }
+
+    #[test]
+    fn terms_and_indexes_above_the_bound_are_refused() {
+        for m in sample() {
+            let mut hostile = m.clone();
+            hostile.term = u64::MAX;
+            assert!(decode_messages(encode_messages(&[hostile])).is_err());
+            let mut at_bound = m.clone();
+            at_bound.term = TERM_INDEX_MAX;
+            assert!(decode_messages(encode_messages(&[at_bound])).is_ok());
+        }
+        let vote = Message {
+            group: 1,
+            from: 1,
+            to: 2,
+            term: 3,
+            body: MessageBody::RequestVote {
+                pre_vote: false,
+                last_log_index: TERM_INDEX_MAX + 1,
+                last_log_term: 1,
+                leadership_transfer: true,
+            },
+        };
+        let err = decode_messages(encode_messages(&[vote])).unwrap_err();
+        assert!(err.0.contains("last_log_index"), "{err}");
+        let heartbeat = Message {
+            group: 1,
+            from: 1,
+            to: 2,
+            term: 3,
+            body: MessageBody::Heartbeat {
+                commit: u64::MAX,
+                round: u64::MAX,
+            },
+        };
+        assert!(decode_messages(encode_messages(&[heartbeat])).is_err());
     }
 }

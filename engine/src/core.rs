@@ -405,6 +405,13 @@ fn open_group(
     })
 }
 
+/// Whether `node` is a voter (incoming or outgoing) or a learner of `conf`.
+fn is_member(conf: &Configuration, node: NodeId) -> bool {
+    conf.voters.contains(&node)
+        || conf.voters_outgoing.contains(&node)
+        || conf.learners.contains(&node)
+}
+
 /// Awaits WAL completions in submission order (see the module docs).
 async fn watch_durable(
     mut rx: mpsc::UnboundedReceiver<(GroupId, u64, Option<Durable>)>,
@@ -707,6 +714,16 @@ impl Core {
                     last_err: String::new(),
                 };
                 match self.groups.get(&group_field).map(|g| g.raft.role()) {
+                    // Forwards come from the replicas of the group (see `step` on members).
+                    Some(_) if !is_member(self.groups[&group_field].raft.conf(), from) => {
+                        warn!(
+                            core = self.core,
+                            bg = group_field,
+                            from,
+                            "forwarded request from a node that is not a member refused"
+                        );
+                        self.reply(client, Err(Error::UnknownBg { bg: group_field }));
+                    }
                     Some(Role::Leader) => self.execute(client),
                     Some(_) => self.retry_later(client, String::new()),
                     None => self.reply(client, Err(Error::UnknownBg { bg: group_field })),
@@ -779,6 +796,17 @@ impl Core {
             debug!(bg, from, "message for a group not hosted here dropped");
             return;
         };
+        // Only members talk raft to a group (the transport authenticates nodes, not their
+        // membership): a message from any other node — one that holds a cluster certificate
+        // but no replica, or anyone on loopback in insecure mode — could otherwise depose the
+        // leader with a higher term or become the leader a follower forwards to.
+        if !is_member(g.raft.conf(), from) {
+            warn!(
+                core = self.core,
+                bg, from, "raft message from a node that is not a member of the group dropped"
+            );
+            return;
+        }
         if let MessageBody::InstallSnapshot { meta } = &m.body {
             // Step it only once its data is here: the core cannot abort an install it asked for.
             if meta.index > g.raft.commit_index() && !self.incoming.is_complete(bg, meta.index) {

@@ -1,0 +1,381 @@
+//! Helpers shared by the multi-process cluster tests: three `bd-server run` processes on
+//! loopback (insecure transport, random free ports, a temporary directory), stock NBD tools to
+//! drive them, and the HTTP status of each node. Every child is killed when its [`Cluster`] is
+//! dropped, so a failing test leaves no process behind.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest any single tool run may take.
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time a cluster has to elect a leader.
+pub const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
+pub const BG_BYTES: u64 = 64 << 20;
+// Blocks of 64 KiB written by the failover test: 0..600 during the kill, 600..700 after.
+const _: () = assert!(700 * 65536 <= BG_BYTES);
+pub const MIB: u64 = 1 << 20;
+
+pub fn tool(name: &str) -> PathBuf {
+    let package = match name {
+        "qemu-io" | "qemu-img" => "qemu-utils",
+        "fio" => "fio",
+        other => other,
+    };
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("`{name}` is not installed: install the Debian package `{package}` (.ci/apt-packages)")
+        })
+}
+
+/// Runs a tool to completion, killing it after `TOOL_TIMEOUT`.
+pub fn run(name: &str, args: &[&str]) -> Output {
+    let mut child = Command::new(tool(name))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
+    let started = Instant::now();
+    // Drain the pipes on threads so a chatty tool cannot block on a full pipe.
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > TOOL_TIMEOUT {
+            let _ = child.kill();
+            panic!(
+                "`{name} {}` did not finish in {TOOL_TIMEOUT:?}",
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: t1.join().unwrap(),
+        stderr: t2.join().unwrap(),
+    }
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "status: {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn run_ok(name: &str, args: &[&str]) -> String {
+    let out = run(name, args);
+    assert!(
+        out.status.success(),
+        "`{name} {}` failed:\n{}",
+        args.join(" "),
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// qemu-io exits 0 even when a command fails, so its output is checked too.
+pub fn qemu_io(uri: &str, commands: &[String]) -> String {
+    let mut args = vec!["-f", "raw", uri];
+    for c in commands {
+        args.push("-c");
+        args.push(c);
+    }
+    let out = run("qemu-io", &args);
+    let all = text(&out);
+    assert!(out.status.success(), "qemu-io failed:\n{all}");
+    for bad in ["Pattern verification failed", "failed", "error", "Error"] {
+        assert!(
+            !all.contains(bad),
+            "qemu-io on {uri} reported `{bad}`:\n{all}"
+        );
+    }
+    all
+}
+
+pub fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+pub fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+pub struct Node {
+    pub id: u64,
+    pub nbd: SocketAddr,
+    pub http: SocketAddr,
+    pub quic: SocketAddr,
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Node {
+    pub fn uri(&self) -> String {
+        format!("nbd://{}/bg0", self.nbd)
+    }
+
+    /// bg0's status as this node reports it.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let body = http_get(self.http, "/status.json")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["bgs"].as_array()?.iter().find(|b| b["bg"] == 0).cloned()
+    }
+
+    pub fn data_file(&self) -> PathBuf {
+        self.dir.join("core-0").join("bg-0.data")
+    }
+
+    /// This node's log (stdout and stderr of every life of the process).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+
+    /// Whether the process was started and has not exited (a crash is reported with its status).
+    pub fn running(&mut self) -> Result<(), String> {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            None => Err(format!("node {} is not running", self.id)),
+            Some(Ok(None)) => Ok(()),
+            Some(Ok(Some(status))) => Err(format!("node {} exited: {status}", self.id)),
+            Some(Err(e)) => Err(format!("node {}: wait: {e}", self.id)),
+        }
+    }
+
+    /// A `u64` field of bg0's status, if the node answers.
+    pub fn stat(&self, field: &str) -> Option<u64> {
+        self.status()?[field].as_u64()
+    }
+
+    /// Waits until this node has applied `index`; returns its status then.
+    pub fn wait_applied(&self, index: u64, timeout: Duration) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.status() {
+                if s["known_applied_index"].as_u64().unwrap_or(0) >= index {
+                    return Some(s);
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub extra: Vec<String>,
+    pub tmp: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start(extra: &[&str]) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let nodes = (1..=3)
+            .map(|id| Node {
+                id,
+                nbd: free_tcp(),
+                http: free_tcp(),
+                quic: free_udp(),
+                dir: tmp.path().join(format!("node{id}")),
+                child: None,
+            })
+            .collect();
+        let mut c = Cluster {
+            nodes,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            tmp,
+        };
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        c
+    }
+
+    pub fn spawn(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.dir.with_extension("log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bd-server"));
+        cmd.args(["run", "--insecure-loopback", "--cores", "1", "--bg", "0"])
+            .args(["--node-id", &n.id.to_string()])
+            .arg("--data-dir")
+            .arg(&n.dir)
+            .args(["--nbd-listen", &n.nbd.to_string()])
+            .args(["--http-listen", &n.http.to_string()])
+            .args(["--quic-listen", &n.quic.to_string()])
+            .args(["--bg-size-bytes", &BG_BYTES.to_string()])
+            .args(["--tick-ms", "20", "--election-timeout-ms", "600"])
+            .args(&self.extra);
+        for p in self.nodes.iter().filter(|p| p.id != n.id) {
+            cmd.arg("--peer").arg(format!("{}={}", p.id, p.quic));
+        }
+        cmd.env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.nodes[i].child = Some(cmd.spawn().expect("spawn bd-server"));
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Index of the node that is leader of bg0 (as reported by a live node).
+    pub fn leader(&self) -> usize {
+        let deadline = Instant::now() + LEADER_TIMEOUT;
+        loop {
+            for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+                if let Some(s) = n.status() {
+                    if s["state"] == "LEADER" {
+                        return (n.id - 1) as usize;
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no leader within {LEADER_TIMEOUT:?}; logs:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            let log = std::fs::read_to_string(n.dir.with_extension("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            s.push_str(&format!("--- node {} (last lines)\n", n.id));
+            for l in tail.into_iter().rev() {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        s
+    }
+}
+
+impl Cluster {
+    /// Asserts that every node's process is still running and that no node logged a panic.
+    pub fn assert_all_alive(&mut self) {
+        let mut bad = Vec::new();
+        for n in self.nodes.iter_mut() {
+            if let Err(e) = n.running() {
+                bad.push(e);
+            }
+            if n.log().contains("panicked") {
+                bad.push(format!("node {} logged a panic", n.id));
+            }
+        }
+        assert!(bad.is_empty(), "{}\n{}", bad.join("; "), self.logs());
+    }
+
+    /// The leader's commit index (waits for a leader).
+    pub fn commit_index(&self) -> u64 {
+        let l = self.leader();
+        self.nodes[l]
+            .stat("last_committed_index")
+            .expect("leader status")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+pub fn random_image(path: &Path, len: usize, seed: u64) {
+    let mut x = seed | 1;
+    let mut v = vec![0u8; len];
+    // Half the 64 KiB blocks random, half left zero (so zero detection is exercised too).
+    for (i, chunk) in v.chunks_mut(64 << 10).enumerate() {
+        if i % 2 == 0 {
+            for b in chunk.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+        }
+    }
+    std::fs::write(path, v).unwrap();
+}
+
+/// Writes 64 KiB block `i` with its own pattern through `uri`; returns the blocks acknowledged.
+pub fn write_blocks(uri: &str, range: std::ops::Range<u64>) -> Vec<u64> {
+    let cmds: Vec<String> = range
+        .clone()
+        .map(|i| format!("write -P {} {} 64k", pattern(i), i * 65536))
+        .collect();
+    let mut args = vec!["-f", "raw", uri];
+    for c in &cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    let out = run("qemu-io", &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // qemu-io prints one "wrote 65536/65536 bytes at offset X" per acknowledged write.
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("wrote 65536/65536 bytes at offset "))
+        .map(|o| o.trim().parse::<u64>().unwrap() / 65536)
+        .collect()
+}
+
+pub fn pattern(block: u64) -> u64 {
+    block % 200 + 1
+}
