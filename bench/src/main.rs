@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod nbd;
 mod raft;
 mod wal;
 
@@ -21,6 +22,9 @@ enum Mode {
     /// The raft core alone: a 3-node in-memory group, no I/O; commits/s and
     /// CPU time per committed entry.
     Raft(raft::RaftArgs),
+    /// fio's nbd engine (4k randwrite/randread, iodepth 32) against a 1-replica and a
+    /// 3-replica bd-server BG and qemu-nbd on a raw file; ratios to qemu-nbd.
+    Nbd(nbd::NbdArgs),
 }
 
 fn main() {
@@ -34,6 +38,7 @@ fn main() {
     let r = match cli.mode {
         Mode::Wal(a) => wal::run(a),
         Mode::Raft(a) => raft::run(a),
+        Mode::Nbd(a) => nbd::run(a),
     };
     if let Err(e) = r {
         eprintln!("bd-bench: {e}");
