@@ -72,6 +72,18 @@ struct Row {
     p999_us: u64,
     /// WAL cells: the most batches seen on the disk at once.
     max_in_flight: usize,
+    /// WAL cells: CPU time (user + system) of the runtime thread — writer
+    /// and appenders — per append, in microseconds.
+    cpu_us_per_append: f64,
+}
+
+/// CPU time (user + system) of the calling thread.
+fn thread_cpu() -> Duration {
+    // SAFETY: getrusage fills the zeroed struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 type Res<T> = Result<T, String>;
@@ -169,12 +181,13 @@ fn progress(r: &Row, json: bool) {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| mode | entry | appenders | appends/s | MB/s | fsyncs/s | mean batch | max in flight | p50 us | p99 us | p99.9 us |"
+        "| mode | entry | appenders | appends/s | MB/s | fsyncs/s | mean batch | max in flight | cpu us/append | p50 us | p99 us | p99.9 us |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
+        let wal = r.mode.starts_with("wal");
         println!(
-            "| {} | {} | {} | {:.0} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} | {} |",
             r.mode,
             if r.entry_bytes >= 1024 {
                 format!("{} KiB", r.entry_bytes / 1024)
@@ -186,8 +199,13 @@ fn print_table(rows: &[Row]) {
             r.mb_per_s,
             r.fsyncs_per_s,
             r.mean_batch,
-            if r.mode.starts_with("wal") {
+            if wal {
                 r.max_in_flight.to_string()
+            } else {
+                "-".into()
+            },
+            if wal {
+                format!("{:.1}", r.cpu_us_per_append)
             } else {
                 "-".into()
             },
@@ -227,6 +245,7 @@ fn row(
         p99_us: h.value_at_quantile(0.99),
         p999_us: h.value_at_quantile(0.999),
         max_in_flight: 0,
+        cpu_us_per_append: 0.0,
     }
 }
 
@@ -265,10 +284,12 @@ fn wal_cell(
     let hist_all = Rc::new(RefCell::new(hist()));
     let count = Rc::new(RefCell::new(0u64));
     let stop = Rc::new(std::cell::Cell::new(false));
+    let cpu = RefCell::new(Duration::ZERO);
     let (secs, fsyncs, max_in_flight) = local.block_on(&rt, async {
         let writer = tokio::task::spawn_local(wal::run(w.clone()));
         let fs0 = w.borrow().status().fsyncs;
         let t0 = Instant::now();
+        let cpu0 = thread_cpu();
         let mut tasks = Vec::new();
         for i in 0..n {
             let (h, next, payload, hist_all, count, stop) = (
@@ -311,6 +332,7 @@ fn wal_cell(
             t.await.expect("appender");
         }
         let secs = t0.elapsed().as_secs_f64();
+        *cpu.borrow_mut() = thread_cpu() - cpu0;
         let st = w.borrow().status();
         let fsyncs = st.fsyncs - fs0;
         h.shutdown();
@@ -320,6 +342,7 @@ fn wal_cell(
     let c = *count.borrow();
     let mut r = row("wal", size, n, c, fsyncs, secs, &hist_all.borrow());
     r.max_in_flight = max_in_flight;
+    r.cpu_us_per_append = cpu.borrow().as_secs_f64() * 1e6 / c.max(1) as f64;
     if backend != "io_uring" {
         r.mode = format!("wal ({backend})");
     }
