@@ -5,7 +5,7 @@
 //! counter, push onto a `SegQueue` and wake the writer; they never take a
 //! lock on the fast path. The bytes are released when the batch holding the
 //! operation has been written and synced, so the counter bounds everything
-//! between a producer and the disk: queue, batch being filled, batch in
+//! between a producer and the disk: queue, batch being filled, batches in
 //! flight. When it is full, producers wait (async: `Notify`; blocking: a
 //! condvar taken only on this slow path).
 

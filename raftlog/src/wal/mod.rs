@@ -7,7 +7,7 @@
 //! A directory of segment files `NNNNNNNNNNNNNNNNNNNN.wal` (see
 //! [`format`] for the record layout), the index of every group's live
 //! entries, hard state and compaction point, a bounded cache of recent
-//! entries, and the core's io_uring (or the fallback I/O thread).
+//! entries, and the core's io_uring (or the fallback I/O threads).
 //!
 //! # How data flows
 //! 1. Producers — raft groups on this core or other threads — submit
@@ -112,7 +112,7 @@ pub struct WalConfig {
     /// Size of each segment file (preallocated).
     pub log_segment_bytes_max: u64,
     /// Bytes of operations submitted but not yet durable (queue + batch
-    /// being filled + batch in flight); producers wait beyond it.
+    /// being filled + batches in flight); producers wait beyond it.
     pub append_buffer_bytes_max: usize,
     /// Bytes of recent entry data kept in memory for replication reads.
     pub entry_cache_bytes_max: usize,
@@ -669,7 +669,7 @@ impl Wal {
 
     /// One non-blocking step of the writer: reap a finished batch, drain
     /// the producers' queue into the pending batch, rewrite cold groups if
-    /// needed, and put the next batch on the disk if none is there.
+    /// needed, and put closed batches on the disk while it has free slots.
     pub fn drive(&mut self) -> Result<(), Error> {
         self.check_alive()?;
         self.reap(false)?;
@@ -1158,7 +1158,7 @@ impl Drop for Wal {
             }
         }
         self.shared.closed.store(true, Ordering::Release);
-        // The kernel may still be using the in-flight buffer.
+        // The kernel may still be using the in-flight buffers.
         while self.io.busy() {
             if self.io.poll(true).is_err() {
                 break;
