@@ -50,6 +50,15 @@ impl MemLog {
         self.bytes
     }
 
+    /// Bytes of the entries at or below `index` still held.
+    pub fn bytes_through(&self, index: Index) -> usize {
+        self.entries
+            .iter()
+            .take_while(|e| e.index <= index)
+            .map(|e| e.size_bytes())
+            .sum()
+    }
+
     /// Term of the entry at `index`, if known (the compaction point counts).
     pub fn term(&self, index: Index) -> Option<Term> {
         if index == self.compacted_index {

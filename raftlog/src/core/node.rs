@@ -307,6 +307,9 @@ pub struct RaftNode {
     /// Follower: a snapshot is being installed by the host.
     installing: Option<SnapshotMeta>,
     snapshot_suggested_at: usize,
+    /// Bytes of the in-memory log at or below the snapshot index (the kept
+    /// margin): they do not count toward the next snapshot suggestion.
+    bytes_below_snapshot: usize,
 
     // Outputs.
     next_write_seq: u64,
@@ -407,6 +410,7 @@ impl RaftNode {
             readonly_self: false,
             installing: None,
             snapshot_suggested_at: 0,
+            bytes_below_snapshot: 0,
             next_write_seq: 1,
             write: Write::default(),
             inflight_writes: VecDeque::new(),
@@ -418,6 +422,7 @@ impl RaftNode {
             read_round_wanted: false,
             stepping_from: 0,
         };
+        node.note_snapshot_bytes();
         node.reset_election_timer();
         if stale_log {
             // The store still holds a log that does not reach the snapshot
@@ -1320,6 +1325,7 @@ impl RaftNode {
         self.commit = self.commit.max(meta.index);
         self.applied = self.applied.max(meta.index);
         self.snapshot = meta.clone();
+        self.note_snapshot_bytes();
         if let Some(leader) = self.leader {
             self.send_after_write(
                 leader,
@@ -1661,7 +1667,7 @@ impl RaftNode {
     }
 
     fn after_apply(&mut self, applied: Index) {
-        let since = self.log.bytes();
+        let since = self.log.bytes() - self.bytes_below_snapshot;
         if since > self.cfg.snapshot_log_bytes_max && self.snapshot_suggested_at < since {
             self.snapshot_suggested_at = since + self.cfg.snapshot_log_bytes_max / 2;
             self.events.push(Event::SnapshotSuggested { applied });
@@ -1700,7 +1706,14 @@ impl RaftNode {
             self.write.compact = Some((keep_from, t));
         }
         self.snapshot_suggested_at = 0;
+        self.note_snapshot_bytes();
         Ok(self.snapshot.clone())
+    }
+
+    /// Recomputes `bytes_below_snapshot`. Valid until the next compaction
+    /// or snapshot (truncation never reaches below the commit index).
+    fn note_snapshot_bytes(&mut self) {
+        self.bytes_below_snapshot = self.log.bytes_through(self.snapshot.index);
     }
 
     // ------------------------------------------------------------------
