@@ -6,9 +6,16 @@ use crate::core::types::{GroupId, Index, NodeId, Term};
 pub enum Error {
     // ---- raft core: why a request was refused ----
     #[error("group {group}: not the leader (leader hint: {leader:?})")]
-    NotLeader { group: GroupId, leader: Option<NodeId> },
+    NotLeader {
+        group: GroupId,
+        leader: Option<NodeId>,
+    },
     #[error("group {group}: term changed (expected {expected}, now {current})")]
-    TermMismatch { group: GroupId, expected: Term, current: Term },
+    TermMismatch {
+        group: GroupId,
+        expected: Term,
+        current: Term,
+    },
     #[error("group {group}: busy: {what}")]
     Busy { group: GroupId, what: &'static str },
     #[error("group {group}: leadership transfer in progress")]
@@ -20,23 +27,49 @@ pub enum Error {
     #[error("group {group}: peer {peer} is not a member")]
     UnknownPeer { group: GroupId, peer: NodeId },
     #[error("group {group}: too many pending proposals ({pending} >= {max})")]
-    ProposalQueueFull { group: GroupId, pending: usize, max: usize },
+    ProposalQueueFull {
+        group: GroupId,
+        pending: usize,
+        max: usize,
+    },
     #[error("group {group}: entry {index} compacted")]
     Compacted { group: GroupId, index: Index },
     // ---- log store (wal) ----
     // Variants below are shared by every `LogStore` backend (`Log*`) or
     // specific to the on-disk WAL (`Wal*`). Messages name the group, file and
     // offset involved so an operator can find the bad bytes.
-    #[error("log store: group {group}: append of index {first} outside the allowed range {min}..={max}")]
-    LogAppendOutOfRange { group: GroupId, first: Index, min: Index, max: Index },
+    #[error(
+        "log store: group {group}: append of index {first} outside the allowed range {min}..={max}"
+    )]
+    LogAppendOutOfRange {
+        group: GroupId,
+        first: Index,
+        min: Index,
+        max: Index,
+    },
     #[error("log store: group {group}: entries not consecutive: index {index} follows {prev}")]
-    LogNotContiguous { group: GroupId, prev: Index, index: Index },
+    LogNotContiguous {
+        group: GroupId,
+        prev: Index,
+        index: Index,
+    },
     #[error("log store: group {group}: entries {lo}..{hi} outside the log {first}..={last}")]
-    LogRange { group: GroupId, lo: Index, hi: Index, first: Index, last: Index },
+    LogRange {
+        group: GroupId,
+        lo: Index,
+        hi: Index,
+        first: Index,
+        last: Index,
+    },
     #[error("log store: group {group}: unknown group")]
     LogUnknownGroup { group: GroupId },
     #[error("log store: group {group}: entry {index} is {bytes} bytes, over the record limit of {max} bytes")]
-    LogEntryTooLarge { group: GroupId, index: Index, bytes: usize, max: usize },
+    LogEntryTooLarge {
+        group: GroupId,
+        index: Index,
+        bytes: usize,
+        max: usize,
+    },
     #[error("log store: failed earlier and refuses every call: {reason}")]
     LogFailed { reason: String },
     #[error("wal: {op} {path} at offset {offset}: {source}")]
@@ -56,7 +89,11 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("wal: corrupt log: {path} at offset {offset}: {reason}")]
-    WalCorrupt { path: std::path::PathBuf, offset: u64, reason: String },
+    WalCorrupt {
+        path: std::path::PathBuf,
+        offset: u64,
+        reason: String,
+    },
     #[error("wal: invalid configuration: {what}")]
     WalConfig { what: String },
     #[error("wal: the writer stopped before the operation on group {group} became durable")]
