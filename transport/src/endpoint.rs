@@ -177,6 +177,8 @@ struct Counters {
 struct Link {
     conn: Connection,
     dialed_by: NodeId,
+    /// The peer's incarnation, from its hello (or hello answer).
+    incarnation: u64,
 }
 
 #[derive(Default)]
@@ -232,6 +234,9 @@ struct Inner {
     throttle: Mutex<TokenBucket>,
     shutdown: watch::Sender<bool>,
     insecure: bool,
+    /// This endpoint's random non-zero id, sent in every hello: it tells peers that a connection comes
+    /// from a new process, so they drop the old process's connections at once.
+    incarnation: u64,
 }
 
 /// One QUIC endpoint of this node (create one per core). Dropping it shuts it down.
@@ -367,14 +372,20 @@ impl Transport {
             snapshots,
             shutdown: watch::channel(false).0,
             insecure: matches!(security, Security::InsecureLoopback),
+            incarnation: wire::fresh_incarnation(),
         });
-        info!(node = inner.cfg.node, addr = %inner.local_addr(), "transport listening");
+        info!(node = inner.cfg.node, addr = %inner.local_addr(), incarnation = %format_args!("{:016x}", inner.incarnation), "transport listening");
         tokio::spawn(inner.clone().accept_loop());
         Ok((Transport { inner }, rx))
     }
 
     pub fn node(&self) -> NodeId {
         self.inner.cfg.node
+    }
+
+    /// This endpoint's incarnation: random, non-zero, new at every bind.
+    pub fn incarnation(&self) -> u64 {
+        self.inner.incarnation
     }
 
     /// The bound address (useful after binding port 0).
@@ -621,6 +632,21 @@ async fn read_exact_msg(recv: &mut RecvStream, buf: &mut [u8]) -> std::result::R
     }
 }
 
+/// Reads a hello (or hello answer, as `what` says): magic and version first, so a peer speaking another
+/// protocol version is told so rather than cut off mid-read; then the rest, decoded strictly.
+async fn read_hello(recv: &mut RecvStream, what: &str) -> std::result::Result<wire::Hello, String> {
+    let mut raw = [0u8; wire::HELLO_BYTES];
+    let (head, rest) = raw.split_at_mut(wire::HELLO_HEAD_BYTES);
+    read_exact_msg(recv, head)
+        .await
+        .map_err(|e| format!("waiting for {what}: {e}"))?;
+    wire::check_hello_head(head).map_err(|e| format!("malformed {what}: {e}"))?;
+    read_exact_msg(recv, rest)
+        .await
+        .map_err(|e| format!("waiting for {what}: {e}"))?;
+    wire::Hello::decode(&raw).map_err(|e| format!("malformed {what}: {e}"))
+}
+
 impl Inner {
     fn local_addr(&self) -> SocketAddr {
         self.endpoint.local_addr().unwrap_or(self.cfg.bind)
@@ -685,9 +711,14 @@ impl Inner {
         .flatten()
     }
 
-    /// Makes `new` the peer's connection unless a live one should win. Both ends apply the same rule, so when
-    /// both dialed at once they keep the same connection: the one dialed by the lower node id. A new
-    /// connection from the same dialer replaces the old one (the dialer saw the old one die or restarted).
+    /// Makes `new` the peer's connection unless a live one should win.
+    ///
+    /// - The peer's incarnation changed: it restarted, and the old connection (to the dead process) only
+    ///   looks alive until the idle timeout. The new one wins and the old one is closed (`PEER_RESTARTED`).
+    ///   Without this, a restarted node with the higher id would lose the tie-break below to the dead
+    ///   connection, and this side, seeing a live link, would not redial until the idle timeout.
+    /// - Same incarnation, same dialer: the new one replaces the old one (the dialer saw the old one die).
+    /// - Same incarnation, both dialed at once: both ends keep the connection dialed by the lower node id.
     fn install(self: &Arc<Self>, peer: &Arc<Peer>, new: Link) -> bool {
         if *peer.stop.borrow() {
             new.conn
@@ -697,9 +728,15 @@ impl Inner {
         let preferred_dialer = self.cfg.node.min(peer.id);
         let mut installed = false;
         let mut loser = None;
+        let mut restarted_from = None;
         peer.link.send_modify(|cur| match cur {
             Some(old) if old.conn.close_reason().is_none() => {
-                if old.dialed_by == new.dialed_by || new.dialed_by == preferred_dialer {
+                if old.incarnation != new.incarnation {
+                    restarted_from = Some(old.incarnation);
+                    loser = Some(old.conn.clone());
+                    *cur = Some(new.clone());
+                    installed = true;
+                } else if old.dialed_by == new.dialed_by || new.dialed_by == preferred_dialer {
                     loser = Some(old.conn.clone());
                     *cur = Some(new.clone());
                     installed = true;
@@ -712,13 +749,24 @@ impl Inner {
                 installed = true;
             }
         });
-        if let Some(c) = loser {
-            debug!(peer = %peer.name(), "closing duplicate connection");
-            c.close(VarInt::from_u32(code::DUPLICATE), b"duplicate connection");
+        match (loser, restarted_from) {
+            (Some(c), Some(old)) => {
+                info!(peer = %peer.name(),
+                    old_incarnation = %format_args!("{old:016x}"),
+                    new_incarnation = %format_args!("{:016x}", new.incarnation),
+                    "peer restarted; closing the connection to its previous process");
+                c.close(VarInt::from_u32(code::PEER_RESTARTED), b"peer restarted");
+            }
+            (Some(c), None) => {
+                debug!(peer = %peer.name(), "closing duplicate connection");
+                c.close(VarInt::from_u32(code::DUPLICATE), b"duplicate connection");
+            }
+            (None, _) => {}
         }
         if installed {
             peer.counters.connects.fetch_add(1, Ordering::Relaxed);
-            info!(peer = %peer.name(), dialed_by = new.dialed_by, "connected");
+            info!(peer = %peer.name(), dialed_by = new.dialed_by,
+                incarnation = %format_args!("{:016x}", new.incarnation), "connected");
             peer.wake.notify_one();
             tokio::spawn(self.clone().serve_connection(peer.clone(), new));
         }
@@ -763,14 +811,11 @@ impl Inner {
             Ok(s) => s,
             Err(e) => return Err(reject(format!("no hello stream: {e}"))),
         };
-        let mut hello = [0u8; wire::HELLO_BYTES];
-        if let Err(e) = read_exact_msg(&mut recv, &mut hello).await {
-            return Err(reject(format!("reading hello: {e}")));
-        }
-        let claimed = match wire::decode_hello(&hello) {
-            Ok(n) => n,
-            Err(e) => return Err(reject(format!("malformed hello: {e}"))),
+        let hello = match read_hello(&mut recv, "hello").await {
+            Ok(h) => h,
+            Err(e) => return Err(reject(e)),
         };
+        let claimed = hello.node;
         if claimed == self.cfg.node {
             return Err(reject(format!("hello claims this node's own id {claimed}")));
         }
@@ -786,12 +831,7 @@ impl Inner {
         } else if !self.insecure() {
             return Err(reject("no client certificate".into()));
         }
-        if send
-            .write_all(&wire::encode_hello(self.cfg.node))
-            .await
-            .is_err()
-            || send.finish().is_err()
-        {
+        if send.write_all(&self.hello().encode()).await.is_err() || send.finish().is_err() {
             return Err(Error::Connect {
                 peer: PeerName {
                     node: claimed,
@@ -806,6 +846,7 @@ impl Inner {
             Link {
                 conn,
                 dialed_by: claimed,
+                incarnation: hello.incarnation,
             },
         );
         Ok(())
@@ -813,6 +854,13 @@ impl Inner {
 
     fn insecure(&self) -> bool {
         self.insecure
+    }
+
+    fn hello(&self) -> wire::Hello {
+        wire::Hello {
+            node: self.cfg.node,
+            incarnation: self.incarnation,
+        }
     }
 
     /// Keeps a connection to a peer with a known address: dials when there is none, with exponential
@@ -897,18 +945,16 @@ impl Inner {
             .open_bi()
             .await
             .map_err(|e| connect_err(e.to_string()))?;
-        send.write_all(&wire::encode_hello(self.cfg.node))
+        send.write_all(&self.hello().encode())
             .await
             .map_err(|e| connect_err(format!("sending hello: {e}")))?;
         let _ = send.finish();
         // The acceptor answers only after it verified our certificate and hello, so no frame is sent on a
         // connection the peer is about to reject.
-        let mut ack = [0u8; wire::HELLO_BYTES];
-        read_exact_msg(&mut recv, &mut ack)
+        let answer = read_hello(&mut recv, "hello answer")
             .await
-            .map_err(|e| connect_err(format!("waiting for hello answer: {e}")))?;
-        let answered = wire::decode_hello(&ack)
-            .map_err(|e| connect_err(format!("malformed hello answer: {e}")))?;
+            .map_err(connect_err)?;
+        let answered = answer.node;
         if answered != peer.id {
             conn.close(VarInt::from_u32(code::HELLO_REJECTED), b"wrong node");
             return Err(connect_err(format!("answered as node {answered}")));
@@ -916,6 +962,7 @@ impl Inner {
         Ok(Link {
             conn,
             dialed_by: self.cfg.node,
+            incarnation: answer.incarnation,
         })
     }
 

@@ -9,6 +9,10 @@
 //!   id also waits `dial_defer` before dialing, so usually only one is made). A node with a peer address
 //!   keeps dialing with exponential backoff and jitter whenever it has no live connection; keep-alives and
 //!   the idle timeout detect dead connections.
+//! - Restarts: each [`Transport`] draws a random non-zero incarnation at bind and sends it in its hello. A
+//!   connection from a peer whose incarnation differs from the live connection's means the peer restarted
+//!   (say after SIGKILL, so the old connection only dies at the idle timeout): the new connection wins over
+//!   the tie-break above and the old one is closed ([`wire::code::PEER_RESTARTED`]).
 //! - Framing and validation ([`wire`]), the cluster CA and node certificates ([`tls`]), the snapshot
 //!   throttle ([`throttle`]). Encoding raft messages (rkyv) is the engine's job: a [`Frame`] payload is opaque.
 //!
@@ -48,8 +52,8 @@
 //! handshake and is logged (`warn`, with the remote address). The dialer verifies the server certificate
 //! against the CA *and* the name of the node it meant to dial. Because with TLS 1.3 the client believes it
 //! is connected before the server has checked its certificate, the first application message is a hello
-//! carrying the claimed node id: the acceptor checks it against the certificate, then answers with its own
-//! id; a mismatch closes the connection ([`wire::code::HELLO_REJECTED`]) with a log line, and the dialer sends
+//! carrying the claimed node id (and the sender's incarnation): the acceptor checks it against the
+//! certificate, then answers with its own id and incarnation; a mismatch closes the connection ([`wire::code::HELLO_REJECTED`]) with a log line, and the dialer sends
 //! no frame before the answer. [`Security::InsecureLoopback`] (self-signed, no verification, node id taken
 //! on trust) exists for the local dev cluster only: [`Transport::bind`] refuses it on a non-loopback address
 //! and logs a warning saying it is insecure.

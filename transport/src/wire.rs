@@ -2,7 +2,9 @@
 //!
 //! Every stream starts with a one-byte stream kind. Layouts:
 //! - hello (first bidirectional stream of a connection, dialer → acceptor and back):
-//!   `magic u32 | version u16 | node u64` (14 bytes) each way.
+//!   `magic u32 | version u16 | node u64 | incarnation u64` (22 bytes) each way. The incarnation is a
+//!   random non-zero id drawn by each [`crate::Transport`] at bind: a peer answering with a new one has
+//!   restarted, so its older connections are dead even if QUIC has not noticed yet.
 //! - [`STREAM_FRAMES`] (unidirectional): a sequence of frames `len u32 | kind u8 | group u64 | payload`,
 //!   where `len` counts the 9 header bytes plus the payload and is bounded by `frame_bytes_max`.
 //! - [`STREAM_SNAPSHOT`] (bidirectional): sender writes an offer `group u64 | snapshot_id u64 | total_len u64`,
@@ -16,8 +18,12 @@ use crate::{GroupId, NodeId};
 /// ALPN token: a peer speaking another protocol (or another version) fails the TLS handshake.
 pub const ALPN: &[u8] = b"bd-transport/1";
 pub const HELLO_MAGIC: u32 = 0x4244_5431;
-pub const PROTOCOL_VERSION: u16 = 1;
-pub const HELLO_BYTES: usize = 14;
+/// Version 2 added the incarnation to the hello.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// magic u32 + version u16: read and checked first, so a peer of another version gets a precise error
+/// rather than a short read.
+pub const HELLO_HEAD_BYTES: usize = 6;
+pub const HELLO_BYTES: usize = 22;
 
 pub const STREAM_FRAMES: u8 = 1;
 pub const STREAM_SNAPSHOT: u8 = 2;
@@ -45,6 +51,8 @@ pub mod code {
     /// Closed on request of the local application (`Transport::disconnect`).
     pub const BY_REQUEST: u32 = 4;
     pub const SNAPSHOT_ABORTED: u32 = 5;
+    /// The peer came back with a new incarnation: this older connection to its previous process is dead.
+    pub const PEER_RESTARTED: u32 = 6;
 }
 
 /// A decoding failure with the reason, for the log line that accompanies closing the stream.
@@ -129,26 +137,87 @@ pub fn decode_frame(
     }))
 }
 
-pub fn encode_hello(node: NodeId) -> [u8; HELLO_BYTES] {
-    let mut out = [0u8; HELLO_BYTES];
-    out[..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
-    out[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    out[6..].copy_from_slice(&node.to_le_bytes());
-    out
+/// The hello each side sends first: who it is and which process (incarnation) of that node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub node: NodeId,
+    /// Random, non-zero, drawn once per [`crate::Transport`] (see [`fresh_incarnation`]).
+    pub incarnation: u64,
 }
 
-pub fn decode_hello(raw: &[u8; HELLO_BYTES]) -> Result<NodeId, Malformed> {
-    let magic = u32::from_le_bytes(raw[..4].try_into().expect("4 bytes"));
+/// A random non-zero incarnation id.
+pub fn fresh_incarnation() -> u64 {
+    loop {
+        let v = rand::random::<u64>();
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+impl Hello {
+    pub fn encode(&self) -> [u8; HELLO_BYTES] {
+        let mut out = [0u8; HELLO_BYTES];
+        out[..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
+        out[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        out[6..14].copy_from_slice(&self.node.to_le_bytes());
+        out[14..].copy_from_slice(&self.incarnation.to_le_bytes());
+        out
+    }
+
+    /// Decodes exactly [`HELLO_BYTES`] bytes; anything else (another length, magic or version, or
+    /// incarnation 0) is malformed.
+    pub fn decode(raw: &[u8]) -> Result<Hello, Malformed> {
+        if raw.len() != HELLO_BYTES {
+            return Err(Malformed(format!(
+                "hello of {} bytes (expected {HELLO_BYTES})",
+                raw.len()
+            )));
+        }
+        check_hello_head(&raw[..HELLO_HEAD_BYTES])?;
+        let node = u64::from_le_bytes(raw[6..14].try_into().expect("8 bytes"));
+        let incarnation = u64::from_le_bytes(raw[14..].try_into().expect("8 bytes"));
+        if incarnation == 0 {
+            return Err(Malformed("hello with incarnation 0".into()));
+        }
+        Ok(Hello { node, incarnation })
+    }
+}
+
+/// Checks the magic and version at the start of a hello (the first [`HELLO_HEAD_BYTES`] bytes).
+pub fn check_hello_head(head: &[u8]) -> Result<(), Malformed> {
+    if head.len() != HELLO_HEAD_BYTES {
+        return Err(Malformed(format!(
+            "hello head of {} bytes (expected {HELLO_HEAD_BYTES})",
+            head.len()
+        )));
+    }
+    let magic = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
     if magic != HELLO_MAGIC {
         return Err(Malformed(format!("bad hello magic {magic:#010x}")));
     }
-    let version = u16::from_le_bytes(raw[4..6].try_into().expect("2 bytes"));
+    let version = u16::from_le_bytes(head[4..6].try_into().expect("2 bytes"));
     if version != PROTOCOL_VERSION {
         return Err(Malformed(format!(
             "unsupported protocol version {version} (this node speaks {PROTOCOL_VERSION})"
         )));
     }
-    Ok(u64::from_le_bytes(raw[6..].try_into().expect("8 bytes")))
+    Ok(())
+}
+
+/// A hello for `node` from a fresh incarnation, for tools and tests that speak the protocol by hand (each
+/// call looks like a newly started process).
+pub fn encode_hello(node: NodeId) -> [u8; HELLO_BYTES] {
+    Hello {
+        node,
+        incarnation: fresh_incarnation(),
+    }
+    .encode()
+}
+
+/// The node id of a hello (see [`Hello::decode`] for the checks).
+pub fn decode_hello(raw: &[u8; HELLO_BYTES]) -> Result<NodeId, Malformed> {
+    Hello::decode(raw).map(|h| h.node)
 }
 
 /// A snapshot offer as sent at the start of a snapshot stream.
@@ -271,14 +340,35 @@ mod tests {
     }
 
     #[test]
-    fn hello_checks_magic_and_version() {
+    fn hello_checks_length_magic_version_and_incarnation() {
+        let h = Hello {
+            node: 42,
+            incarnation: 0x0123_4567_89ab_cdef,
+        };
+        assert_eq!(Hello::decode(&h.encode()), Ok(h));
         assert_eq!(decode_hello(&encode_hello(42)), Ok(42));
-        let mut bad = encode_hello(42);
+        let mut bad = h.encode();
         bad[0] ^= 1;
-        assert!(decode_hello(&bad).is_err());
-        let mut bad = encode_hello(42);
+        assert!(Hello::decode(&bad).is_err());
+        let mut bad = h.encode();
         bad[4] = 9;
-        assert!(decode_hello(&bad).is_err());
+        let err = Hello::decode(&bad).unwrap_err();
+        assert!(err.0.contains("unsupported protocol version 9"), "{err}");
+        assert!(check_hello_head(&bad[..HELLO_HEAD_BYTES]).is_err());
+        assert_eq!(check_hello_head(&h.encode()[..HELLO_HEAD_BYTES]), Ok(()));
+        // A version-1 hello (14 bytes) is refused by its version, and by its length.
+        let mut v1 = [0u8; 14];
+        v1[..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
+        v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+        assert!(check_hello_head(&v1[..HELLO_HEAD_BYTES]).is_err());
+        assert!(Hello::decode(&v1).is_err());
+        assert!(Hello::decode(&[h.encode().as_slice(), &[0]].concat()).is_err());
+        let zero = Hello {
+            node: 42,
+            incarnation: 0,
+        };
+        assert!(Hello::decode(&zero.encode()).is_err());
+        assert_ne!(fresh_incarnation(), 0);
     }
 
     #[test]
