@@ -726,7 +726,7 @@ impl RaftNode {
                     id == me || self.progress.get(&id).is_some_and(|p| p.recent_active)
                 };
                 if !self.conf().has_quorum(active) {
-                    self.step_down(self.term, None);
+                    self.become_follower(self.term, None);
                     return;
                 }
                 for p in self.progress.values_mut() {
@@ -802,7 +802,7 @@ impl RaftNode {
     }
 
     fn become_candidate(&mut self, transfer: bool) {
-        let was_leader = self.role == Role::Leader;
+        assert_ne!(self.role, Role::Leader, "a leader does not campaign");
         self.role = Role::Candidate;
         self.term += 1;
         self.vote = self.id;
@@ -812,7 +812,6 @@ impl RaftNode {
         self.persist_hard_state();
         // Our own vote counts only once the write carrying it is durable.
         self.self_vote_seq = Some(self.next_write_seq);
-        debug_assert!(!was_leader);
         let (li, lt) = (self.log.last_index(), self.log.last_term());
         let voters: Vec<NodeId> = self
             .conf()
@@ -875,10 +874,6 @@ impl RaftNode {
                 leader,
             });
         }
-    }
-
-    fn step_down(&mut self, term: Term, leader: Option<NodeId>) {
-        self.become_follower(term, leader);
     }
 
     fn leader_cleanup(&mut self) {
@@ -1917,7 +1912,7 @@ impl RaftNode {
                     self.conf_change = None;
                     self.events.push(Event::ConfChangeDone { result: Ok(()) });
                     if !conf.is_voter(self.id) {
-                        self.step_down(self.term, None);
+                        self.become_follower(self.term, None);
                     }
                 }
             }
@@ -1929,7 +1924,7 @@ impl RaftNode {
                     self.on_conf_appended();
                 }
             }
-            None if !conf.is_voter(self.id) => self.step_down(self.term, None),
+            None if !conf.is_voter(self.id) => self.become_follower(self.term, None),
             _ => {}
         }
     }
@@ -1952,7 +1947,7 @@ impl RaftNode {
             learners: BTreeSet::new(),
         };
         if self.role == Role::Leader {
-            self.step_down(self.term, None);
+            self.become_follower(self.term, None);
         }
         self.log.force_conf(conf);
         self.conf_forced = true;
