@@ -1350,13 +1350,17 @@ impl RaftNode {
         idx
     }
 
-    fn broadcast_append(&mut self) {
-        let ids: Vec<NodeId> = self
-            .progress
+    /// Every node the leader replicates to, except itself.
+    fn replication_targets(&self) -> Vec<NodeId> {
+        self.progress
             .keys()
             .copied()
             .filter(|id| *id != self.id)
-            .collect();
+            .collect()
+    }
+
+    fn broadcast_append(&mut self) {
+        let ids = self.replication_targets();
         for id in ids {
             self.send_append(id, false);
         }
@@ -1437,12 +1441,7 @@ impl RaftNode {
         while self.round_ticks.len() > 4 * self.cfg.election_timeout_ticks as usize + 16 {
             self.round_ticks.pop_front();
         }
-        let ids: Vec<NodeId> = self
-            .progress
-            .keys()
-            .copied()
-            .filter(|id| *id != self.id)
-            .collect();
+        let ids = self.replication_targets();
         let round = self.round;
         for id in ids {
             let p = &self.progress[&id];
@@ -1819,12 +1818,7 @@ impl RaftNode {
                 .or_insert_with(|| Progress::new(next));
         }
         self.conf_change = Some(ConfPhase::CatchingUp { target, ticks: 0 });
-        let ids: Vec<NodeId> = self
-            .progress
-            .keys()
-            .copied()
-            .filter(|id| *id != self.id)
-            .collect();
+        let ids = self.replication_targets();
         for id in ids {
             self.send_append(id, true);
         }
