@@ -24,7 +24,10 @@
 //! `magic "BDBGMETA" | version u32 | index u64 | term u64 | conf_len u32 | conf | crc32 u32`,
 //! written to a temporary file, `fdatasync`ed, renamed over the old one, then the directory is
 //! fsynced. It is written *after* the data file was `fdatasync`ed and *before* the WAL is told
-//! to compact, so the log never loses entries the data file does not hold yet.
+//! to compact, so the log never loses entries the data file does not hold yet. A snapshot save
+//! runs the sync and the meta write off the core thread and tells raft (which then compacts)
+//! only when both are done; an install holds the group's meta lock, so a save that started
+//! before it never writes its older meta over the installed one.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -335,6 +338,17 @@ impl DataFile {
         self.file
             .sync_data()
             .map_err(|e| self.err("fdatasync", 0, e))
+    }
+
+    /// Another handle on the same open file (for a `sync` off the core thread).
+    pub fn try_clone_file(&self) -> Result<DataFile> {
+        let file = self.file.try_clone().map_err(|e| self.err("dup", 0, e))?;
+        Ok(DataFile {
+            bg: self.bg,
+            path: self.path.clone(),
+            file,
+            size: self.size,
+        })
     }
 
     /// A second descriptor for streaming the file to a peer while applies continue.

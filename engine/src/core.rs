@@ -100,6 +100,22 @@ enum Internal {
         msg: Message,
         result: std::result::Result<(), String>,
     },
+    /// The off-thread part of a snapshot save finished: the data file is fdatasynced through
+    /// `index` and, when `meta` is set, that meta file is durable too (`None` also when an
+    /// install overtook the save and its meta was not written).
+    SnapshotSaved {
+        bg: GroupId,
+        index: Index,
+        meta: Option<SnapshotMeta>,
+        result: Result<()>,
+    },
+}
+
+/// A snapshot save whose data-file sync (and meta write) runs off the core thread.
+struct Saving {
+    index: Index,
+    /// On-demand requests (`Engine::snapshot`) answered when the save completes.
+    waiters: Vec<oneshot::Sender<Result<Index>>>,
 }
 
 enum ReplyTo {
@@ -151,6 +167,11 @@ struct Group {
     ready_reads: Vec<(Index, Client)>,
     /// Peers a snapshot is being streamed to.
     sending: BTreeSet<NodeId>,
+    /// The snapshot save in progress, if any (at most one per group).
+    saving: Option<Saving>,
+    /// Meta file writes of this group hold this lock; an install bumps the count, so a save
+    /// started before the install does not write its (older) meta over the installed one.
+    meta_epoch: Arc<std::sync::Mutex<u64>>,
     last_snapshot_at: Instant,
 }
 
@@ -401,8 +422,15 @@ fn open_group(
         reads: HashMap::new(),
         ready_reads: Vec::new(),
         sending: BTreeSet::new(),
+        saving: None,
+        meta_epoch: Arc::new(std::sync::Mutex::new(0)),
         last_snapshot_at: Instant::now(),
     })
+}
+
+/// The meta-write lock of a group (it guards a counter: a poisoned lock holds nothing torn).
+fn lock_epoch(m: &std::sync::Mutex<u64>) -> std::sync::MutexGuard<'_, u64> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether `node` is a voter (incoming or outgoing) or a learner of `conf`.
@@ -472,6 +500,12 @@ impl Core {
                     }
                 }
             }
+            Internal::SnapshotSaved {
+                bg,
+                index,
+                meta,
+                result,
+            } => self.finish_snapshot(bg, index, meta, result)?,
         }
         Ok(())
     }
@@ -503,10 +537,7 @@ impl Core {
             CoreRequest::Status(reply) => {
                 let _ = reply.send(self.status());
             }
-            CoreRequest::Snapshot { bg, reply } => {
-                let r = self.take_snapshot(bg);
-                let _ = reply.send(r);
-            }
+            CoreRequest::Snapshot { bg, reply } => self.take_snapshot(bg, Some(reply)),
             CoreRequest::Shutdown => {}
         }
         Ok(())
@@ -838,7 +869,7 @@ impl Core {
             }
         }
         for bg in due {
-            self.take_snapshot(bg)?;
+            self.take_snapshot(bg, None);
         }
         let now = Instant::now();
         let timeout = Duration::from_millis(self.cfg.forward_timeout_ms);
@@ -1077,7 +1108,7 @@ impl Core {
             }
             Event::SnapshotSuggested { applied } => {
                 debug!(bg, applied, "snapshot suggested");
-                self.take_snapshot(bg)?;
+                self.take_snapshot(bg, None);
             }
             Event::ConfigurationCommitted { index, conf } => {
                 info!(bg, index, voters = ?conf.voters, "configuration committed");
@@ -1126,28 +1157,137 @@ impl Core {
     // Snapshots
     // ------------------------------------------------------------------
 
-    /// Data file fdatasynced → raft told → meta file written; the WAL compaction goes out with
-    /// the next `ready()` (see `block` for why this order).
-    fn take_snapshot(&mut self, bg: GroupId) -> Result<Index> {
+    /// Starts a snapshot save at the applied index `A` unless one is running (then an on-demand
+    /// `reply` waits for that one). Order, as before but with the slow part off the core thread:
+    /// a blocking-pool task fdatasyncs the data file (every apply through `A` was `pwrite`n
+    /// before it starts) and, when the meta at `A` is known up front, writes the meta file
+    /// atomically; only its completion ([`Core::finish_snapshot`]) tells raft
+    /// (`on_snapshot_saved`), whose WAL compaction goes out with the next `ready()`. So the meta
+    /// is durable before the WAL is compacted, and a crash at any point restarts from a meta
+    /// whose index the data file holds, replaying the log from there (see `block`).
+    fn take_snapshot(&mut self, bg: GroupId, reply: Option<oneshot::Sender<Result<Index>>>) {
         let dir = self.dir.clone();
-        let g = self.groups.get_mut(&bg).ok_or(Error::UnknownBg { bg })?;
+        let Some(g) = self.groups.get_mut(&bg) else {
+            if let Some(r) = reply {
+                let _ = r.send(Err(Error::UnknownBg { bg }));
+            }
+            return;
+        };
         g.last_snapshot_at = Instant::now();
+        if let Some(s) = &mut g.saving {
+            reply.into_iter().for_each(|r| s.waiters.push(r));
+            return;
+        }
         let applied = g.raft.applied_index();
         if applied <= g.raft.snapshot_meta().index {
-            return Ok(g.raft.snapshot_meta().index);
+            if let Some(r) = reply {
+                let _ = r.send(Ok(g.raft.snapshot_meta().index));
+            }
+            return;
         }
-        g.data.sync()?;
-        let meta = match g.raft.on_snapshot_saved(applied) {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(bg, applied, error = %e, "snapshot not taken");
-                return Ok(g.raft.snapshot_meta().index);
+        // The meta `on_snapshot_saved(applied)` will return: the term at `applied` and the
+        // configuration in force there, which is the latest one unless a newer one was
+        // appended after `applied` (then the meta is written on the core at completion).
+        let meta = match g.raft.term_at(applied) {
+            Some(term) if g.raft.status().conf_index <= applied => Some(SnapshotMeta {
+                index: applied,
+                term,
+                conf: g.raft.conf().clone(),
+            }),
+            _ => None,
+        };
+        g.saving = Some(Saving {
+            index: applied,
+            waiters: reply.into_iter().collect(),
+        });
+        debug!(bg, index = applied, "snapshot save started");
+        // A duplicate descriptor of the data file: fdatasync flushes the file, whichever
+        // descriptor asks. A failure to get one is reported like a failed sync (fatal).
+        let file = g.data.try_clone_file();
+        let lock = g.meta_epoch.clone();
+        let epoch = *lock_epoch(&lock);
+        let tx = self.internal_tx.clone();
+        let job = tokio::task::spawn_blocking(move || -> Result<Option<SnapshotMeta>> {
+            file?.sync()?;
+            let Some(m) = meta else { return Ok(None) };
+            let e = lock_epoch(&lock);
+            if *e != epoch {
+                return Ok(None);
+            }
+            block::write_meta(&dir, bg, &m)?;
+            Ok(Some(m))
+        });
+        tokio::task::spawn_local(async move {
+            let (meta, result) = match job.await {
+                Ok(Ok(m)) => (m, Ok(())),
+                Ok(Err(e)) => (None, Err(e)),
+                Err(e) => (
+                    None,
+                    Err(Error::Config {
+                        what: format!("bg {bg}: snapshot save task failed: {e}"),
+                    }),
+                ),
+            };
+            // The loop outlives its tasks but for shutdown, where the save is moot: the WAL
+            // was not compacted, so a restart replays from the previous (or this) meta.
+            let _ = tx.send(Internal::SnapshotSaved {
+                bg,
+                index: applied,
+                meta,
+                result,
+            });
+        });
+    }
+
+    /// The data file is durable through `index` (and `meta`, if any, is on disk): tell raft,
+    /// which queues the WAL compaction for the next `ready()`, and answer the waiters.
+    fn finish_snapshot(
+        &mut self,
+        bg: GroupId,
+        index: Index,
+        written: Option<SnapshotMeta>,
+        result: Result<()>,
+    ) -> Result<()> {
+        // A failed data-file sync or meta write leaves the group's durability unknown: fatal
+        // for the core, as before (`run` fails every request still waiting).
+        result?;
+        let dir = self.dir.clone();
+        let Some(g) = self.groups.get_mut(&bg) else {
+            return Ok(());
+        };
+        let waiters = g.saving.take().map_or_else(Vec::new, |s| {
+            debug_assert_eq!(s.index, index);
+            s.waiters
+        });
+        let current = g.raft.snapshot_meta().index;
+        let answer = if index <= current {
+            // A snapshot was installed meanwhile; its meta is on disk (the save skipped its
+            // own meta write, see `meta_epoch`) and the data file is the installed one.
+            current
+        } else {
+            match g.raft.on_snapshot_saved(index) {
+                Ok(meta) => {
+                    if written.as_ref() != Some(&meta) {
+                        // The configuration changed after `index` was applied (or the term
+                        // was unknown): write the meta here, still before the compaction.
+                        block::write_meta(&dir, bg, &meta)?;
+                    }
+                    info!(bg, index = meta.index, term = meta.term, "snapshot saved");
+                    self.dirty.insert(bg);
+                    meta.index
+                }
+                Err(e) => {
+                    // The meta file (if written) records `index`, which the synced data file
+                    // holds; the WAL was not compacted, so a restart replays from there.
+                    warn!(bg, index, error = %e, "snapshot not taken");
+                    g.raft.snapshot_meta().index
+                }
             }
         };
-        block::write_meta(&dir, bg, &meta)?;
-        info!(bg, index = meta.index, term = meta.term, "snapshot saved");
-        self.dirty.insert(bg);
-        Ok(meta.index)
+        for w in waiters {
+            let _ = w.send(Ok(answer));
+        }
+        Ok(())
     }
 
     fn start_snapshot_send(
@@ -1214,7 +1354,11 @@ impl Core {
         std::fs::rename(&inc, &data).map_err(|e| file_err("rename snapshot over", &data, e))?;
         block::sync_dir(&dir).map_err(|e| file_err("fsync dir", &dir, e))?;
         g.data = DataFile::open(&dir, bg, g.spec.size_bytes)?;
-        block::write_meta(&dir, bg, &meta)?;
+        {
+            let mut epoch = lock_epoch(&g.meta_epoch);
+            *epoch += 1;
+            block::write_meta(&dir, bg, &meta)?;
+        }
         self.incoming.take(bg);
         info!(
             bg,
@@ -1239,6 +1383,7 @@ impl Core {
                 let s = g.raft.status();
                 let snapshot_status = match self.incoming.progress(g.spec.id) {
                     Some((done, total, false)) => format!("DOWNLOADING {done}/{total}"),
+                    _ if g.saving.is_some() => "SAVING".to_string(),
                     _ if !g.sending.is_empty() => format!("SENDING to {:?}", g.sending),
                     _ => "IDLE".to_string(),
                 };

@@ -25,8 +25,9 @@
 //! # Durability
 //! A write is acknowledged only after it is committed (in the fsynced WAL of a majority) and
 //! applied on the leader, so FLUSH and FUA have nothing left to do. Data files are synced lazily,
-//! at snapshots; until then the WAL holds the entries, and a restart re-applies them from the
-//! snapshot index (applies are idempotent overwrites).
+//! at snapshots (off the core thread, on tokio's blocking pool; the WAL is compacted only once
+//! that sync and the meta write are durable); until then the WAL holds the entries, and a
+//! restart re-applies them from the snapshot index (applies are idempotent overwrites).
 
 pub mod block;
 pub mod codec;

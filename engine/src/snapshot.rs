@@ -11,8 +11,9 @@
 //! offset, so a broken stream resumes from there (same sender, group and snapshot id). On
 //! `finish` the file is fdatasynced and marked complete. The core steps an `InstallSnapshot`
 //! message only when the matching complete file exists (otherwise it drops the message and the
-//! leader retries), then renames the file over the data file, writes the meta file and calls
-//! `on_snapshot_installed`.
+//! leader retries), then renames the file over the data file, writes the meta file (holding the
+//! group's meta lock, so an off-thread snapshot save started earlier cannot overwrite it with
+//! its older meta; see `block`) and calls `on_snapshot_installed`.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

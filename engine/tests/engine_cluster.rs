@@ -1,5 +1,6 @@
 //! Three engines in one process on loopback (insecure transport): writes through every node
-//! (followers forward), reads back everywhere, a snapshot on demand, and a restart that recovers
+//! (followers forward), reads back everywhere, a snapshot on demand (saved off the core thread;
+//! the log is compacted once it is durable), and a restart that recovers
 //! the data from the WAL and the data file.
 
 use std::collections::BTreeMap;
@@ -37,6 +38,8 @@ fn config(dir: &Path, id: u64, addrs: &BTreeMap<u64, SocketAddr>) -> EngineConfi
     c.tick_ms = 20;
     c.election_timeout_ms = 300;
     c.wal_segment_bytes_max = 8 << 20;
+    // Small, so the snapshot below visibly compacts the log.
+    c.snapshot_keep_entries = 2;
     c
 }
 
@@ -70,6 +73,7 @@ fn three_engines_replicate_forward_snapshot_and_recover() {
         .map(|id| (id, SocketAddr::from(([127, 0, 0, 1], free_udp_port()))))
         .collect();
     let t0 = Instant::now();
+    let mut snapshot_at = (0, 0);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -109,8 +113,18 @@ fn three_engines_replicate_forward_snapshot_and_recover() {
         }
         let out_of_range = h.write(BG_BYTES - 1, Bytes::from_static(b"xy")).await;
         assert!(out_of_range.is_err(), "a write past the end fails");
+        // The data-file sync and meta write run off the core thread; the answer comes only
+        // once they are durable and raft compacted its log.
         let idx = engines[(leader - 1) as usize].snapshot(0).await.unwrap();
         assert!(idx > 0, "snapshot index {idx}");
+        let s = &engines[(leader - 1) as usize].status().await[0];
+        assert_eq!(s.last_snapshot_index, idx, "{s:?}");
+        assert_eq!(s.snapshot_status, "IDLE", "{s:?}");
+        assert!(
+            s.first_log_index > 1 && s.first_log_index <= idx,
+            "log compacted below the snapshot: {s:?}"
+        );
+        snapshot_at = (leader, idx);
     });
     eprintln!("phase 1 done after {:?}", t0.elapsed());
     // Restart every node: state comes back from the meta file, the data file and the WAL.
@@ -124,6 +138,11 @@ fn three_engines_replicate_forward_snapshot_and_recover() {
     rt.block_on(async {
         let refs: Vec<&Engine> = engines.iter().collect();
         wait_leader(&refs).await;
+        // The meta file and the WAL compaction survived the restart.
+        let (node, idx) = snapshot_at;
+        let s = &engines[(node - 1) as usize].status().await[0];
+        assert!(s.last_snapshot_index >= idx, "{s:?}");
+        assert!(s.first_log_index > 1, "WAL compacted: {s:?}");
         for e in &engines {
             let r = e.bg(0).unwrap().read(2 << 20, 1 << 20).await.unwrap();
             assert!(
