@@ -121,3 +121,67 @@ fn kept_entries_do_not_trigger_another_snapshot_suggestion() {
         "15 KB of new log over a 10 KB limit suggests a snapshot"
     );
 }
+
+/// Found by review of the vote rules (etcd grants here): a pre-candidate
+/// that has not voted in its term refused a real vote request of that term,
+/// which can only slow elections down. It now grants it and stops
+/// pre-campaigning.
+#[test]
+fn pre_candidate_grants_a_same_term_vote_it_has_not_cast() {
+    let mut c = Cluster::new(3, RaftConfig::default(), 21);
+    c.isolate(1);
+    let l = c.run_until_leader(200);
+    assert_ne!(l, 1);
+    // Node 1 learns the term from the leader without voting in it.
+    c.heal();
+    for _ in 0..5 {
+        c.tick();
+    }
+    let term = c.node(l).term();
+    assert_eq!(c.node(1).term(), term);
+    assert_eq!(c.node(1).role(), Role::Follower);
+    // Cut off again, it times out into a pre-candidate (term unchanged).
+    c.isolate(1);
+    for _ in 0..100 {
+        c.tick_only(&[1]);
+        if c.node(1).role() == Role::PreCandidate {
+            break;
+        }
+    }
+    assert_eq!(c.node(1).role(), Role::PreCandidate);
+    assert_eq!(c.node(1).term(), term);
+    c.heal();
+    let other = if l == 2 { 3 } else { 2 };
+    let (li, lt) = (
+        c.node(1).last_index(),
+        c.node(1).term_at(c.node(1).last_index()).unwrap(),
+    );
+    let before = c.sent.len();
+    c.inject(raftlog::core::Message {
+        group: GROUP,
+        from: other,
+        to: 1,
+        term,
+        body: MessageBody::RequestVote {
+            pre_vote: false,
+            last_log_index: li,
+            last_log_term: lt,
+            leadership_transfer: false,
+        },
+    });
+    // Responses enter `sent` when delivered.
+    c.settle();
+    let granted = c.sent[before..].iter().any(|m| {
+        m.from == 1
+            && m.to == other
+            && matches!(
+                m.body,
+                MessageBody::RequestVoteResponse {
+                    pre_vote: false,
+                    granted: true
+                }
+            )
+    });
+    assert!(granted, "the pre-candidate grants the same-term vote");
+    assert_eq!(c.node(1).role(), Role::Follower);
+}

@@ -1149,9 +1149,17 @@ impl RaftNode {
             // already are in can only come from a lagging candidate.
             up_to_date && m.term > self.term
         } else {
-            up_to_date && (self.vote == 0 || self.vote == m.from) && self.role == Role::Follower
+            // A pre-candidate has not voted in its term either (pre-votes
+            // leave term and vote alone), so it may grant too.
+            up_to_date
+                && (self.vote == 0 || self.vote == m.from)
+                && matches!(self.role, Role::Follower | Role::PreCandidate)
         };
         if grant && !pre_vote {
+            if self.role == Role::PreCandidate {
+                // Stop pre-campaigning against the candidate we vote for.
+                self.become_follower(self.term, None);
+            }
             self.vote = m.from;
             self.persist_hard_state();
             self.reset_election_timer();
