@@ -49,8 +49,8 @@ use transport::{Frame, Lane, Received, Security, Transport};
 
 use crate::block::{self, BlockOp, DataFile};
 use crate::codec::{
-    self, ForwardOp, ForwardRequest, ForwardResponse, ForwardResult, KIND_FORWARD_REQUEST,
-    KIND_FORWARD_RESPONSE, KIND_RAFT,
+    self, ForwardOp, ForwardRequest, ForwardResponse, ForwardResult, Malformed,
+    KIND_FORWARD_REQUEST, KIND_FORWARD_RESPONSE, KIND_RAFT,
 };
 use crate::config::{BgSpec, EngineConfig};
 use crate::error::{Error, Result};
@@ -700,37 +700,42 @@ impl Core {
     // Peers
     // ------------------------------------------------------------------
 
+    /// A decoded frame, or None after logging why it was refused.
+    fn decoded<T>(
+        &self,
+        from: NodeId,
+        group_field: GroupId,
+        r: std::result::Result<T, Malformed>,
+    ) -> Option<T> {
+        r.map_err(|e| {
+            warn!(
+                core = self.core,
+                "{}",
+                codec::describe(from, group_field, &e)
+            )
+        })
+        .ok()
+    }
+
     fn on_frame(&mut self, r: Received) {
         let from = r.from;
         let group_field = r.frame.group;
         match r.frame.kind {
             KIND_RAFT => {
-                let msgs = match codec::decode_messages(r.frame.payload) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        warn!(
-                            core = self.core,
-                            "{}",
-                            codec::describe(from, group_field, &e)
-                        );
-                        return;
-                    }
+                let Some(msgs) =
+                    self.decoded(from, group_field, codec::decode_messages(r.frame.payload))
+                else {
+                    return;
                 };
                 for m in msgs {
                     self.step(from, m);
                 }
             }
             KIND_FORWARD_REQUEST => {
-                let req = match ForwardRequest::decode(r.frame.payload) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(
-                            core = self.core,
-                            "{}",
-                            codec::describe(from, group_field, &e)
-                        );
-                        return;
-                    }
+                let Some(req) =
+                    self.decoded(from, group_field, ForwardRequest::decode(r.frame.payload))
+                else {
+                    return;
                 };
                 let now = Instant::now();
                 let client = Client {
@@ -761,16 +766,10 @@ impl Core {
                 }
             }
             KIND_FORWARD_RESPONSE => {
-                let resp = match ForwardResponse::decode(r.frame.payload) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(
-                            core = self.core,
-                            "{}",
-                            codec::describe(from, group_field, &e)
-                        );
-                        return;
-                    }
+                let Some(resp) =
+                    self.decoded(from, group_field, ForwardResponse::decode(r.frame.payload))
+                else {
+                    return;
                 };
                 // A late answer to a request that was already retried is ignored.
                 let Some((client, leader, _)) = self.forwarded.remove(&resp.req_id) else {
