@@ -300,7 +300,6 @@ impl Sim {
             },
             tick_period,
         };
-        let voters: Configuration = Configuration::new(1..=n as u64);
         let mut nodes = Vec::new();
         for i in 0..n {
             nodes.push(SimNode {
@@ -361,7 +360,7 @@ impl Sim {
             next_ctx: 1,
         };
         for i in 0..n {
-            sim.start_node(i, &voters);
+            sim.start_node(i);
         }
         for c in 0..sim.clients.len() {
             let at = sim.rng.random_range(0..2000);
@@ -402,7 +401,10 @@ impl Sim {
     // Nodes
     // ------------------------------------------------------------------
 
-    fn start_node(&mut self, i: usize, bootstrap: &Configuration) {
+    /// (Re)starts node `i` from its durable state; every node bootstraps
+    /// with all nodes as voters (used only while it has no configuration).
+    fn start_node(&mut self, i: usize) {
+        let bootstrap = Configuration::new(1..=self.nodes.len() as u64);
         let node = &mut self.nodes[i];
         let st = node.store.group_state(GROUP).unwrap_or_default();
         let entries = if st.last_index > st.compacted_index {
@@ -417,7 +419,7 @@ impl Sim {
             snapshot: node.snapshot.as_ref().map(|(m, _)| m.clone()),
             compacted: (st.compacted_index, st.compacted_term),
             entries,
-            bootstrap: bootstrap.clone(),
+            bootstrap,
         };
         let seed = self.rng.random::<u64>();
         let raft = RaftNode::new(
@@ -1138,9 +1140,8 @@ impl Sim {
             Ev::DiskSync(i, epoch) => self.disk_sync(i, epoch),
             Ev::Restart(i) => {
                 if self.nodes[i].raft.is_none() {
-                    let boot = Configuration::new(1..=self.nodes.len() as u64);
                     self.trace(("restart", i));
-                    self.start_node(i, &boot);
+                    self.start_node(i);
                 }
             }
             Ev::Crash => {
@@ -1217,8 +1218,7 @@ impl Sim {
         self.faults.long_delay = 0.0;
         for i in 0..self.nodes.len() {
             if self.nodes[i].raft.is_none() {
-                let boot = Configuration::new(1..=self.nodes.len() as u64);
-                self.start_node(i, &boot);
+                self.start_node(i);
             }
         }
         // Idle clients start again so that writes exercise the healed cluster.
