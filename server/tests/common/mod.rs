@@ -115,6 +115,9 @@ pub fn qemu_io(uri: &str, commands: &[String]) -> String {
     all
 }
 
+/// Attempts at starting a cluster whose ports were taken by someone else.
+const START_ATTEMPTS_MAX: usize = 5;
+
 pub fn free_tcp() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -212,7 +215,41 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Starts three nodes and waits until each answers on HTTP. Free ports
+    /// are found by binding port 0 and letting go, so a test running in
+    /// parallel can take one before our node binds it: a node that exits
+    /// at start-up makes the whole cluster start again on fresh ports.
     pub fn start(extra: &[&str]) -> Cluster {
+        for _ in 0..START_ATTEMPTS_MAX {
+            let mut c = Cluster::start_once(extra);
+            if c.wait_all_up(Duration::from_secs(20)) {
+                return c;
+            }
+            for i in 0..3 {
+                c.kill(i);
+            }
+        }
+        panic!("the cluster did not start in {START_ATTEMPTS_MAX} attempts");
+    }
+
+    /// True once every node answers /status.json; false as soon as one exits.
+    fn wait_all_up(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.nodes.iter_mut().any(|n| n.running().is_err()) {
+                return false;
+            }
+            if self.nodes.iter().all(|n| n.status().is_some()) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn start_once(extra: &[&str]) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let nodes = (1..=3)
             .map(|id| Node {
