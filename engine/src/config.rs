@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use raftlog::core::{GroupId, NodeId, RaftConfig};
 
+use crate::dataio::DataIoBackend;
 use crate::error::{Error, Result};
 
 /// One block group this node holds a replica of.
@@ -75,6 +76,16 @@ pub struct EngineConfig {
     pub forward_timeout_ms: u64,
     /// Largest raft entry payload; bigger writes are split into several entries.
     pub entry_data_bytes_max: usize,
+    /// Open data files with O_DIRECT (see docs/bench-nbd.md for the measurement that picked
+    /// the default); filesystems that refuse it fall back to buffered I/O with a log line.
+    pub data_direct_io: bool,
+    /// Data-file applies and reads on io_uring (`Auto`: unless the kernel refuses it).
+    pub data_io_backend: DataIoBackend,
+    /// Data-file requests (applies and reads) in flight per core, at most.
+    pub data_ios_in_flight_max: usize,
+    /// Bytes of committed writes waiting for a data-file slot per core, at most; beyond it the
+    /// core waits for the disk before doing anything else.
+    pub apply_queue_bytes_max: usize,
 }
 
 impl EngineConfig {
@@ -104,6 +115,10 @@ impl EngineConfig {
             request_timeout_ms: 10_000,
             forward_timeout_ms: 2_000,
             entry_data_bytes_max: 256 << 10,
+            data_direct_io: false,
+            data_io_backend: DataIoBackend::Auto,
+            data_ios_in_flight_max: 256,
+            apply_queue_bytes_max: 64 << 20,
         }
     }
 
@@ -131,6 +146,18 @@ impl EngineConfig {
             return bad(format!(
                 "entry_data_bytes_max {} must be in 1..=512 KiB (one entry must fit in a WAL record)",
                 self.entry_data_bytes_max
+            ));
+        }
+        if self.data_ios_in_flight_max == 0 || self.data_ios_in_flight_max > 4096 {
+            return bad(format!(
+                "data_ios_in_flight_max {} must be in 1..=4096",
+                self.data_ios_in_flight_max
+            ));
+        }
+        if self.apply_queue_bytes_max < self.entry_data_bytes_max {
+            return bad(format!(
+                "apply_queue_bytes_max {} must hold one entry of entry_data_bytes_max {}",
+                self.apply_queue_bytes_max, self.entry_data_bytes_max
             ));
         }
         if self.quic_listen.port() as usize + self.cores > 65536 {

@@ -33,6 +33,7 @@ pub mod block;
 pub mod codec;
 pub mod config;
 mod core;
+pub mod dataio;
 pub mod error;
 pub mod snapshot;
 pub mod status;
