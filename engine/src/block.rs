@@ -348,7 +348,9 @@ impl DataFile {
     pub fn apply_req(&self, token: u64, op: &BlockOp) -> Option<IoReq> {
         let (kind, offset, buf) = match op {
             BlockOp::Write { offset, data } if self.direct => {
-                if *offset % DIRECT_ALIGN != 0 || data.len() as u64 % DIRECT_ALIGN != 0 {
+                if !offset.is_multiple_of(DIRECT_ALIGN)
+                    || !(data.len() as u64).is_multiple_of(DIRECT_ALIGN)
+                {
                     return None;
                 }
                 let mut buf = AlignedBuf::zeroed(data.len());

@@ -11,6 +11,10 @@ use raftlog::core::{GroupId, NodeId, RaftConfig};
 use crate::dataio::DataIoBackend;
 use crate::error::{Error, Result};
 
+/// Whether data files are opened with O_DIRECT unless configured (picked by measurement,
+/// docs/bench-nbd.md).
+pub const DATA_DIRECT_IO_DEFAULT: bool = false;
+
 /// One block group this node holds a replica of.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BgSpec {
@@ -115,7 +119,7 @@ impl EngineConfig {
             request_timeout_ms: 10_000,
             forward_timeout_ms: 2_000,
             entry_data_bytes_max: 256 << 10,
-            data_direct_io: false,
+            data_direct_io: DATA_DIRECT_IO_DEFAULT,
             data_io_backend: DataIoBackend::Auto,
             data_ios_in_flight_max: 256,
             apply_queue_bytes_max: 64 << 20,

@@ -18,11 +18,19 @@
 //! also why a write with nothing to persist (only held messages) may be reported once the
 //! writes queued before it are.
 //!
+//! # Data-file I/O
+//! Committed entries go to the group's `block::Applier`; `pump` starts the applies that may
+//! start (no overlap with one in flight, log order) on the core's data ring (`dataio`), and
+//! `reap_data` handles completions: a finished apply answers its client and may advance the
+//! group's applied index, which releases reads (also submitted to the ring) and bounds
+//! snapshots. A received snapshot is installed off the thread once the group's applies drained
+//! (LOADING); see `install_snapshot`.
+//!
 //! # Client requests
 //! A request enters on the core that owns its group. The leader executes it: a block op is
 //! proposed (split into entries of at most `entry_data_bytes_max`) and answered when every entry
 //! is applied with the term it was proposed in; a read asks for `lease_read` (ReadIndex when the
-//! lease is not valid), waits until the group applied that index, then `pread`s. A follower
+//! lease is not valid), waits until the group applied that index, then reads. A follower
 //! forwards the request to the leader's same core over the transport (`codec::ForwardRequest`);
 //! the leader answers with a `ForwardResponse`. A request that finds no leader, or whose leader
 //! lost leadership or did not answer within `forward_timeout_ms`, is parked and dispatched again

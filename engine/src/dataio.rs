@@ -66,7 +66,7 @@ impl AlignedBuf {
     /// `len` must be a positive multiple of [`DIRECT_ALIGN`].
     pub fn zeroed(len: usize) -> AlignedBuf {
         assert!(
-            len > 0 && len as u64 % DIRECT_ALIGN == 0,
+            len > 0 && (len as u64).is_multiple_of(DIRECT_ALIGN),
             "aligned buffer of {len} bytes"
         );
         let layout = Self::layout(len);

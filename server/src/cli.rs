@@ -118,6 +118,9 @@ pub struct RunArgs {
     /// Log entries kept below a snapshot for followers that lag a little.
     #[arg(long)]
     pub snapshot_keep_entries: Option<u64>,
+    /// Open the data files with O_DIRECT (see docs/server.md).
+    #[arg(long)]
+    pub data_direct_io: Option<bool>,
 }
 
 fn parse_peer(s: &str) -> Result<PeerConfig, String> {
@@ -168,7 +171,8 @@ impl RunArgs {
             segment_size_bytes => raft.segment_size_bytes, raft_sync => raft.raft_sync,
             snapshot_interval_s => raft.snapshot_interval_s,
             snapshot_chunk_bytes => raft.snapshot_chunk_bytes,
-            snapshot_keep_entries => raft.snapshot_keep_entries);
+            snapshot_keep_entries => raft.snapshot_keep_entries,
+            data_direct_io => data_direct_io);
         if let Some(d) = &self.tls_dir {
             c.tls_dir = Some(d.clone());
         }

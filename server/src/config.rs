@@ -10,6 +10,7 @@
 //! http_listen = "127.0.0.1:8100"
 //! tls_dir = "certs/node1"           # node.pem, node.key, ca.pem (bd-server issue-cert)
 //! insecure_loopback = false         # no TLS: local dev cluster on loopback only
+//! data_direct_io = false            # O_DIRECT data files (docs/bench-nbd.md)
 //!
 //! [[peers]]
 //! id = 2
@@ -113,6 +114,8 @@ pub struct ServerConfig {
     pub http_listen: SocketAddr,
     pub tls_dir: Option<PathBuf>,
     pub insecure_loopback: bool,
+    /// Open the data files with O_DIRECT (the engine's `data_direct_io`).
+    pub data_direct_io: bool,
     pub peers: Vec<PeerConfig>,
     pub bgs: Vec<BgConfig>,
     pub raft: RaftSettings,
@@ -129,6 +132,7 @@ impl Default for ServerConfig {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8100)),
             tls_dir: None,
             insecure_loopback: false,
+            data_direct_io: engine::config::DATA_DIRECT_IO_DEFAULT,
             peers: Vec::new(),
             bgs: Vec::new(),
             raft: RaftSettings::default(),
@@ -169,6 +173,7 @@ impl ServerConfig {
             c.cores = self.cores;
         }
         c.tls_dir = self.tls_dir.clone();
+        c.data_direct_io = self.data_direct_io;
         for p in &self.peers {
             if c.peers.insert(p.id, p.addr).is_some() {
                 return bad(format!("peer {} is listed twice", p.id));
