@@ -271,8 +271,8 @@ pub(crate) async fn run(ctx: CoreCtx) -> Result<()> {
     }
     c.fail_everything(core);
     // Closing tells peers at once (they re-elect without waiting for an idle timeout); the
-    // drain that follows is bounded so a shutdown stays quick.
-    let _ = tokio::time::timeout(Duration::from_millis(300), c.transport.shutdown()).await;
+    // transport bounds the drain that follows (`close_wait_max`) so a shutdown stays quick.
+    c.transport.shutdown().await;
     c.wal.shutdown();
     match tokio::time::timeout(Duration::from_secs(10), wal_task).await {
         Ok(Ok(Err(e))) => warn!(core, error = %e, "wal writer ended with an error"),
