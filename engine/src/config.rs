@@ -61,6 +61,13 @@ pub struct EngineConfig {
     pub append_bytes_max: usize,
     /// Entries kept below a snapshot so lagging followers catch up by log.
     pub snapshot_keep_entries: u64,
+    /// ... and no more than this many bytes of them, per group.
+    pub snapshot_keep_bytes_max: usize,
+    /// In-memory raft log bytes of all the groups of one core, at most (0 = no budget): the
+    /// raft core holds every entry since its group's last snapshot, so without a budget a
+    /// core with thousands of groups could hold `groups * snapshot_log_bytes_max`. Over it,
+    /// the core snapshots its largest groups (see `core::Core::enforce_log_memory`).
+    pub log_memory_bytes_max: usize,
     /// Log bytes since the last snapshot above which the core suggests a new one.
     pub snapshot_log_bytes_max: usize,
     /// Take a snapshot of every group this often (0 = only when suggested).
@@ -109,6 +116,8 @@ impl EngineConfig {
             append_entries_max: 256,
             append_bytes_max: 1 << 20,
             snapshot_keep_entries: 1024,
+            snapshot_keep_bytes_max: 16 << 20,
+            log_memory_bytes_max: 1 << 30,
             snapshot_log_bytes_max: 64 << 20,
             snapshot_interval_s: 3600,
             snapshot_chunk_bytes: 128 << 10,
@@ -217,6 +226,7 @@ impl EngineConfig {
             append_entries_max: self.append_entries_max,
             append_bytes_max: self.append_bytes_max,
             snapshot_keep_entries: self.snapshot_keep_entries,
+            snapshot_keep_bytes_max: self.snapshot_keep_bytes_max,
             snapshot_log_bytes_max: self.snapshot_log_bytes_max,
             // A snapshot of a whole volume takes a while to stream: give it a minute before a
             // retry, or a slow transfer is started over and over.

@@ -77,6 +77,9 @@ const FLUSH_IO_ROUNDS_MAX: usize = 4;
 /// `ready()` rounds per group per flush, at most (a group producing output forever is a bug; it
 /// is continued at the next iteration instead of hanging the core).
 const READY_ROUNDS_MAX: usize = 64;
+/// A group with less log than this since its snapshot is not snapshotted for the log memory
+/// budget (see `Core::enforce_log_memory`).
+const BUDGET_SNAPSHOT_BYTES_MIN: usize = 1 << 20;
 
 /// What a client asks of a block group.
 #[derive(Debug)]
@@ -295,7 +298,10 @@ pub(crate) async fn run(ctx: CoreCtx) -> Result<()> {
                 f = net_rx.recv() => {
                     if let Some(f) = f { c.on_frame(f); }
                 }
-                _ = ticker.tick() => c.on_tick()?,
+                _ = ticker.tick() => {
+                    c.on_tick()?;
+                    c.enforce_log_memory();
+                }
             }
             for _ in 0..DRAIN_BATCH_MAX {
                 match internal_rx.try_recv() {
@@ -325,8 +331,8 @@ pub(crate) async fn run(ctx: CoreCtx) -> Result<()> {
     }
     c.fail_everything(core);
     // Closing tells peers at once (they re-elect without waiting for an idle timeout); the
-    // drain that follows is bounded so a shutdown stays quick.
-    let _ = tokio::time::timeout(Duration::from_millis(300), c.transport.shutdown()).await;
+    // transport bounds the drain that follows (`close_wait_max`) so a shutdown stays quick.
+    c.transport.shutdown().await;
     c.wal.shutdown();
     match tokio::time::timeout(Duration::from_secs(10), wal_task).await {
         Ok(Ok(Err(e))) => warn!(core, error = %e, "wal writer ended with an error"),
@@ -992,6 +998,52 @@ impl Core {
         }
         self.redispatch_parked();
         Ok(())
+    }
+
+    /// Keeps the in-memory raft logs of this core's groups within `log_memory_bytes_max` by
+    /// snapshotting the groups with the most log since their last snapshot (a snapshot lets
+    /// the core drop its log below the applied index, but for the tail it keeps for lagging
+    /// followers). Groups already saving count as freed; a group with less than
+    /// `BUDGET_SNAPSHOT_BYTES_MIN` to free is not worth a snapshot of its whole volume, so a
+    /// budget smaller than the kept tails of all groups stays exceeded rather than making
+    /// every write snapshot.
+    fn enforce_log_memory(&mut self) {
+        let max = self.cfg.log_memory_bytes_max;
+        if max == 0 {
+            return;
+        }
+        let total: usize = self.groups.values().map(|g| g.raft.log_bytes()).sum();
+        if total <= max {
+            return;
+        }
+        let mut expected = total;
+        let mut candidates = Vec::new();
+        for (bg, g) in &self.groups {
+            let since = g.raft.log_bytes_since_snapshot();
+            if g.saving.is_some() {
+                expected = expected.saturating_sub(since);
+            } else if since >= BUDGET_SNAPSHOT_BYTES_MIN
+                && g.applier.applied() > g.raft.snapshot_meta().index
+            {
+                candidates.push((since, *bg));
+            }
+        }
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        for (since, bg) in candidates {
+            if expected <= max {
+                break;
+            }
+            info!(
+                core = self.core,
+                bg,
+                log_bytes_total = total,
+                log_memory_bytes_max = max,
+                since_snapshot_bytes = since,
+                "core over its log memory budget: snapshotting the group with the most log"
+            );
+            self.take_snapshot(bg, None);
+            expected = expected.saturating_sub(since);
+        }
     }
 
     fn redispatch_parked(&mut self) {
@@ -1759,6 +1811,7 @@ impl Core {
                     snapshot_status,
                     size_bytes: g.spec.size_bytes,
                     pending_requests: g.execs.len() + g.reads.len() + g.ready_reads.len(),
+                    log_bytes: g.raft.log_bytes(),
                     peers: s
                         .peers
                         .iter()

@@ -43,6 +43,9 @@ pub struct BgStatus {
     pub size_bytes: u64,
     /// Client requests executing on this node as leader.
     pub pending_requests: usize,
+    /// Bytes of raft log this group holds in memory (counted against the core's
+    /// `log_memory_bytes_max`).
+    pub log_bytes: usize,
     pub peers: Vec<PeerStat>,
 }
 
@@ -76,6 +79,7 @@ impl BgStatus {
         );
         let _ = writeln!(s, "size_bytes: {}", self.size_bytes);
         let _ = writeln!(s, "pending_requests: {}", self.pending_requests);
+        let _ = writeln!(s, "log_bytes: {}", self.log_bytes);
         for p in &self.peers {
             let _ = writeln!(
                 s,

@@ -32,6 +32,8 @@
 //! snapshot_interval_s = 3600
 //! snapshot_chunk_bytes = 131072
 //! snapshot_keep_entries = 1024
+//! snapshot_keep_bytes_max = 16777216   # per group, on top of the entry count
+//! log_memory_bytes_max = 1073741824    # per core: in-memory raft logs of its groups
 //! snapshot_bytes_per_sec_max = 209715200
 //! ```
 
@@ -80,6 +82,8 @@ pub struct RaftSettings {
     pub snapshot_interval_s: u64,
     pub snapshot_chunk_bytes: usize,
     pub snapshot_keep_entries: u64,
+    pub snapshot_keep_bytes_max: usize,
+    pub log_memory_bytes_max: usize,
     pub snapshot_bytes_per_sec_max: u64,
 }
 
@@ -96,6 +100,8 @@ impl Default for RaftSettings {
             snapshot_interval_s: 3600,
             snapshot_chunk_bytes: 128 << 10,
             snapshot_keep_entries: 1024,
+            snapshot_keep_bytes_max: 16 << 20,
+            log_memory_bytes_max: 1 << 30,
             snapshot_bytes_per_sec_max: 200 << 20,
         }
     }
@@ -199,6 +205,8 @@ impl ServerConfig {
         c.snapshot_interval_s = r.snapshot_interval_s;
         c.snapshot_chunk_bytes = r.snapshot_chunk_bytes;
         c.snapshot_keep_entries = r.snapshot_keep_entries;
+        c.snapshot_keep_bytes_max = r.snapshot_keep_bytes_max;
+        c.log_memory_bytes_max = r.log_memory_bytes_max;
         c.snapshot_bytes_per_sec_max = r.snapshot_bytes_per_sec_max;
         c.validate().map_err(|e| Error::Config {
             what: e.to_string(),
