@@ -292,7 +292,9 @@ pub(crate) async fn run(ctx: CoreCtx) -> Result<()> {
                 }
                 _ = wait_data(&dio_waiter) => { c.reap_data()?; }
                 r = requests.recv() => match r {
-                    None | Some(CoreRequest::Shutdown) => return Ok(()),
+                    // The last flush hands raft's pending writes (e.g. the compaction a
+                    // finished snapshot queued) to the WAL, which drains before the core stops.
+                    None | Some(CoreRequest::Shutdown) => return c.flush().await,
                     Some(r) => c.on_request(r)?,
                 },
                 f = net_rx.recv() => {
@@ -311,7 +313,7 @@ pub(crate) async fn run(ctx: CoreCtx) -> Result<()> {
             }
             for _ in 0..DRAIN_BATCH_MAX {
                 match requests.try_recv() {
-                    Ok(CoreRequest::Shutdown) => return Ok(()),
+                    Ok(CoreRequest::Shutdown) => return c.flush().await,
                     Ok(r) => c.on_request(r)?,
                     Err(_) => break,
                 }
