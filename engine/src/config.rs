@@ -75,6 +75,10 @@ pub struct EngineConfig {
     pub forward_timeout_ms: u64,
     /// Largest raft entry payload; bigger writes are split into several entries.
     pub entry_data_bytes_max: usize,
+    /// A leader whose group has been idle and settled this long asks its followers to hibernate
+    /// the group with it: no ticks and no heartbeats until activity (see `core::hibernate`).
+    /// 0 = never (every group ticks and heartbeats all the time).
+    pub hibernate_idle_ms: u64,
 }
 
 impl EngineConfig {
@@ -104,6 +108,7 @@ impl EngineConfig {
             request_timeout_ms: 10_000,
             forward_timeout_ms: 2_000,
             entry_data_bytes_max: 256 << 10,
+            hibernate_idle_ms: 2_000,
         }
     }
 
@@ -122,6 +127,12 @@ impl EngineConfig {
             return bad(format!(
                 "election_timeout_ms {} must be at least two ticks of {} ms",
                 self.election_timeout_ms, self.tick_ms
+            ));
+        }
+        if self.hibernate_idle_ms != 0 && self.hibernate_idle_ms < self.tick_ms {
+            return bad(format!(
+                "hibernate_idle_ms {} must be 0 (off) or at least one tick of {} ms",
+                self.hibernate_idle_ms, self.tick_ms
             ));
         }
         if self.heartbeat_factor < 2 {
@@ -192,6 +203,13 @@ impl EngineConfig {
             snapshot_timeout_ticks: (60_000 / self.tick_ms).max(1) as u32,
             ..RaftConfig::default()
         }
+    }
+
+    /// Consecutive idle ticks after which a leader hibernates its group (0 = never).
+    pub fn hibernate_idle_ticks(&self) -> u32 {
+        self.hibernate_idle_ms
+            .div_ceil(self.tick_ms)
+            .min(u32::MAX as u64) as u32
     }
 
     pub fn tick(&self) -> Duration {

@@ -30,6 +30,8 @@
 //! that did commit is harmless: applies are idempotent overwrites. FLUSH (and FUA) need no work:
 //! a write is acknowledged only after it is committed, i.e. in the WAL of a majority, fsynced.
 
+mod hibernate;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
@@ -49,13 +51,14 @@ use transport::{Frame, Lane, Received, Security, Transport};
 
 use crate::block::{self, BlockOp, DataFile};
 use crate::codec::{
-    self, ForwardOp, ForwardRequest, ForwardResponse, ForwardResult, Malformed,
-    KIND_FORWARD_REQUEST, KIND_FORWARD_RESPONSE, KIND_RAFT,
+    self, ForwardOp, ForwardRequest, ForwardResponse, ForwardResult, HibernateFrame, Malformed,
+    KIND_FORWARD_REQUEST, KIND_FORWARD_RESPONSE, KIND_HIBERNATE, KIND_RAFT,
 };
 use crate::config::{BgSpec, EngineConfig};
 use crate::error::{Error, Result};
 use crate::snapshot::{FileSource, Incoming};
-use crate::status::{BgStatus, PeerStat};
+use crate::status::{BgStatus, CoreCounters, PeerStat};
+use hibernate::Hibernation;
 
 /// Inputs drained per source per loop iteration, at most (keeps one busy source from starving
 /// the others and bounds the work between two flushes).
@@ -180,6 +183,7 @@ pub(crate) struct CoreCtx {
     pub cfg: Arc<EngineConfig>,
     pub requests: mpsc::Receiver<CoreRequest>,
     pub started: oneshot::Sender<Result<()>>,
+    pub counters: Arc<CoreCounters>,
 }
 
 struct Core {
@@ -199,6 +203,9 @@ struct Core {
     next_id: u64,
     /// Per peer: (control lane, data lane) messages of this flush.
     outbox: BTreeMap<NodeId, (Vec<Message>, Vec<Message>)>,
+    /// Which groups hibernate, and the peers' liveness ([`hibernate`]).
+    hib: Hibernation,
+    counters: Arc<CoreCounters>,
 }
 
 /// Runs core `ctx.core` until shutdown or a fatal error. Call inside a `LocalSet` on a
@@ -209,8 +216,9 @@ pub(crate) async fn run(ctx: CoreCtx) -> Result<()> {
         cfg,
         mut requests,
         started,
+        counters,
     } = ctx;
-    let setup = setup(core, &cfg).await;
+    let setup = setup(core, &cfg, counters).await;
     let (mut c, wal_rc, mut net_rx, mut internal_rx, durable_rx) = match setup {
         Ok(s) => {
             let _ = started.send(Ok(()));
@@ -297,7 +305,7 @@ type Setup = (
     mpsc::UnboundedReceiver<(GroupId, u64, Option<Durable>)>,
 );
 
-async fn setup(core: usize, cfg: &Arc<EngineConfig>) -> Result<Setup> {
+async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>) -> Result<Setup> {
     let dir = cfg.core_dir(core);
     std::fs::create_dir_all(&dir).map_err(|source| Error::File {
         bg: 0,
@@ -340,6 +348,7 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>) -> Result<Setup> {
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
     let (internal_tx, internal_rx) = mpsc::unbounded_channel();
     let dirty = groups.keys().copied().collect();
+    let hib = Hibernation::new(cfg, groups.keys().copied(), Instant::now());
     let c = Core {
         core,
         me: cfg.node_id,
@@ -356,6 +365,8 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>) -> Result<Setup> {
         forwarded: HashMap::new(),
         next_id: 1,
         outbox: BTreeMap::new(),
+        hib,
+        counters,
     };
     info!(core, groups = c.groups.len(), addr = %c.transport.local_addr(), "core started");
     Ok((
@@ -532,6 +543,7 @@ impl Core {
                     deadline: now + Duration::from_millis(self.cfg.request_timeout_ms),
                     last_err: "not dispatched yet".into(),
                 };
+                self.wake_group(bg);
                 self.dispatch(client);
             }
             CoreRequest::Status(reply) => {
@@ -720,6 +732,7 @@ impl Core {
     fn on_frame(&mut self, r: Received) {
         let from = r.from;
         let group_field = r.frame.group;
+        self.heard_from(from);
         match r.frame.kind {
             KIND_RAFT => {
                 let Some(msgs) =
@@ -760,7 +773,10 @@ impl Core {
                         );
                         self.reply(client, Err(Error::UnknownBg { bg: group_field }));
                     }
-                    Some(Role::Leader) => self.execute(client),
+                    Some(Role::Leader) => {
+                        self.wake_group(group_field);
+                        self.execute(client)
+                    }
                     Some(_) => self.retry_later(client, String::new()),
                     None => self.reply(client, Err(Error::UnknownBg { bg: group_field })),
                 }
@@ -799,6 +815,13 @@ impl Core {
                         };
                         self.reply(client, Err(e));
                     }
+                }
+            }
+            KIND_HIBERNATE => {
+                if let Some(f) =
+                    self.decoded(from, group_field, HibernateFrame::decode(r.frame.payload))
+                {
+                    self.on_hibernate_frame(from, f);
                 }
             }
             k => warn!(
@@ -849,6 +872,11 @@ impl Core {
                 return;
             }
         }
+        if self.hib.wake(bg, &mut g.raft, false) {
+            self.counters
+                .wakes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         g.raft.step(m);
         self.dirty.insert(bg);
     }
@@ -858,11 +886,15 @@ impl Core {
     // ------------------------------------------------------------------
 
     fn on_tick(&mut self) -> Result<()> {
+        // Before the groups tick: hibernation judges idleness on the state the last flush left.
+        self.hibernate_tick();
         let interval = Duration::from_secs(self.cfg.snapshot_interval_s);
         let mut due = Vec::new();
         for (bg, g) in self.groups.iter_mut() {
-            g.raft.tick();
-            self.dirty.insert(*bg);
+            if self.hib.ticks(*bg) {
+                g.raft.tick();
+                self.dirty.insert(*bg);
+            }
             if self.cfg.snapshot_interval_s > 0 && g.last_snapshot_at.elapsed() >= interval {
                 due.push(*bg);
             }
@@ -986,6 +1018,10 @@ impl Core {
 
     fn send_outbox(&mut self) {
         for (peer, (control, data)) in std::mem::take(&mut self.outbox) {
+            self.counters.raft_messages_sent.fetch_add(
+                (control.len() + data.len()) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             for (lane, msgs) in [(Lane::Control, control), (Lane::Data, data)] {
                 let mut start = 0;
                 while start < msgs.len() {
@@ -1407,6 +1443,7 @@ impl Core {
                     snapshot_status,
                     size_bytes: g.spec.size_bytes,
                     pending_requests: g.execs.len() + g.reads.len() + g.ready_reads.len(),
+                    hibernating: self.hib.asleep(g.spec.id),
                     peers: s
                         .peers
                         .iter()

@@ -49,15 +49,17 @@ use tracing::{error, info, warn};
 pub use block::BlockOp;
 pub use config::{BgSpec, EngineConfig};
 pub use error::{Error, ErrorKind, Result};
-pub use status::{BgStatus, PeerStat};
+pub use status::{BgStatus, CoreStat, PeerStat};
 
 use crate::core::{ClientOp, CoreCtx, CoreRequest};
+use crate::status::CoreCounters;
 
 /// A running engine. Dropping it without [`Engine::shutdown`] leaves the core threads running
 /// until the process exits (their request queues stay open through the [`BgHandle`]s).
 pub struct Engine {
     cfg: Arc<EngineConfig>,
     cores: Vec<mpsc::Sender<CoreRequest>>,
+    counters: Vec<Arc<CoreCounters>>,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
     failed: watch::Receiver<Option<String>>,
 }
@@ -79,16 +81,20 @@ impl Engine {
         let (fail_tx, failed) = watch::channel(None);
         let fail_tx = Arc::new(fail_tx);
         let mut cores = Vec::new();
+        let mut counters = Vec::new();
         let mut threads = Vec::new();
         let mut starts = Vec::new();
         for core in 0..cfg.cores {
             let (tx, rx) = mpsc::channel(cfg.request_queue_max);
             let (started_tx, started_rx) = oneshot::channel();
+            let core_counters = Arc::new(CoreCounters::default());
+            counters.push(core_counters.clone());
             let ctx = CoreCtx {
                 core,
                 cfg: cfg.clone(),
                 requests: rx,
                 started: started_tx,
+                counters: core_counters,
             };
             let pin = cfg.pin_cores;
             let fail_tx = fail_tx.clone();
@@ -121,6 +127,7 @@ impl Engine {
         let engine = Engine {
             cfg,
             cores,
+            counters,
             threads: std::sync::Mutex::new(threads),
             failed,
         };
@@ -173,6 +180,15 @@ impl Engine {
         }
         out.sort_by_key(|s| s.bg);
         out
+    }
+
+    /// Per core: what it sent to its peers and how many of its groups hibernate.
+    pub fn core_stats(&self) -> Vec<CoreStat> {
+        self.counters
+            .iter()
+            .enumerate()
+            .map(|(core, c)| c.stat(core))
+            .collect()
     }
 
     /// Takes a snapshot of `bg` now (on demand); returns its index.

@@ -118,6 +118,9 @@ pub struct RunArgs {
     /// Log entries kept below a snapshot for followers that lag a little.
     #[arg(long)]
     pub snapshot_keep_entries: Option<u64>,
+    /// Idle groups stop ticking and heartbeating after this long (0 = never).
+    #[arg(long)]
+    pub hibernate_idle_ms: Option<u64>,
 }
 
 fn parse_peer(s: &str) -> Result<PeerConfig, String> {
@@ -168,7 +171,8 @@ impl RunArgs {
             segment_size_bytes => raft.segment_size_bytes, raft_sync => raft.raft_sync,
             snapshot_interval_s => raft.snapshot_interval_s,
             snapshot_chunk_bytes => raft.snapshot_chunk_bytes,
-            snapshot_keep_entries => raft.snapshot_keep_entries);
+            snapshot_keep_entries => raft.snapshot_keep_entries,
+            hibernate_idle_ms => raft.hibernate_idle_ms);
         if let Some(d) = &self.tls_dir {
             c.tls_dir = Some(d.clone());
         }

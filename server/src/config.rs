@@ -32,6 +32,7 @@
 //! snapshot_chunk_bytes = 131072
 //! snapshot_keep_entries = 1024
 //! snapshot_bytes_per_sec_max = 209715200
+//! hibernate_idle_ms = 2000          # idle groups stop ticking and heartbeating; 0 = never
 //! ```
 
 use std::net::SocketAddr;
@@ -80,6 +81,8 @@ pub struct RaftSettings {
     pub snapshot_chunk_bytes: usize,
     pub snapshot_keep_entries: u64,
     pub snapshot_bytes_per_sec_max: u64,
+    /// Idle groups stop ticking and heartbeating after this long (0 = never).
+    pub hibernate_idle_ms: u64,
 }
 
 impl Default for RaftSettings {
@@ -96,6 +99,7 @@ impl Default for RaftSettings {
             snapshot_chunk_bytes: 128 << 10,
             snapshot_keep_entries: 1024,
             snapshot_bytes_per_sec_max: 200 << 20,
+            hibernate_idle_ms: 2_000,
         }
     }
 }
@@ -195,6 +199,7 @@ impl ServerConfig {
         c.snapshot_chunk_bytes = r.snapshot_chunk_bytes;
         c.snapshot_keep_entries = r.snapshot_keep_entries;
         c.snapshot_bytes_per_sec_max = r.snapshot_bytes_per_sec_max;
+        c.hibernate_idle_ms = r.hibernate_idle_ms;
         c.validate().map_err(|e| Error::Config {
             what: e.to_string(),
         })?;
