@@ -22,6 +22,10 @@
 //! valid) → once `applied >= read index`, `pread` of the data file → reply (follower: forwarded,
 //! the leader's data comes back in the response frame).
 //!
+//! # Hibernation
+//! A group idle for `hibernate_idle_ms` stops ticking and heartbeating on every replica until
+//! activity wakes it; failure detection is then per peer node, not per group (`core/hibernate.rs`).
+//!
 //! # Durability
 //! A write is acknowledged only after it is committed (in the fsynced WAL of a majority) and
 //! applied on the leader, so FLUSH and FUA have nothing left to do. Data files are synced lazily,

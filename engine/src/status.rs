@@ -109,6 +109,24 @@ impl BgStatus {
     }
 }
 
+impl CoreStat {
+    /// One `/raft_stat` line.
+    pub fn raft_stat_text(&self) -> String {
+        format!(
+            "[core {}] raft_messages_sent: {} frames_sent: {} bytes_sent: {} pings_sent: {} \
+             groups: {} groups_hibernating: {} wakes: {}\n",
+            self.core,
+            self.raft_messages_sent,
+            self.frames_sent,
+            self.bytes_sent,
+            self.pings_sent,
+            self.groups,
+            self.groups_hibernating,
+            self.wakes
+        )
+    }
+}
+
 /// The live counters behind [`CoreStat`]: written by the core thread, read by status requests
 /// from any thread.
 #[derive(Debug, Default)]

@@ -242,6 +242,9 @@ impl Core {
         self.counters
             .bytes_sent
             .store(stats_bytes, Ordering::Relaxed);
+        self.counters
+            .groups
+            .store(self.groups.len() as u64, Ordering::Relaxed);
         for peer in newly_silent {
             self.wake_led_by_silent(peer);
         }
@@ -321,9 +324,6 @@ impl Core {
             self.hib.wake(bg, &mut g.raft, false);
             self.dirty.insert(bg);
         }
-        self.counters
-            .groups
-            .store(self.groups.len() as u64, Ordering::Relaxed);
         self.counters
             .groups_hibernating
             .store(asleep, Ordering::Relaxed);
