@@ -65,6 +65,9 @@ pub struct NbdArgs {
     /// Targets to run (the ratio line needs all three).
     #[arg(long, value_delimiter = ',', default_value = "qemu-nbd,1rep,3rep")]
     targets: Vec<String>,
+    /// bd-server's `data_direct_io` (O_DIRECT data files); default: the server's default.
+    #[arg(long)]
+    data_direct_io: Option<bool>,
 }
 
 type Res<T> = Result<T, String>;
@@ -548,6 +551,9 @@ fn start_bd(exe: &Path, dir: &Path, n: u64, a: &NbdArgs, servers: &mut Servers) 
             .arg("0")
             .arg("--bg-size-bytes")
             .arg((a.size_mib << 20).to_string());
+        if let Some(d) = a.data_direct_io {
+            cmd.arg("--data-direct-io").arg(d.to_string());
+        }
         for p in nodes.iter().filter(|p| p.id != node.id) {
             cmd.arg("--peer").arg(format!("{}={}", p.id, p.quic));
         }

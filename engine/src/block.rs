@@ -1,18 +1,23 @@
 //! The block state machine of one block group: the operations carried in raft entries, the
-//! preallocated data file they are applied to, and the small meta file that records the latest
-//! snapshot.
+//! preallocated data file they are applied to, the order in which applies may run
+//! concurrently ([`Applier`]), the small meta file that records the latest snapshot, and the
+//! crash-safe protocol that installs a received snapshot.
 //!
 //! # Entry payload
 //! `op u8 | offset u64 LE | len u32 LE | data` — data only for WRITE (raw bytes, never copied into
 //! another structure). TRIM and WRITE_ZEROES carry no data.
 //!
 //! # Apply is an idempotent overwrite
-//! WRITE is `pwrite`, TRIM and WRITE_ZEROES punch a hole (`fallocate(PUNCH_HOLE|KEEP_SIZE)`,
-//! reads return zeroes on every replica, so replicas stay byte-identical), WRITE_ZEROES with
-//! `NO_HOLE` uses `FALLOC_FL_ZERO_RANGE`. Applying an entry twice, or applying entries `a..=b`
-//! over a file that already holds the effect of some of them (or of later ones), ends in the same
-//! state as applying `a..=b` once to the state at `a - 1`, as long as they are re-applied in log
-//! order up to at least the latest index the file may hold. That is what makes these rules safe:
+//! WRITE is a write of the bytes, TRIM and WRITE_ZEROES punch a hole
+//! (`fallocate(PUNCH_HOLE|KEEP_SIZE)`, reads return zeroes on every replica, so replicas stay
+//! byte-identical), WRITE_ZEROES with `NO_HOLE` uses `FALLOC_FL_ZERO_RANGE`. They run on the
+//! core's io_uring (`dataio`), several at once, ordered by [`Applier`]. The file is buffered by
+//! default; with `data_direct_io` it is opened with O_DIRECT (requests in whole 4 KiB blocks,
+//! an unaligned write is a read-modify-write on the core thread). Applying an entry twice, or
+//! applying entries `a..=b` over a file that already holds the effect of some of them (or of
+//! later ones), ends in the same state as applying `a..=b` once to the state at `a - 1`, as long
+//! as they are re-applied in log order up to at least the latest index the file may hold. That
+//! is what makes these rules safe:
 //! - **Restart**: the data file is only `fdatasync`ed at snapshot time; a node restarts from the
 //!   snapshot index in its meta file and replays the log from there (the WAL keeps every entry
 //!   after the snapshot, fsynced before any acknowledgement).
@@ -28,16 +33,38 @@
 //! runs the sync and the meta write off the core thread and tells raft (which then compacts)
 //! only when both are done; an install holds the group's meta lock, so a save that started
 //! before it never writes its older meta over the installed one.
+//!
+//! # Installing a received snapshot (crash-safe)
+//! The data file and the meta file must change together: new data with the old meta would
+//! replay the old log suffix over the new state. Two files cannot be renamed atomically, so the
+//! install is write-ahead ([`install_snapshot_files`], off the core thread):
+//! 1. write the install marker `bg-<id>.install` (the snapshot's meta, same format and same
+//!    tmp + fdatasync + rename + directory fsync as the meta file). From here on the install
+//!    is decided: the complete copy `bg-<id>.data.incoming` was fdatasynced before (the
+//!    receiver's `finish`), and no new transfer may truncate it while the marker exists;
+//! 2. rename the copy over `bg-<id>.data`, fsync the directory;
+//! 3. write the meta file with the snapshot's meta;
+//! 4. remove the marker, fsync the directory.
+//!
+//! On start, [`recover_install`] rolls an interrupted install forward: with a marker, it redoes
+//! the rename if the copy is still there (step 2 not durable) and writes the meta from the
+//! marker (step 3), then removes the marker. Rolling back is not possible after step 2 (the
+//! old data file is gone), and is not needed before it: the copy is complete. Without a
+//! marker, a leftover copy is an interrupted download and is deleted. So a restart finds
+//! either the old data file with the old meta (crash before step 1 was durable) or the new
+//! data file with the new meta, never a mix (tested at every step).
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use raftlog::core::{Configuration, GroupId, SnapshotMeta};
+use raftlog::core::{Configuration, GroupId, Index, SnapshotMeta, Term};
 
+use crate::dataio::{fallocate, AlignedBuf, IoBuf, IoKind, IoReq, DIRECT_ALIGN};
 use crate::error::{Error, Result};
 
 const OP_WRITE: u8 = 1;
@@ -167,20 +194,6 @@ impl BlockOp {
     }
 }
 
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
-    let offset = libc::off_t::try_from(offset).map_err(|_| einval())?;
-    let len = libc::off_t::try_from(len).map_err(|_| einval())?;
-    // SAFETY: the descriptor is owned by `file`, which outlives the call; fallocate reads no
-    // memory of ours.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Paths of a block group's files inside its core directory.
 pub fn data_path(core_dir: &Path, bg: GroupId) -> PathBuf {
     core_dir.join(format!("bg-{bg}.data"))
@@ -191,20 +204,27 @@ pub fn meta_path(core_dir: &Path, bg: GroupId) -> PathBuf {
 pub fn incoming_path(core_dir: &Path, bg: GroupId) -> PathBuf {
     core_dir.join(format!("bg-{bg}.data.incoming"))
 }
+pub fn install_marker_path(core_dir: &Path, bg: GroupId) -> PathBuf {
+    core_dir.join(format!("bg-{bg}.install"))
+}
 
 /// The data file of one block group: a volume of `size` bytes.
 pub struct DataFile {
     bg: GroupId,
     path: PathBuf,
-    file: File,
+    /// Shared with the requests in flight on it (see `dataio::IoReq::file`).
+    file: Arc<File>,
     size: u64,
+    /// Opened with O_DIRECT: every request is whole [`DIRECT_ALIGN`] blocks from aligned memory.
+    direct: bool,
 }
 
 impl DataFile {
     /// Opens the data file, creating and preallocating it when missing. Preallocation (rather
     /// than a sparse file) makes ENOSPC show up here, at creation, and not in the middle of an
-    /// apply that the log already committed.
-    pub fn open(core_dir: &Path, bg: GroupId, size: u64) -> Result<DataFile> {
+    /// apply that the log already committed. With `direct`, the file is opened with O_DIRECT
+    /// unless the filesystem refuses it (tmpfs: EINVAL), then buffered with a log line.
+    pub fn open(core_dir: &Path, bg: GroupId, size: u64, direct: bool) -> Result<DataFile> {
         let path = data_path(core_dir, bg);
         let file_err = |op, source| Error::File {
             bg,
@@ -241,11 +261,33 @@ impl DataFile {
             file.sync_all().map_err(|e| file_err("fsync", e))?;
             sync_dir(core_dir).map_err(|e| file_err("fsync dir", e))?;
         }
+        let (file, direct) = if direct {
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+            {
+                Ok(f) => (f, true),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(
+                        bg,
+                        path = %path.display(),
+                        "data file: the filesystem refuses O_DIRECT; using buffered I/O"
+                    );
+                    (file, false)
+                }
+                Err(e) => return Err(file_err("open O_DIRECT", e)),
+            }
+        } else {
+            (file, false)
+        };
         Ok(DataFile {
             bg,
             path,
-            file,
+            file: Arc::new(file),
             size,
+            direct,
         })
     }
 
@@ -257,7 +299,13 @@ impl DataFile {
         &self.path
     }
 
-    fn check(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Refuses an op outside the volume (the core checks client requests first; an entry in
+    /// the log that fails this is corruption or a bug).
+    pub fn check(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(Error::OutOfRange {
                 bg: self.bg,
@@ -270,7 +318,7 @@ impl DataFile {
         Ok(())
     }
 
-    fn err(&self, op: &'static str, offset: u64, source: io::Error) -> Error {
+    pub fn err(&self, op: &'static str, offset: u64, source: io::Error) -> Error {
         Error::File {
             bg: self.bg,
             path: self.path.clone(),
@@ -280,58 +328,167 @@ impl DataFile {
         }
     }
 
-    /// Applies one operation (idempotent overwrite; see the module docs).
-    pub fn apply(&self, op: &BlockOp) -> Result<()> {
-        self.check(op.name(), op.offset(), op.len())?;
-        match op {
-            BlockOp::Write { offset, data } => self
-                .file
-                .write_all_at(data, *offset)
-                .map_err(|e| self.err("pwrite", *offset, e)),
-            BlockOp::Trim { offset, len } => self.zero(*offset, *len as u64, true),
+    /// The bytes an op on `offset..offset + len` touches on disk: with O_DIRECT, whole blocks
+    /// (a partial block is read, patched and written back). Two ops whose ranges overlap must
+    /// not be in flight together (see [`Applier`]).
+    pub fn io_range(&self, offset: u64, len: u64) -> (u64, u64) {
+        if self.direct {
+            (
+                offset / DIRECT_ALIGN * DIRECT_ALIGN,
+                (offset + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN,
+            )
+        } else {
+            (offset, offset + len)
+        }
+    }
+
+    /// The request applying `op` (an idempotent overwrite; see the module docs), or `None`
+    /// when it must be applied with [`apply_sync`](Self::apply_sync): an O_DIRECT write that
+    /// does not cover whole blocks needs a read-modify-write.
+    pub fn apply_req(&self, token: u64, op: &BlockOp) -> Option<IoReq> {
+        let (kind, offset, buf) = match op {
+            BlockOp::Write { offset, data } if self.direct => {
+                if !offset.is_multiple_of(DIRECT_ALIGN)
+                    || !(data.len() as u64).is_multiple_of(DIRECT_ALIGN)
+                {
+                    return None;
+                }
+                let mut buf = AlignedBuf::zeroed(data.len());
+                buf.copy_from_slice(data);
+                (IoKind::Write, *offset, IoBuf::Aligned(buf))
+            }
+            BlockOp::Write { offset, data } => {
+                (IoKind::Write, *offset, IoBuf::Shared(data.clone()))
+            }
+            BlockOp::Trim { offset, len } => (
+                IoKind::Fallocate {
+                    mode: zero_mode(true),
+                    len: *len as u64,
+                },
+                *offset,
+                IoBuf::None,
+            ),
             BlockOp::WriteZeroes {
                 offset,
                 len,
                 may_trim,
-            } => self.zero(*offset, *len as u64, *may_trim),
+            } => (
+                IoKind::Fallocate {
+                    mode: zero_mode(*may_trim),
+                    len: *len as u64,
+                },
+                *offset,
+                IoBuf::None,
+            ),
+        };
+        Some(IoReq {
+            token,
+            file: self.file.clone(),
+            kind,
+            offset,
+            buf,
+        })
+    }
+
+    /// Applies `op` now, on the calling thread.
+    pub fn apply_sync(&self, op: &BlockOp) -> Result<()> {
+        self.check(op.name(), op.offset(), op.len())?;
+        match op {
+            BlockOp::Write { offset, data } => self.write_sync(*offset, data),
+            BlockOp::Trim { offset, len } => self.zero_sync(*offset, *len as u64, true),
+            BlockOp::WriteZeroes {
+                offset,
+                len,
+                may_trim,
+            } => self.zero_sync(*offset, *len as u64, *may_trim),
         }
     }
 
-    fn zero(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
+    fn zero_sync(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
-        let mode = if may_trim {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-        } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-        };
-        match fallocate(&self.file, mode, offset, len) {
+        match fallocate(&self.file, zero_mode(may_trim), offset, len) {
             Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                // Same bytes on every replica whatever the filesystem supports.
-                let zeros = vec![0u8; (len as usize).min(1 << 20)];
-                let mut at = offset;
-                while at < offset + len {
-                    let n = ((offset + len - at) as usize).min(zeros.len());
-                    self.file
-                        .write_all_at(&zeros[..n], at)
-                        .map_err(|e| self.err("pwrite zeroes", at, e))?;
-                    at += n as u64;
-                }
-                Ok(())
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.zero_fill(offset, len),
             Err(e) => Err(self.err("fallocate", offset, e)),
         }
     }
 
-    pub fn read(&self, offset: u64, len: u32) -> Result<Bytes> {
-        self.check("read", offset, len as u64)?;
-        let mut buf = vec![0u8; len as usize];
+    /// Writes zeroes over the range: what TRIM and WRITE_ZEROES fall back to where the
+    /// filesystem cannot punch holes or zero ranges, so every replica holds the same bytes.
+    pub fn zero_fill(&self, offset: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; (len as usize).min(1 << 20)];
+        let mut at = offset;
+        while at < offset + len {
+            let n = ((offset + len - at) as usize).min(zeros.len());
+            self.write_sync(at, &zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// `pwrite`, or with O_DIRECT a read-modify-write of the whole blocks the range touches.
+    fn write_sync(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if !self.direct {
+            return self
+                .file
+                .write_all_at(data, offset)
+                .map_err(|e| self.err("pwrite", offset, e));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let (a0, a1) = self.io_range(offset, data.len() as u64);
+        let mut buf = AlignedBuf::zeroed((a1 - a0) as usize);
+        let block = DIRECT_ALIGN as usize;
+        let last = buf.len() - block;
+        if offset != a0 {
+            self.file
+                .read_exact_at(&mut buf[..block], a0)
+                .map_err(|e| self.err("pread (read-modify-write)", a0, e))?;
+        }
+        if offset + data.len() as u64 != a1 && (last != 0 || offset == a0) {
+            let at = a0 + last as u64;
+            self.file
+                .read_exact_at(&mut buf[last..], at)
+                .map_err(|e| self.err("pread (read-modify-write)", at, e))?;
+        }
+        let start = (offset - a0) as usize;
+        buf[start..start + data.len()].copy_from_slice(data);
         self.file
-            .read_exact_at(&mut buf, offset)
-            .map_err(|e| self.err("pread", offset, e))?;
-        Ok(Bytes::from(buf))
+            .write_all_at(&buf, a0)
+            .map_err(|e| self.err("pwrite", a0, e))
+    }
+
+    /// The request reading `offset..offset + len` (whole blocks with O_DIRECT); its result is
+    /// [`read_result`](Self::read_result).
+    pub fn read_req(&self, token: u64, offset: u64, len: u32) -> IoReq {
+        let (a0, a1) = self.io_range(offset, len as u64);
+        let buf = if self.direct && a1 > a0 {
+            IoBuf::Aligned(AlignedBuf::zeroed((a1 - a0) as usize))
+        } else {
+            IoBuf::Vec(vec![0u8; len as usize])
+        };
+        IoReq {
+            token,
+            file: self.file.clone(),
+            kind: IoKind::Read,
+            offset: if self.direct { a0 } else { offset },
+            buf,
+        }
+    }
+
+    /// The bytes a completed [`read_req`](Self::read_req) for `offset..offset + len` read.
+    pub fn read_result(req: IoReq, offset: u64, len: u32) -> Bytes {
+        match req.buf {
+            IoBuf::Vec(v) => Bytes::from(v),
+            IoBuf::Aligned(a) => {
+                let start = (offset - req.offset) as usize;
+                Bytes::copy_from_slice(&a[start..start + len as usize])
+            }
+            IoBuf::None | IoBuf::Shared(_) => unreachable!("a read request owns its buffer"),
+        }
     }
 
     pub fn sync(&self) -> Result<()> {
@@ -342,18 +499,152 @@ impl DataFile {
 
     /// Another handle on the same open file (for a `sync` off the core thread).
     pub fn try_clone_file(&self) -> Result<DataFile> {
-        let file = self.file.try_clone().map_err(|e| self.err("dup", 0, e))?;
         Ok(DataFile {
             bg: self.bg,
             path: self.path.clone(),
-            file,
+            file: self.file.clone(),
             size: self.size,
+            direct: self.direct,
         })
     }
 
     /// A second descriptor for streaming the file to a peer while applies continue.
     pub fn reopen_read_only(&self) -> Result<File> {
         File::open(&self.path).map_err(|e| self.err("open for snapshot", 0, e))
+    }
+}
+
+fn zero_mode(may_trim: bool) -> libc::c_int {
+    if may_trim {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+    }
+}
+
+/// Orders the applies of one block group on an asynchronous disk.
+///
+/// Raft hands committed entries over in log order; their writes then run concurrently on the
+/// core's ring. Two rules keep the result equal to applying them one by one:
+/// - an op starts only when no op in flight touches an overlapping byte range (on disk, see
+///   [`DataFile::io_range`]), and ops start in log order, so of two overlapping ops the later
+///   one is issued only after the earlier one completed;
+/// - [`applied`](Self::applied) is the highest index such that every entry up to it completed:
+///   what reads (`applied >= read index`) and snapshots (a data-file sync covers it) rely on.
+///
+/// A client's write is acknowledged when its own entries completed (they are committed, and on
+/// disk in the page cache or the device).
+#[derive(Default)]
+pub struct Applier {
+    /// Entries handed over and not yet all complete, in log order: (index, term, complete).
+    order: VecDeque<(Index, Term, bool)>,
+    /// Ops not started yet, in log order.
+    queue: VecDeque<(Index, BlockOp)>,
+    /// On-disk ranges of the ops in flight.
+    inflight: Vec<(u64, u64, Index)>,
+    applied: Index,
+    queued_bytes: u64,
+}
+
+impl Applier {
+    pub fn new(applied: Index) -> Applier {
+        Applier {
+            applied,
+            ..Applier::default()
+        }
+    }
+
+    pub fn applied(&self) -> Index {
+        self.applied
+    }
+
+    /// Nothing queued or in flight.
+    pub fn is_idle(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    pub fn has_queued(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// Data bytes of queued writes (not yet started).
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes
+    }
+
+    fn note(&mut self, index: Index, term: Term, complete: bool) {
+        let last = self.order.back().map_or(self.applied, |e| e.0);
+        assert!(
+            index > last,
+            "entries applied out of order: {index} after {last}"
+        );
+        self.order.push_back((index, term, complete));
+        self.advance();
+    }
+
+    /// Entry `index` has nothing to write (configuration, no-op, empty op): complete at once,
+    /// though `applied` passes it only once every earlier entry completed.
+    pub fn push_done(&mut self, index: Index, term: Term) {
+        self.note(index, term, true);
+    }
+
+    /// Entry `index` writes `op`; it starts when [`next`](Self::next) hands it out.
+    pub fn push(&mut self, index: Index, term: Term, op: BlockOp) {
+        self.note(index, term, false);
+        if let BlockOp::Write { data, .. } = &op {
+            self.queued_bytes += data.len() as u64;
+        }
+        self.queue.push_back((index, op));
+    }
+
+    /// The next op that may start now (the oldest queued one, unless it overlaps an op in
+    /// flight); it counts as in flight until [`complete`](Self::complete).
+    pub fn next(&mut self, data: &DataFile) -> Option<(Index, BlockOp)> {
+        let (_, op) = self.queue.front()?;
+        let (s, e) = data.io_range(op.offset(), op.len());
+        if self.inflight.iter().any(|&(s2, e2, _)| s < e2 && s2 < e) {
+            return None;
+        }
+        let (index, op) = self.queue.pop_front().expect("front exists");
+        if let BlockOp::Write { data, .. } = &op {
+            self.queued_bytes -= data.len() as u64;
+        }
+        self.inflight.push((s, e, index));
+        Some((index, op))
+    }
+
+    /// The op of entry `index` completed; returns the entry's term.
+    pub fn complete(&mut self, index: Index) -> Term {
+        let at = self
+            .inflight
+            .iter()
+            .position(|e| e.2 == index)
+            .unwrap_or_else(|| panic!("completion of entry {index}, which is not in flight"));
+        self.inflight.swap_remove(at);
+        let pos = self
+            .order
+            .binary_search_by_key(&index, |e| e.0)
+            .unwrap_or_else(|_| panic!("completion of entry {index}, which was never handed over"));
+        self.order[pos].2 = true;
+        let term = self.order[pos].1;
+        self.advance();
+        term
+    }
+
+    fn advance(&mut self) {
+        while let Some(&(index, _, true)) = self.order.front() {
+            self.applied = index;
+            self.order.pop_front();
+        }
+    }
+
+    /// An installed snapshot replaced the data file: everything through `index` is applied.
+    pub fn reset(&mut self, index: Index) {
+        assert!(
+            self.is_idle(),
+            "snapshot installed while applies are pending"
+        );
+        self.applied = self.applied.max(index);
     }
 }
 
@@ -366,8 +657,20 @@ const META_VERSION: u32 = 1;
 
 /// Writes the snapshot meta durably (see the module docs for the order of operations).
 pub fn write_meta(core_dir: &Path, bg: GroupId, meta: &SnapshotMeta) -> Result<()> {
-    let path = meta_path(core_dir, bg);
-    let tmp = core_dir.join(format!("bg-{bg}.meta.tmp"));
+    write_meta_at(core_dir, bg, &meta_path(core_dir, bg), meta)
+}
+
+/// Writes the install marker of a snapshot about to replace the data file (step 1 of
+/// [`install_snapshot_files`]).
+pub fn write_install_marker(core_dir: &Path, bg: GroupId, meta: &SnapshotMeta) -> Result<()> {
+    write_meta_at(core_dir, bg, &install_marker_path(core_dir, bg), meta)
+}
+
+/// `meta` in the meta format at `path`, atomically: tmp file, fdatasync, rename, dir fsync.
+fn write_meta_at(core_dir: &Path, bg: GroupId, path: &Path, meta: &SnapshotMeta) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let conf = meta.conf.encode();
     let mut b = Vec::with_capacity(40 + conf.len());
     b.extend_from_slice(META_MAGIC);
@@ -388,13 +691,21 @@ pub fn write_meta(core_dir: &Path, bg: GroupId, meta: &SnapshotMeta) -> Result<(
     let f = File::create(&tmp).map_err(|e| err("create", &tmp, e))?;
     f.write_all_at(&b, 0).map_err(|e| err("write", &tmp, e))?;
     f.sync_data().map_err(|e| err("fdatasync", &tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| err("rename", &path, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| err("rename", path, e))?;
     sync_dir(core_dir).map_err(|e| err("fsync dir", core_dir, e))
 }
 
 /// Reads the snapshot meta; `Ok(None)` when the group never took or installed a snapshot.
 pub fn read_meta(core_dir: &Path, bg: GroupId) -> Result<Option<SnapshotMeta>> {
-    let path = meta_path(core_dir, bg);
+    read_meta_at(bg, meta_path(core_dir, bg))
+}
+
+/// Reads the install marker; `Ok(None)` when no install is in progress.
+pub fn read_install_marker(core_dir: &Path, bg: GroupId) -> Result<Option<SnapshotMeta>> {
+    read_meta_at(bg, install_marker_path(core_dir, bg))
+}
+
+fn read_meta_at(bg: GroupId, path: PathBuf) -> Result<Option<SnapshotMeta>> {
     let b = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -438,9 +749,103 @@ pub fn read_meta(core_dir: &Path, bg: GroupId) -> Result<Option<SnapshotMeta>> {
     }))
 }
 
+/// Steps of [`install_snapshot_files`] (see the module docs).
+pub const INSTALL_STEPS: usize = 4;
+
+/// Replaces the data file of `bg` by the complete copy `bg-<id>.data.incoming` and records
+/// `meta` as its snapshot, crash-safely (see the module docs). Blocking (several fsyncs): runs
+/// off the core thread, with the group's meta lock held.
+pub fn install_snapshot_files(core_dir: &Path, bg: GroupId, meta: &SnapshotMeta) -> Result<()> {
+    install_snapshot_files_until(core_dir, bg, meta, INSTALL_STEPS)
+}
+
+/// The first `steps` steps of [`install_snapshot_files`] only: what a crash after them leaves
+/// on disk (for the crash tests).
+#[doc(hidden)]
+pub fn install_snapshot_files_until(
+    core_dir: &Path,
+    bg: GroupId,
+    meta: &SnapshotMeta,
+    steps: usize,
+) -> Result<()> {
+    let err = |op, p: &Path, source| Error::File {
+        bg,
+        path: p.to_path_buf(),
+        op,
+        offset: 0,
+        source,
+    };
+    if steps == 0 {
+        return Ok(());
+    }
+    write_install_marker(core_dir, bg, meta)?;
+    if steps == 1 {
+        return Ok(());
+    }
+    let data = data_path(core_dir, bg);
+    std::fs::rename(incoming_path(core_dir, bg), &data)
+        .map_err(|e| err("rename snapshot over", &data, e))?;
+    sync_dir(core_dir).map_err(|e| err("fsync dir", core_dir, e))?;
+    if steps == 2 {
+        return Ok(());
+    }
+    write_meta(core_dir, bg, meta)?;
+    if steps == 3 {
+        return Ok(());
+    }
+    let marker = install_marker_path(core_dir, bg);
+    std::fs::remove_file(&marker).map_err(|e| err("remove", &marker, e))?;
+    sync_dir(core_dir).map_err(|e| err("fsync dir", core_dir, e))
+}
+
+/// Finishes an install a crash interrupted (see the module docs), or deletes the copy of an
+/// interrupted download. Call on start, before opening the data file and reading the meta;
+/// returns the meta of the install it completed.
+pub fn recover_install(core_dir: &Path, bg: GroupId) -> Result<Option<SnapshotMeta>> {
+    let err = |op, p: &Path, source| Error::File {
+        bg,
+        path: p.to_path_buf(),
+        op,
+        offset: 0,
+        source,
+    };
+    let inc = incoming_path(core_dir, bg);
+    let Some(meta) = read_install_marker(core_dir, bg)? else {
+        return match std::fs::remove_file(&inc) {
+            Ok(()) => {
+                tracing::info!(bg, path = %inc.display(), "deleted an interrupted snapshot download");
+                Ok(None)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err("remove", &inc, e)),
+        };
+    };
+    tracing::warn!(
+        bg,
+        index = meta.index,
+        term = meta.term,
+        "completing a snapshot install interrupted by a crash"
+    );
+    match std::fs::metadata(&inc) {
+        Ok(_) => {
+            let data = data_path(core_dir, bg);
+            std::fs::rename(&inc, &data).map_err(|e| err("rename snapshot over", &data, e))?;
+            sync_dir(core_dir).map_err(|e| err("fsync dir", core_dir, e))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err("stat", &inc, e)),
+    }
+    write_meta(core_dir, bg, &meta)?;
+    let marker = install_marker_path(core_dir, bg);
+    std::fs::remove_file(&marker).map_err(|e| err("remove", &marker, e))?;
+    sync_dir(core_dir).map_err(|e| err("fsync dir", core_dir, e))?;
+    Ok(Some(meta))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataio::{DataIo, DataIoBackend};
 
     #[test]
     fn ops_round_trip_and_reject_garbage() {
@@ -491,35 +896,200 @@ mod tests {
         assert_eq!(joined, data);
     }
 
-    #[test]
-    fn data_file_apply_read_and_meta_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = DataFile::open(dir.path(), 7, 1 << 20).unwrap();
-        f.apply(&BlockOp::Write {
-            offset: 8192,
-            data: Bytes::from(vec![0xab; 8192]),
-        })
-        .unwrap();
-        f.apply(&BlockOp::Trim {
-            offset: 8192,
-            len: 4096,
-        })
-        .unwrap();
-        f.apply(&BlockOp::WriteZeroes {
-            offset: 12288,
-            len: 1024,
-            may_trim: false,
-        })
-        .unwrap();
-        let r = f.read(8192, 8192).unwrap();
-        assert!(r[..5120].iter().all(|b| *b == 0));
-        assert!(r[5120..].iter().all(|b| *b == 0xab));
-        let err = f.apply(&BlockOp::Write {
-            offset: (1 << 20) - 1,
-            data: Bytes::from_static(b"xy"),
-        });
-        assert!(matches!(err, Err(Error::OutOfRange { bg: 7, .. })));
+    /// Reads through the request path the core uses, on the given backend.
+    fn read(io: &mut DataIo, f: &DataFile, offset: u64, len: u32) -> Bytes {
+        io.submit(f.read_req(1, offset, len)).unwrap();
+        io.kick().unwrap();
+        let mut done = io.wait_and_reap().unwrap();
+        assert_eq!(done.len(), 1);
+        let d = done.pop().unwrap();
+        d.result.unwrap();
+        DataFile::read_result(d.req, offset, len)
+    }
 
+    /// Applies through the request path the core uses (or the synchronous one it falls back
+    /// to for unaligned O_DIRECT writes).
+    fn apply(io: &mut DataIo, f: &DataFile, op: &BlockOp) {
+        match f.apply_req(1, op) {
+            Some(req) => {
+                io.submit(req).unwrap();
+                io.kick().unwrap();
+                let done = io.wait_and_reap().unwrap();
+                assert_eq!(done.len(), 1);
+                done.into_iter().next().unwrap().result.unwrap();
+            }
+            None => f.apply_sync(op).unwrap(),
+        }
+    }
+
+    #[test]
+    fn data_file_apply_read_buffered_and_direct() {
+        // A model of the volume checked after every op, with unaligned writes and reads
+        // (read-modify-write under O_DIRECT).
+        for (direct, backend) in [
+            (false, DataIoBackend::Auto),
+            (true, DataIoBackend::Auto),
+            (true, DataIoBackend::Sync),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let f = DataFile::open(dir.path(), 7, 1 << 20, direct).unwrap();
+            let mut io = DataIo::open(backend, 8, 0).unwrap();
+            let mut model = vec![0u8; 1 << 20];
+            let ops = [
+                BlockOp::Write {
+                    offset: 8192,
+                    data: Bytes::from(vec![0xab; 8192]),
+                },
+                BlockOp::Write {
+                    offset: 100,
+                    data: Bytes::from(vec![0x11; 5000]),
+                },
+                BlockOp::Write {
+                    offset: 12288 + 17,
+                    data: Bytes::from(vec![0x22; 30]),
+                },
+                BlockOp::Trim {
+                    offset: 8192,
+                    len: 4096,
+                },
+                BlockOp::WriteZeroes {
+                    offset: 12288,
+                    len: 1024,
+                    may_trim: false,
+                },
+                BlockOp::Write {
+                    offset: 4095,
+                    data: Bytes::from(vec![0x33; 2]),
+                },
+                BlockOp::Write {
+                    offset: (1 << 20) - 4096,
+                    data: Bytes::from(vec![0x44; 4096]),
+                },
+            ];
+            for op in &ops {
+                apply(&mut io, &f, op);
+                let (o, l) = (op.offset() as usize, op.len() as usize);
+                match op {
+                    BlockOp::Write { data, .. } => model[o..o + l].copy_from_slice(data),
+                    _ => model[o..o + l].fill(0),
+                }
+                for (ro, rl) in [(0u64, 20480u32), (4000, 200), (12288 + 10, 50)] {
+                    let r = read(&mut io, &f, ro, rl);
+                    assert_eq!(
+                        &r[..],
+                        &model[ro as usize..ro as usize + rl as usize],
+                        "direct {direct}: after {op:?}, read {ro}+{rl}"
+                    );
+                }
+            }
+            let r = read(&mut io, &f, (1 << 20) - 4096, 4096);
+            assert!(r.iter().all(|b| *b == 0x44));
+            let err = f.apply_sync(&BlockOp::Write {
+                offset: (1 << 20) - 1,
+                data: Bytes::from_static(b"xy"),
+            });
+            assert!(matches!(err, Err(Error::OutOfRange { bg: 7, .. })));
+        }
+    }
+
+    #[test]
+    fn applier_orders_overlapping_ops_and_tracks_the_applied_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = DataFile::open(dir.path(), 1, 1 << 20, false).unwrap();
+        let w = |offset, n| BlockOp::Write {
+            offset,
+            data: Bytes::from(vec![1u8; n]),
+        };
+        let mut a = Applier::new(10);
+        a.push(11, 2, w(0, 4096));
+        a.push(12, 2, w(8192, 4096));
+        a.push_done(13, 2);
+        a.push(14, 2, w(4000, 200)); // overlaps 11
+        a.push(15, 2, w(65536, 10)); // behind 14: ops start in log order
+        assert_eq!(a.queued_bytes(), 4096 * 2 + 210);
+        assert_eq!(a.next(&f).map(|x| x.0), Some(11));
+        assert_eq!(a.next(&f).map(|x| x.0), Some(12));
+        assert_eq!(a.next(&f), None, "14 overlaps 11, in flight");
+        assert_eq!(a.complete(12), 2);
+        assert_eq!(a.applied(), 10, "11 is still in flight");
+        assert_eq!(a.complete(11), 2);
+        assert_eq!(a.applied(), 13);
+        assert_eq!(a.next(&f).map(|x| x.0), Some(14));
+        assert_eq!(a.next(&f).map(|x| x.0), Some(15));
+        assert!(!a.has_queued());
+        a.complete(15);
+        assert_eq!(a.applied(), 13);
+        a.complete(14);
+        assert_eq!(a.applied(), 15);
+        assert!(a.is_idle());
+        a.reset(40);
+        assert_eq!(a.applied(), 40);
+
+        // With O_DIRECT, ops in the same 4 KiB block overlap on disk.
+        let d = DataFile::open(dir.path(), 2, 1 << 20, true).unwrap();
+        if d.is_direct() {
+            let mut a = Applier::new(0);
+            a.push(1, 1, w(0, 10));
+            a.push(2, 1, w(4000, 10));
+            assert!(a.next(&d).is_some());
+            assert_eq!(a.next(&d), None);
+        }
+    }
+
+    /// A crash after each step of the install protocol, then the recovery a restart runs:
+    /// the group is either wholly old (data, meta) or wholly new, and a second recovery (a
+    /// crash during the first) changes nothing.
+    #[test]
+    fn snapshot_install_is_crash_safe_at_every_step() {
+        let old_meta = SnapshotMeta {
+            index: 10,
+            term: 1,
+            conf: Configuration::new([1, 2, 3]),
+        };
+        let new_meta = SnapshotMeta {
+            index: 500,
+            term: 4,
+            conf: Configuration::new([1, 2, 3]),
+        };
+        let size = 64 << 10;
+        for steps in 0..=INSTALL_STEPS {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path();
+            std::fs::write(data_path(d, 3), vec![0xaa; size]).unwrap();
+            write_meta(d, 3, &old_meta).unwrap();
+            std::fs::write(incoming_path(d, 3), vec![0xbb; size]).unwrap();
+            install_snapshot_files_until(d, 3, &new_meta, steps).unwrap();
+            // Restart.
+            for round in 0..2 {
+                let completed = recover_install(d, 3).unwrap();
+                let meta = read_meta(d, 3).unwrap().unwrap();
+                let data = DataFile::open(d, 3, size as u64, false).unwrap();
+                let mut io = DataIo::open(DataIoBackend::Sync, 1, 0).unwrap();
+                let bytes = read(&mut io, &data, 0, size as u32);
+                let byte = bytes[0];
+                assert!(
+                    bytes.iter().all(|b| *b == byte),
+                    "steps {steps}: mixed data"
+                );
+                if steps == 0 {
+                    assert_eq!((byte, &meta), (0xaa, &old_meta), "steps {steps}");
+                } else {
+                    assert_eq!((byte, &meta), (0xbb, &new_meta), "steps {steps}");
+                }
+                assert_eq!(
+                    completed.is_some(),
+                    round == 0 && (1..INSTALL_STEPS).contains(&steps),
+                    "steps {steps} round {round}"
+                );
+                assert!(!install_marker_path(d, 3).exists());
+                assert!(!incoming_path(d, 3).exists());
+            }
+        }
+    }
+
+    #[test]
+    fn meta_round_trip_and_corruption() {
+        let dir = tempfile::tempdir().unwrap();
         assert_eq!(read_meta(dir.path(), 7).unwrap(), None);
         let meta = SnapshotMeta {
             index: 42,

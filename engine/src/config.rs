@@ -8,7 +8,12 @@ use std::time::Duration;
 
 use raftlog::core::{GroupId, NodeId, RaftConfig};
 
+use crate::dataio::DataIoBackend;
 use crate::error::{Error, Result};
+
+/// Whether data files are opened with O_DIRECT unless configured (picked by measurement,
+/// docs/bench-nbd.md).
+pub const DATA_DIRECT_IO_DEFAULT: bool = false;
 
 /// One block group this node holds a replica of.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +61,13 @@ pub struct EngineConfig {
     pub append_bytes_max: usize,
     /// Entries kept below a snapshot so lagging followers catch up by log.
     pub snapshot_keep_entries: u64,
+    /// ... and no more than this many bytes of them, per group.
+    pub snapshot_keep_bytes_max: usize,
+    /// In-memory raft log bytes of all the groups of one core, at most (0 = no budget): the
+    /// raft core holds every entry since its group's last snapshot, so without a budget a
+    /// core with thousands of groups could hold `groups * snapshot_log_bytes_max`. Over it,
+    /// the core snapshots its largest groups (see `core::Core::enforce_log_memory`).
+    pub log_memory_bytes_max: usize,
     /// Log bytes since the last snapshot above which the core suggests a new one.
     pub snapshot_log_bytes_max: usize,
     /// Take a snapshot of every group this often (0 = only when suggested).
@@ -75,6 +87,16 @@ pub struct EngineConfig {
     pub forward_timeout_ms: u64,
     /// Largest raft entry payload; bigger writes are split into several entries.
     pub entry_data_bytes_max: usize,
+    /// Open data files with O_DIRECT (see docs/bench-nbd.md for the measurement that picked
+    /// the default); filesystems that refuse it fall back to buffered I/O with a log line.
+    pub data_direct_io: bool,
+    /// Data-file applies and reads on io_uring (`Auto`: unless the kernel refuses it).
+    pub data_io_backend: DataIoBackend,
+    /// Data-file requests (applies and reads) in flight per core, at most.
+    pub data_ios_in_flight_max: usize,
+    /// Bytes of committed writes waiting for a data-file slot per core, at most; beyond it the
+    /// core waits for the disk before doing anything else.
+    pub apply_queue_bytes_max: usize,
     /// A leader whose group has been idle and settled this long asks its followers to hibernate
     /// the group with it: no ticks and no heartbeats until activity (see `core::hibernate`).
     /// 0 = never (every group ticks and heartbeats all the time).
@@ -98,6 +120,8 @@ impl EngineConfig {
             append_entries_max: 256,
             append_bytes_max: 1 << 20,
             snapshot_keep_entries: 1024,
+            snapshot_keep_bytes_max: 16 << 20,
+            log_memory_bytes_max: 1 << 30,
             snapshot_log_bytes_max: 64 << 20,
             snapshot_interval_s: 3600,
             snapshot_chunk_bytes: 128 << 10,
@@ -108,6 +132,10 @@ impl EngineConfig {
             request_timeout_ms: 10_000,
             forward_timeout_ms: 2_000,
             entry_data_bytes_max: 256 << 10,
+            data_direct_io: DATA_DIRECT_IO_DEFAULT,
+            data_io_backend: DataIoBackend::Auto,
+            data_ios_in_flight_max: 256,
+            apply_queue_bytes_max: 64 << 20,
             hibernate_idle_ms: 2_000,
         }
     }
@@ -142,6 +170,18 @@ impl EngineConfig {
             return bad(format!(
                 "entry_data_bytes_max {} must be in 1..=512 KiB (one entry must fit in a WAL record)",
                 self.entry_data_bytes_max
+            ));
+        }
+        if self.data_ios_in_flight_max == 0 || self.data_ios_in_flight_max > 4096 {
+            return bad(format!(
+                "data_ios_in_flight_max {} must be in 1..=4096",
+                self.data_ios_in_flight_max
+            ));
+        }
+        if self.apply_queue_bytes_max < self.entry_data_bytes_max {
+            return bad(format!(
+                "apply_queue_bytes_max {} must hold one entry of entry_data_bytes_max {}",
+                self.apply_queue_bytes_max, self.entry_data_bytes_max
             ));
         }
         if self.quic_listen.port() as usize + self.cores > 65536 {
@@ -197,6 +237,7 @@ impl EngineConfig {
             append_entries_max: self.append_entries_max,
             append_bytes_max: self.append_bytes_max,
             snapshot_keep_entries: self.snapshot_keep_entries,
+            snapshot_keep_bytes_max: self.snapshot_keep_bytes_max,
             snapshot_log_bytes_max: self.snapshot_log_bytes_max,
             // A snapshot of a whole volume takes a while to stream: give it a minute before a
             // retry, or a slow transfer is started over and over.

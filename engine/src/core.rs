@@ -18,11 +18,19 @@
 //! also why a write with nothing to persist (only held messages) may be reported once the
 //! writes queued before it are.
 //!
+//! # Data-file I/O
+//! Committed entries go to the group's `block::Applier`; `pump` starts the applies that may
+//! start (no overlap with one in flight, log order) on the core's data ring (`dataio`), and
+//! `reap_data` handles completions: a finished apply answers its client and may advance the
+//! group's applied index, which releases reads (also submitted to the ring) and bounds
+//! snapshots. A received snapshot is installed off the thread once the group's applies drained
+//! (LOADING); see `install_snapshot`.
+//!
 //! # Client requests
 //! A request enters on the core that owns its group. The leader executes it: a block op is
 //! proposed (split into entries of at most `entry_data_bytes_max`) and answered when every entry
 //! is applied with the term it was proposed in; a read asks for `lease_read` (ReadIndex when the
-//! lease is not valid), waits until the group applied that index, then `pread`s. A follower
+//! lease is not valid), waits until the group applied that index, then reads. A follower
 //! forwards the request to the leader's same core over the transport (`codec::ForwardRequest`);
 //! the leader answers with a `ForwardResponse`. A request that finds no leader, or whose leader
 //! lost leadership or did not answer within `forward_timeout_ms`, is parked and dispatched again
@@ -49,12 +57,13 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 use transport::{Frame, Lane, Received, Security, Transport};
 
-use crate::block::{self, BlockOp, DataFile};
+use crate::block::{self, Applier, BlockOp, DataFile};
 use crate::codec::{
     self, ForwardOp, ForwardRequest, ForwardResponse, ForwardResult, HibernateFrame, Malformed,
     KIND_FORWARD_REQUEST, KIND_FORWARD_RESPONSE, KIND_HIBERNATE, KIND_RAFT,
 };
 use crate::config::{BgSpec, EngineConfig};
+use crate::dataio::{DataIo, DataWaiter, IoDone, IoKind};
 use crate::error::{Error, Result};
 use crate::snapshot::{FileSource, Incoming};
 use crate::status::{BgStatus, CoreCounters, PeerStat};
@@ -65,9 +74,15 @@ use hibernate::Hibernation;
 const DRAIN_BATCH_MAX: usize = 1024;
 /// Payload bytes of one raft frame, at most (below the transport's 16 MiB frame limit).
 const FRAME_PAYLOAD_BYTES_MAX: usize = 8 << 20;
+/// Rounds of (drain dirty groups, submit data I/O, reap completions) per flush, at most; more
+/// completions are picked up by the next loop iteration.
+const FLUSH_IO_ROUNDS_MAX: usize = 4;
 /// `ready()` rounds per group per flush, at most (a group producing output forever is a bug; it
 /// is continued at the next iteration instead of hanging the core).
 const READY_ROUNDS_MAX: usize = 64;
+/// A group with less log than this since its snapshot is not snapshotted for the log memory
+/// budget (see `Core::enforce_log_memory`).
+const BUDGET_SNAPSHOT_BYTES_MIN: usize = 1 << 20;
 
 /// What a client asks of a block group.
 #[derive(Debug)]
@@ -112,6 +127,35 @@ enum Internal {
         meta: Option<SnapshotMeta>,
         result: Result<()>,
     },
+    /// The off-thread install of a received snapshot finished (see `block`): the data file is
+    /// the snapshot's and its meta is durable; `result` holds the reopened data file.
+    SnapshotLoaded {
+        bg: GroupId,
+        meta: SnapshotMeta,
+        result: Result<DataFile>,
+    },
+}
+
+/// What a data-file request in flight is for.
+enum IoWhat {
+    Apply {
+        bg: GroupId,
+        index: Index,
+    },
+    Read {
+        bg: GroupId,
+        client: Client,
+        offset: u64,
+        len: u32,
+    },
+}
+
+/// A received snapshot being installed (`snapshot_status` LOADING): the group applies and
+/// serves nothing until it is done.
+struct Loading {
+    meta: SnapshotMeta,
+    /// The install job runs (it starts once the applies handed out before it completed).
+    started: bool,
 }
 
 /// A snapshot save whose data-file sync (and meta write) runs off the core thread.
@@ -161,6 +205,9 @@ struct Group {
     spec: BgSpec,
     raft: RaftNode,
     data: DataFile,
+    /// Orders this group's applies on the core's ring and knows what is applied.
+    applier: Applier,
+    loading: Option<Loading>,
     /// Leader: proposed entry index → (term, exec id).
     proposals: HashMap<Index, (Term, u64)>,
     execs: HashMap<u64, Exec>,
@@ -203,6 +250,14 @@ struct Core {
     next_id: u64,
     /// Per peer: (control lane, data lane) messages of this flush.
     outbox: BTreeMap<NodeId, (Vec<Message>, Vec<Message>)>,
+    /// Applies and reads of every group's data file (see `dataio`).
+    dio: DataIo,
+    dio_waiter: Option<Rc<DataWaiter>>,
+    io_tokens: HashMap<u64, IoWhat>,
+    /// Groups with applies or reads waiting for a free data-I/O slot.
+    io_blocked: BTreeSet<GroupId>,
+    /// Write bytes handed over by raft and not yet submitted, over every group of the core.
+    apply_queued_bytes: u64,
     /// Which groups hibernate, and the peers' liveness ([`hibernate`]).
     hib: Hibernation,
     counters: Arc<CoreCounters>,
@@ -232,6 +287,7 @@ pub(crate) async fn run(ctx: CoreCtx) -> Result<()> {
         }
     };
     let wal_task = tokio::task::spawn_local(raftlog::wal::run(wal_rc.clone()));
+    let dio_waiter = c.dio_waiter.clone();
     tokio::task::spawn_local(watch_durable(durable_rx, c.internal_tx.clone()));
     let mut ticker = tokio::time::interval(cfg.tick());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -242,6 +298,7 @@ pub(crate) async fn run(ctx: CoreCtx) -> Result<()> {
                 ev = internal_rx.recv() => {
                     if let Some(ev) = ev { c.on_internal(ev)?; }
                 }
+                _ = wait_data(&dio_waiter) => { c.reap_data()?; }
                 r = requests.recv() => match r {
                     None | Some(CoreRequest::Shutdown) => return Ok(()),
                     Some(r) => c.on_request(r)?,
@@ -249,7 +306,10 @@ pub(crate) async fn run(ctx: CoreCtx) -> Result<()> {
                 f = net_rx.recv() => {
                     if let Some(f) = f { c.on_frame(f); }
                 }
-                _ = ticker.tick() => c.on_tick()?,
+                _ = ticker.tick() => {
+                    c.on_tick()?;
+                    c.enforce_log_memory();
+                }
             }
             for _ in 0..DRAIN_BATCH_MAX {
                 match internal_rx.try_recv() {
@@ -279,14 +339,26 @@ pub(crate) async fn run(ctx: CoreCtx) -> Result<()> {
     }
     c.fail_everything(core);
     // Closing tells peers at once (they re-elect without waiting for an idle timeout); the
-    // drain that follows is bounded so a shutdown stays quick.
-    let _ = tokio::time::timeout(Duration::from_millis(300), c.transport.shutdown()).await;
+    // transport bounds the drain that follows (`close_wait_max`) so a shutdown stays quick.
+    c.transport.shutdown().await;
     c.wal.shutdown();
     match tokio::time::timeout(Duration::from_secs(10), wal_task).await {
         Ok(Ok(Err(e))) => warn!(core, error = %e, "wal writer ended with an error"),
         Ok(Err(e)) => warn!(core, error = %e, "wal writer task failed"),
         Err(_) => warn!(core, "wal writer did not finish within 10 s"),
         Ok(Ok(Ok(()))) => {}
+    }
+    // Applies still on the disk finish before the final sync (their buffers are the kernel's
+    // until then).
+    while c.dio.in_flight() > 0 {
+        if let Err(e) = c
+            .dio
+            .kick()
+            .and_then(|()| c.dio.wait_and_reap().map(|_| ()))
+        {
+            warn!(core, error = %e, "data I/O drain at shutdown failed");
+            break;
+        }
     }
     for g in c.groups.values() {
         if let Err(e) = g.data.sync() {
@@ -318,6 +390,12 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>
     wcfg.log_segment_bytes_max = cfg.wal_segment_bytes_max;
     wcfg.raft_sync = cfg.raft_sync;
     let mut wal = Wal::open(wcfg).map_err(|source| Error::Wal { core, source })?;
+    let dio = DataIo::open(cfg.data_io_backend, cfg.data_ios_in_flight_max, core)
+        .map_err(|source| Error::DataIo { core, source })?;
+    let dio_waiter = dio
+        .waiter()
+        .map_err(|source| Error::DataIo { core, source })?
+        .map(Rc::new);
     let mut groups = BTreeMap::new();
     let mut sizes = HashMap::new();
     for spec in cfg.bgs.iter().filter(|b| cfg.core_of(b.id) == core) {
@@ -365,10 +443,22 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>
         forwarded: HashMap::new(),
         next_id: 1,
         outbox: BTreeMap::new(),
+        dio,
+        dio_waiter,
+        io_tokens: HashMap::new(),
+        io_blocked: BTreeSet::new(),
+        apply_queued_bytes: 0,
         hib,
         counters,
     };
-    info!(core, groups = c.groups.len(), addr = %c.transport.local_addr(), "core started");
+    info!(
+        core,
+        groups = c.groups.len(),
+        addr = %c.transport.local_addr(),
+        data_io = c.dio.name(),
+        data_direct_io = cfg.data_direct_io,
+        "core started"
+    );
     Ok((
         c,
         Rc::new(RefCell::new(wal)),
@@ -378,8 +468,9 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>
     ))
 }
 
-/// Recovers one group: snapshot meta from its meta file, hard state and log from the WAL; the
-/// raft node then re-applies every entry after the snapshot (idempotent, see `block`).
+/// Recovers one group: an interrupted snapshot install is finished first (see `block`), then
+/// snapshot meta from its meta file, hard state and log from the WAL; the raft node then
+/// re-applies every entry after the snapshot (idempotent, see `block`).
 fn open_group(
     cfg: &EngineConfig,
     dir: &std::path::Path,
@@ -387,7 +478,8 @@ fn open_group(
     spec: &BgSpec,
 ) -> Result<Group> {
     let bg = spec.id;
-    let data = DataFile::open(dir, bg, spec.size_bytes)?;
+    block::recover_install(dir, bg)?;
+    let data = DataFile::open(dir, bg, spec.size_bytes, cfg.data_direct_io)?;
     let snapshot = block::read_meta(dir, bg)?;
     let st = wal.group_state(bg).unwrap_or_default();
     let entries = if st.last_index > st.compacted_index {
@@ -424,10 +516,13 @@ fn open_group(
         restore,
     )
     .map_err(|source| Error::Raft { bg, source })?;
+    let applier = Applier::new(raft.applied_index());
     Ok(Group {
         spec: spec.clone(),
         raft,
         data,
+        applier,
+        loading: None,
         proposals: HashMap::new(),
         execs: HashMap::new(),
         reads: HashMap::new(),
@@ -449,6 +544,15 @@ fn is_member(conf: &Configuration, node: NodeId) -> bool {
     conf.voters.contains(&node)
         || conf.voters_outgoing.contains(&node)
         || conf.learners.contains(&node)
+}
+
+/// Data-file completions (never, for the synchronous backend: its requests are reaped in the
+/// flush that submitted them).
+async fn wait_data(w: &Option<Rc<DataWaiter>>) {
+    match w {
+        Some(w) => w.wait().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Awaits WAL completions in submission order (see the module docs).
@@ -517,6 +621,9 @@ impl Core {
                 meta,
                 result,
             } => self.finish_snapshot(bg, index, meta, result)?,
+            Internal::SnapshotLoaded { bg, meta, result } => {
+                self.finish_install(bg, meta, result)?
+            }
         }
         Ok(())
     }
@@ -925,6 +1032,52 @@ impl Core {
         Ok(())
     }
 
+    /// Keeps the in-memory raft logs of this core's groups within `log_memory_bytes_max` by
+    /// snapshotting the groups with the most log since their last snapshot (a snapshot lets
+    /// the core drop its log below the applied index, but for the tail it keeps for lagging
+    /// followers). Groups already saving count as freed; a group with less than
+    /// `BUDGET_SNAPSHOT_BYTES_MIN` to free is not worth a snapshot of its whole volume, so a
+    /// budget smaller than the kept tails of all groups stays exceeded rather than making
+    /// every write snapshot.
+    fn enforce_log_memory(&mut self) {
+        let max = self.cfg.log_memory_bytes_max;
+        if max == 0 {
+            return;
+        }
+        let total: usize = self.groups.values().map(|g| g.raft.log_bytes()).sum();
+        if total <= max {
+            return;
+        }
+        let mut expected = total;
+        let mut candidates = Vec::new();
+        for (bg, g) in &self.groups {
+            let since = g.raft.log_bytes_since_snapshot();
+            if g.saving.is_some() {
+                expected = expected.saturating_sub(since);
+            } else if since >= BUDGET_SNAPSHOT_BYTES_MIN
+                && g.applier.applied() > g.raft.snapshot_meta().index
+            {
+                candidates.push((since, *bg));
+            }
+        }
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        for (since, bg) in candidates {
+            if expected <= max {
+                break;
+            }
+            info!(
+                core = self.core,
+                bg,
+                log_bytes_total = total,
+                log_memory_bytes_max = max,
+                since_snapshot_bytes = since,
+                "core over its log memory budget: snapshotting the group with the most log"
+            );
+            self.take_snapshot(bg, None);
+            expected = expected.saturating_sub(since);
+        }
+    }
+
     fn redispatch_parked(&mut self) {
         for c in std::mem::take(&mut self.parked) {
             self.dispatch(c);
@@ -936,32 +1089,55 @@ impl Core {
     // ------------------------------------------------------------------
 
     async fn flush(&mut self) -> Result<()> {
-        while let Some(bg) = self.dirty.pop_first() {
-            for _ in 0..READY_ROUNDS_MAX {
-                let Some(g) = self.groups.get_mut(&bg) else {
-                    break;
-                };
-                if !g.raft.has_ready() {
-                    break;
+        let mut rounds = 0;
+        loop {
+            while let Some(bg) = self.dirty.pop_first() {
+                for _ in 0..READY_ROUNDS_MAX {
+                    let Some(g) = self.groups.get_mut(&bg) else {
+                        break;
+                    };
+                    if !g.raft.has_ready() {
+                        break;
+                    }
+                    let rd = g.raft.ready();
+                    if let Some(w) = rd.write {
+                        self.persist(bg, w).await?;
+                    }
+                    for m in rd.messages {
+                        self.route(bg, m)?;
+                    }
+                    if let Some(meta) = rd.snapshot_to_install {
+                        self.install_snapshot(bg, meta)?;
+                    }
+                    for e in rd.committed_entries {
+                        self.apply(bg, e)?;
+                    }
+                    for ev in rd.events {
+                        self.on_event(bg, ev)?;
+                    }
                 }
-                let rd = g.raft.ready();
-                if let Some(w) = rd.write {
-                    self.persist(bg, w).await?;
-                }
-                for m in rd.messages {
-                    self.route(bg, m)?;
-                }
-                if let Some(meta) = rd.snapshot_to_install {
-                    self.install_snapshot(bg, meta)?;
-                }
-                for e in rd.committed_entries {
-                    self.apply(bg, e)?;
-                }
-                for ev in rd.events {
-                    self.on_event(bg, ev)?;
+                self.pump(bg)?;
+                self.maybe_start_install(bg);
+                self.serve_ready_reads(bg)?;
+            }
+            self.dio.kick().map_err(|source| Error::DataIo {
+                core: self.core,
+                source,
+            })?;
+            // Backpressure: committed writes wait in memory for a data-I/O slot up to
+            // `apply_queue_bytes_max`; beyond it the core waits for the disk.
+            let over = self.apply_queued_bytes > self.cfg.apply_queue_bytes_max as u64
+                && self.dio.in_flight() > 0;
+            if over {
+                if let Some(w) = self.dio_waiter.clone() {
+                    w.wait().await;
                 }
             }
-            self.serve_ready_reads(bg);
+            let reaped = self.reap_data()?;
+            rounds += 1;
+            if !(over || (reaped && rounds < FLUSH_IO_ROUNDS_MAX)) {
+                break;
+            }
         }
         self.send_outbox();
         Ok(())
@@ -1048,23 +1224,53 @@ impl Core {
         }
     }
 
+    /// Hands a committed entry to the group's applier (see `block::Applier`); the write starts
+    /// in `pump` and the client is answered when it completed (`entry_applied`).
     fn apply(&mut self, bg: GroupId, e: Entry) -> Result<()> {
         let g = self.groups.get_mut(&bg).expect("applying group exists");
-        if e.kind == EntryKind::Normal {
-            match BlockOp::decode(&e.data) {
-                // A failed apply leaves the replica diverged from its log: fatal for the core.
-                Some(op) => g.data.apply(&op)?,
-                None => error!(
-                    bg,
-                    index = e.index,
-                    "undecodable block op in the log skipped"
-                ),
+        assert!(
+            g.loading.is_none(),
+            "bg {bg}: entry {} handed over during a snapshot install",
+            e.index
+        );
+        let op = match e.kind {
+            EntryKind::Normal => {
+                let op = BlockOp::decode(&e.data);
+                if op.is_none() {
+                    error!(
+                        bg,
+                        index = e.index,
+                        "undecodable block op in the log skipped"
+                    );
+                }
+                op
+            }
+            _ => None,
+        };
+        match op {
+            Some(op) if !op.is_empty() => {
+                // An entry outside the volume leaves the replica diverged from its log: fatal.
+                g.data.check(op.name(), op.offset(), op.len())?;
+                if let BlockOp::Write { data, .. } = &op {
+                    self.apply_queued_bytes += data.len() as u64;
+                }
+                g.applier.push(e.index, e.term, op);
+            }
+            _ => {
+                g.applier.push_done(e.index, e.term);
+                self.entry_applied(bg, e.index, e.term);
             }
         }
-        let Some((term, exec_id)) = g.proposals.remove(&e.index) else {
-            return Ok(());
+        Ok(())
+    }
+
+    /// Entry `index` (of `term`) took effect: answer the client once all its entries did.
+    fn entry_applied(&mut self, bg: GroupId, index: Index, term: Term) {
+        let g = self.groups.get_mut(&bg).expect("applying group exists");
+        let Some((proposed_term, exec_id)) = g.proposals.remove(&index) else {
+            return;
         };
-        if term == e.term {
+        if proposed_term == term {
             let done = match g.execs.get_mut(&exec_id) {
                 Some(x) => {
                     x.remaining -= 1;
@@ -1079,35 +1285,168 @@ impl Core {
         } else if let Some(x) = g.execs.remove(&exec_id) {
             self.retry_later(
                 x.client,
-                format!("entry {} was replaced by term {}", e.index, e.term),
+                format!("entry {index} was replaced by term {term}"),
             );
+        }
+    }
+
+    /// Starts the group's applies that may start (see `block::Applier`), while the core has
+    /// data-I/O slots.
+    fn pump(&mut self, bg: GroupId) -> Result<()> {
+        let mut sync_done = Vec::new();
+        loop {
+            let Some(g) = self.groups.get_mut(&bg) else {
+                return Ok(());
+            };
+            if !self.dio.has_room() {
+                if g.applier.has_queued() {
+                    self.io_blocked.insert(bg);
+                }
+                break;
+            }
+            let Some((index, op)) = g.applier.next(&g.data) else {
+                break;
+            };
+            if let BlockOp::Write { data, .. } = &op {
+                self.apply_queued_bytes -= data.len() as u64;
+            }
+            self.next_id += 1;
+            let token = self.next_id;
+            match g.data.apply_req(token, &op) {
+                Some(req) => {
+                    self.io_tokens.insert(token, IoWhat::Apply { bg, index });
+                    self.dio.submit(req).map_err(|source| Error::DataIo {
+                        core: self.core,
+                        source,
+                    })?;
+                }
+                None => {
+                    // An unaligned O_DIRECT write: read-modify-write now, in order (nothing
+                    // overlapping is in flight).
+                    g.data.apply_sync(&op)?;
+                    sync_done.push(index);
+                }
+            }
+        }
+        for index in sync_done {
+            let g = self.groups.get_mut(&bg).expect("group exists");
+            let term = g.applier.complete(index);
+            self.entry_applied(bg, index, term);
+            self.dirty.insert(bg);
         }
         Ok(())
     }
 
-    fn serve_ready_reads(&mut self, bg: GroupId) {
+    /// Handles every finished data-file request; returns whether there was any.
+    fn reap_data(&mut self) -> Result<bool> {
+        let done = self.dio.reap().map_err(|source| Error::DataIo {
+            core: self.core,
+            source,
+        })?;
+        if done.is_empty() {
+            return Ok(false);
+        }
+        for d in done {
+            self.on_io_done(d)?;
+        }
+        // Slots were freed: groups that found none try again.
+        self.dirty.append(&mut self.io_blocked);
+        Ok(true)
+    }
+
+    fn on_io_done(&mut self, d: IoDone) -> Result<()> {
+        let what = self
+            .io_tokens
+            .remove(&d.req.token)
+            .expect("every data request in flight has a token");
+        match what {
+            IoWhat::Apply { bg, index } => {
+                let g = self.groups.get_mut(&bg).expect("applying group exists");
+                match (d.result, d.req.kind) {
+                    (Ok(()), _) => {}
+                    (Err(e), IoKind::Fallocate { len, .. })
+                        if e.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+                    {
+                        // No hole punching here: zeroes, so every replica reads the same.
+                        g.data.zero_fill(d.req.offset, len)?;
+                    }
+                    // A failed apply leaves the replica diverged from its log: fatal for the
+                    // core (as a failed WAL write), never retried.
+                    (Err(e), _) => return Err(g.data.err(d.req.op_name(), d.req.offset, e)),
+                }
+                let term = g.applier.complete(index);
+                self.entry_applied(bg, index, term);
+                self.dirty.insert(bg);
+            }
+            IoWhat::Read {
+                bg,
+                client,
+                offset,
+                len,
+            } => {
+                let r = match d.result {
+                    Ok(()) => Ok(DataFile::read_result(d.req, offset, len)),
+                    Err(e) => Err(match self.groups.get(&bg) {
+                        Some(g) => g.data.err("pread", d.req.offset, e),
+                        None => Error::UnknownBg { bg },
+                    }),
+                };
+                self.reply(client, r);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the reads whose read index the group applied (every write through it completed,
+    /// so the read sees them), while the core has data-I/O slots. Nothing is served while a
+    /// snapshot is being installed.
+    fn serve_ready_reads(&mut self, bg: GroupId) -> Result<()> {
         let Some(g) = self.groups.get_mut(&bg) else {
-            return;
+            return Ok(());
         };
-        if g.ready_reads.is_empty() {
-            return;
+        if g.ready_reads.is_empty() || g.loading.is_some() {
+            return Ok(());
         }
-        let applied = g.raft.applied_index();
-        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut g.ready_reads)
-            .into_iter()
-            .partition(|(i, _)| *i <= applied);
-        g.ready_reads = later;
-        let mut done = Vec::new();
-        for (_, client) in now {
-            let r = match client.op {
-                ForwardOp::Read { offset, len } => g.data.read(offset, len),
-                ForwardOp::Op(_) => Ok(Bytes::new()),
+        let applied = g.applier.applied();
+        let mut later = Vec::new();
+        let mut answered = Vec::new();
+        for (index, client) in std::mem::take(&mut g.ready_reads) {
+            if index > applied {
+                later.push((index, client));
+                continue;
+            }
+            let ForwardOp::Read { offset, len } = client.op else {
+                answered.push(client);
+                continue;
             };
-            done.push((client, r));
+            if !self.dio.has_room() {
+                self.io_blocked.insert(bg);
+                later.push((index, client));
+                continue;
+            }
+            self.next_id += 1;
+            let token = self.next_id;
+            self.dio
+                .submit(g.data.read_req(token, offset, len))
+                .map_err(|source| Error::DataIo {
+                    core: self.core,
+                    source,
+                })?;
+            self.io_tokens.insert(
+                token,
+                IoWhat::Read {
+                    bg,
+                    client,
+                    offset,
+                    len,
+                },
+            );
         }
-        for (c, r) in done {
-            self.reply(c, r);
+        g.ready_reads = later;
+        for c in answered {
+            self.reply(c, Ok(Bytes::new()));
         }
+        Ok(())
     }
 
     fn on_event(&mut self, bg: GroupId, ev: Event) -> Result<()> {
@@ -1194,8 +1533,8 @@ impl Core {
 
     /// Starts a snapshot save at the applied index `A` unless one is running (then an on-demand
     /// `reply` waits for that one). Order, as before but with the slow part off the core thread:
-    /// a blocking-pool task fdatasyncs the data file (every apply through `A` was `pwrite`n
-    /// before it starts) and, when the meta at `A` is known up front, writes the meta file
+    /// a blocking-pool task fdatasyncs the data file (every apply through `A` completed on the
+    /// ring before it starts) and, when the meta at `A` is known up front, writes the meta file
     /// atomically; only its completion ([`Core::finish_snapshot`]) tells raft
     /// (`on_snapshot_saved`), whose WAL compaction goes out with the next `ready()`. So the meta
     /// is durable before the WAL is compacted, and a crash at any point restarts from a meta
@@ -1213,7 +1552,15 @@ impl Core {
             reply.into_iter().for_each(|r| s.waiters.push(r));
             return;
         }
-        let applied = g.raft.applied_index();
+        // Not during an install (the data file is being replaced); and only what completed
+        // on disk counts as applied (the sync below covers it).
+        let applied = g.applier.applied();
+        if g.loading.is_some() {
+            if let Some(r) = reply {
+                let _ = r.send(Ok(g.raft.snapshot_meta().index));
+            }
+            return;
+        }
         if applied <= g.raft.snapshot_meta().index {
             if let Some(r) = reply {
                 let _ = r.send(Ok(g.raft.snapshot_meta().index));
@@ -1295,9 +1642,10 @@ impl Core {
             s.waiters
         });
         let current = g.raft.snapshot_meta().index;
-        let answer = if index <= current {
-            // A snapshot was installed meanwhile; its meta is on disk (the save skipped its
-            // own meta write, see `meta_epoch`) and the data file is the installed one.
+        let answer = if index <= current || g.loading.is_some() {
+            // A snapshot was (or is being) installed meanwhile; its meta is (or will be) on
+            // disk (the save skipped its own meta write, see `meta_epoch`) and the data file
+            // is the installed one.
             current
         } else {
             match g.raft.on_snapshot_saved(index) {
@@ -1364,9 +1712,10 @@ impl Core {
         Ok(())
     }
 
-    /// Follower: the complete copy replaces the data file, then the meta records it.
+    /// Follower: raft asks to install a received snapshot. The group stops applying and
+    /// serving (LOADING); once the applies handed out before are done, `maybe_start_install`
+    /// runs the install off the core thread.
     fn install_snapshot(&mut self, bg: GroupId, meta: SnapshotMeta) -> Result<()> {
-        let dir = self.dir.clone();
         let g = self.groups.get_mut(&bg).expect("group exists");
         if !self.incoming.is_complete(bg, meta.index) {
             // Unreachable through `step`'s gate; without data the install cannot complete.
@@ -1377,23 +1726,77 @@ impl Core {
             );
             return Ok(());
         }
-        let inc = block::incoming_path(&dir, bg);
-        let data = block::data_path(&dir, bg);
-        let file_err = |op, path: &std::path::Path, source| Error::File {
+        // No new transfer may truncate the copy from now on (see `block`'s install protocol).
+        self.incoming.begin_install(bg);
+        info!(
             bg,
-            path: path.to_path_buf(),
-            op,
-            offset: 0,
-            source,
+            index = meta.index,
+            term = meta.term,
+            "installing snapshot"
+        );
+        g.loading = Some(Loading {
+            meta,
+            started: false,
+        });
+        Ok(())
+    }
+
+    /// Starts the install job of a LOADING group whose earlier applies all completed: on the
+    /// blocking pool, holding the group's meta lock, it runs the crash-safe protocol of
+    /// `block::install_snapshot_files` and reopens the data file; the core's other groups keep
+    /// running meanwhile. `finish_install` takes it from there.
+    fn maybe_start_install(&mut self, bg: GroupId) {
+        let Some(g) = self.groups.get_mut(&bg) else {
+            return;
         };
-        std::fs::rename(&inc, &data).map_err(|e| file_err("rename snapshot over", &data, e))?;
-        block::sync_dir(&dir).map_err(|e| file_err("fsync dir", &dir, e))?;
-        g.data = DataFile::open(&dir, bg, g.spec.size_bytes)?;
-        {
-            let mut epoch = lock_epoch(&g.meta_epoch);
-            *epoch += 1;
-            block::write_meta(&dir, bg, &meta)?;
+        let Some(loading) = g.loading.as_mut() else {
+            return;
+        };
+        if loading.started || !g.applier.is_idle() {
+            return;
         }
+        loading.started = true;
+        let meta = loading.meta.clone();
+        let dir = self.dir.clone();
+        let size = g.spec.size_bytes;
+        let direct = self.cfg.data_direct_io;
+        let lock = g.meta_epoch.clone();
+        let tx = self.internal_tx.clone();
+        let job_meta = meta.clone();
+        let job = tokio::task::spawn_blocking(move || -> Result<DataFile> {
+            let mut epoch = lock_epoch(&lock);
+            *epoch += 1;
+            block::install_snapshot_files(&dir, bg, &job_meta)?;
+            drop(epoch);
+            DataFile::open(&dir, bg, size, direct)
+        });
+        tokio::task::spawn_local(async move {
+            let result = match job.await {
+                Ok(r) => r,
+                Err(e) => Err(Error::Config {
+                    what: format!("bg {bg}: snapshot install task failed: {e}"),
+                }),
+            };
+            // Only fails at shutdown; a restart completes the install (`recover_install`).
+            let _ = tx.send(Internal::SnapshotLoaded { bg, meta, result });
+        });
+    }
+
+    /// The installed data file and meta are durable: the group resumes from the snapshot.
+    fn finish_install(
+        &mut self,
+        bg: GroupId,
+        meta: SnapshotMeta,
+        result: Result<DataFile>,
+    ) -> Result<()> {
+        // A failed install leaves the group's files in an unknown state: fatal for the core;
+        // the restart finishes the install from its marker.
+        let data = result?;
+        let g = self.groups.get_mut(&bg).expect("group exists");
+        debug_assert_eq!(g.loading.as_ref().map(|l| &l.meta), Some(&meta));
+        g.data = data;
+        g.applier.reset(meta.index);
+        g.loading = None;
         self.incoming.take(bg);
         info!(
             bg,
@@ -1417,6 +1820,7 @@ impl Core {
             .map(|g| {
                 let s = g.raft.status();
                 let snapshot_status = match self.incoming.progress(g.spec.id) {
+                    _ if g.loading.is_some() => "LOADING".to_string(),
                     Some((done, total, false)) => format!("DOWNLOADING {done}/{total}"),
                     _ if g.saving.is_some() => "SAVING".to_string(),
                     _ if !g.sending.is_empty() => format!("SENDING to {:?}", g.sending),
@@ -1443,6 +1847,7 @@ impl Core {
                     snapshot_status,
                     size_bytes: g.spec.size_bytes,
                     pending_requests: g.execs.len() + g.reads.len() + g.ready_reads.len(),
+                    log_bytes: g.raft.log_bytes(),
                     hibernating: self.hib.asleep(g.spec.id),
                     peers: s
                         .peers

@@ -50,6 +50,14 @@ pub enum Error {
         source: raftlog::Error,
     },
 
+    /// The core's data-file I/O ring failed (fatal for the core, as for the WAL).
+    #[error("core {core}: data-file I/O: {source}")]
+    DataIo {
+        core: usize,
+        #[source]
+        source: io::Error,
+    },
+
     /// The node-to-node transport could not start or refused a call.
     #[error("core {core}: transport: {source}")]
     Transport {

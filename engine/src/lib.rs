@@ -15,11 +15,14 @@
 //! leader: `RaftNode::propose` (one entry per `entry_data_bytes_max`); follower: forwarded to the
 //! leader's same core over QUIC ([`codec`]) → `ready()` → WAL append (group commit with every
 //! other BG of the core) and AppendEntries to the followers (one frame per peer per flush) →
-//! committed on a majority's fsynced WAL → applied to the data file (`pwrite`) → the reply.
+//! committed on a majority's fsynced WAL → applied to the data file (a write on the core's
+//! io_uring, [`dataio`]; overlapping applies in log order, `block::Applier`) → the reply once
+//! that apply completed.
 //!
 //! # Read path
 //! [`BgHandle::read`] → the owning core → leader: `lease_read` (ReadIndex when the lease is not
-//! valid) → once `applied >= read index`, `pread` of the data file → reply (follower: forwarded,
+//! valid) → once every entry through the read index completed its apply, a read of the data
+//! file on the core's io_uring → reply (follower: forwarded,
 //! the leader's data comes back in the response frame).
 //!
 //! # Hibernation
@@ -37,6 +40,7 @@ pub mod block;
 pub mod codec;
 pub mod config;
 mod core;
+pub mod dataio;
 pub mod error;
 pub mod snapshot;
 pub mod status;

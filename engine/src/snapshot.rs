@@ -11,9 +11,11 @@
 //! offset, so a broken stream resumes from there (same sender, group and snapshot id). On
 //! `finish` the file is fdatasynced and marked complete. The core steps an `InstallSnapshot`
 //! message only when the matching complete file exists (otherwise it drops the message and the
-//! leader retries), then renames the file over the data file, writes the meta file (holding the
-//! group's meta lock, so an off-thread snapshot save started earlier cannot overwrite it with
-//! its older meta; see `block`) and calls `on_snapshot_installed`.
+//! leader retries). Installing it (LOADING) runs off the core thread with `block`'s crash-safe
+//! protocol (install marker, rename over the data file, meta file, marker removed), holding
+//! the group's meta lock, so an off-thread snapshot save started earlier cannot overwrite the
+//! meta with its older one; offers for the group are refused meanwhile
+//! ([`Incoming::begin_install`]); then the core calls `on_snapshot_installed`.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -46,6 +48,8 @@ struct Transfer {
     total_len: u64,
     durable: u64,
     complete: bool,
+    /// The core is installing this copy: offers for the group are refused until it is done.
+    installing: bool,
 }
 
 /// Incoming snapshots of one core. Shared between the transport's tasks and the core loop; the
@@ -77,6 +81,17 @@ impl Incoming {
         self.lock()
             .get(&group)
             .is_some_and(|t| t.complete && t.snapshot_id == snapshot_id)
+    }
+
+    /// The core starts installing the complete copy of `group`: from now until [`take`], no
+    /// offer may truncate or rewrite it (the install may rename it at any moment, and after a
+    /// crash the install marker relies on it; see `block`).
+    ///
+    /// [`take`]: Incoming::take
+    pub fn begin_install(&self, group: GroupId) {
+        if let Some(t) = self.lock().get_mut(&group) {
+            t.installing = true;
+        }
     }
 
     /// The complete copy was installed (renamed away): forget it.
@@ -111,6 +126,16 @@ impl SnapshotReceiver for Incoming {
         }
         let path = incoming_path(&self.core_dir, offer.group);
         let mut state = self.lock();
+        if state.get(&offer.group).is_some_and(|t| t.installing) {
+            // The sender retries the transfer later (the install takes a few fsyncs).
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "bg {}: a snapshot is being installed; offer {} refused",
+                    offer.group, offer.snapshot_id
+                ),
+            ));
+        }
         let resume = state
             .get(&offer.group)
             .copied()
@@ -135,6 +160,7 @@ impl SnapshotReceiver for Incoming {
                 total_len: size,
                 durable: start,
                 complete: false,
+                installing: false,
             },
         );
         tracing::info!(

@@ -44,6 +44,9 @@ pub struct BgStatus {
     pub size_bytes: u64,
     /// Client requests executing on this node as leader.
     pub pending_requests: usize,
+    /// Bytes of raft log this group holds in memory (counted against the core's
+    /// `log_memory_bytes_max`).
+    pub log_bytes: usize,
     /// Hibernating: not ticked, no heartbeats, until activity wakes it (`core::hibernate`).
     pub hibernating: bool,
     pub peers: Vec<PeerStat>,
@@ -97,6 +100,7 @@ impl BgStatus {
         );
         let _ = writeln!(s, "size_bytes: {}", self.size_bytes);
         let _ = writeln!(s, "pending_requests: {}", self.pending_requests);
+        let _ = writeln!(s, "log_bytes: {}", self.log_bytes);
         let _ = writeln!(s, "hibernating: {}", self.hibernating);
         for p in &self.peers {
             let _ = writeln!(

@@ -838,6 +838,46 @@ fn snapshot_compacts_log_keeping_recent_entries() {
     assert_eq!((st.last_snapshot_index, st.last_snapshot_term), (21, 1));
 }
 
+/// snapshot_keep_bytes_max caps the entries kept below a snapshot by size too:
+/// with large entries the count alone would keep too much in memory.
+#[test]
+fn snapshot_keeps_no_more_than_keep_bytes_max_below_it() {
+    let big = "x".repeat(100); // 124 bytes per entry with the per-entry overhead
+    let by_bytes = RaftConfig {
+        snapshot_keep_entries: 10,
+        snapshot_keep_bytes_max: 300,
+        ..cfg()
+    };
+    let mut c = Cluster::new(3, by_bytes, 20);
+    let l = c.elect();
+    for _ in 0..20 {
+        c.propose(l, &big);
+    }
+    assert_eq!(c.node(l).applied_index(), 21);
+    let meta = take_snapshot(&mut c, l);
+    assert_eq!(meta.index, 21);
+    assert_eq!(
+        c.node(l).first_index(),
+        20,
+        "two entries (248 bytes) fit in 300 bytes, a third would not"
+    );
+    assert_eq!(c.node(l).log_bytes(), 2 * 124);
+    assert_eq!(c.host(l).disk.compacted, (19, 1));
+    // Small entries: the count is the tighter limit.
+    let by_count = RaftConfig {
+        snapshot_keep_entries: 5,
+        snapshot_keep_bytes_max: 1 << 20,
+        ..cfg()
+    };
+    let mut c = Cluster::new(3, by_count, 20);
+    let l = c.elect();
+    for _ in 0..20 {
+        c.propose(l, &big);
+    }
+    take_snapshot(&mut c, l);
+    assert_eq!(c.node(l).first_index(), 17, "entries 17..=21 kept");
+}
+
 /// A follower that lags beyond the compacted log receives InstallSnapshot
 /// (the core hands the host `snapshot_to_install`), and after
 /// on_snapshot_installed it catches up by normal replication.

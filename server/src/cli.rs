@@ -118,6 +118,16 @@ pub struct RunArgs {
     /// Log entries kept below a snapshot for followers that lag a little.
     #[arg(long)]
     pub snapshot_keep_entries: Option<u64>,
+    /// ... and at most this many bytes of them (per group).
+    #[arg(long)]
+    pub snapshot_keep_bytes_max: Option<usize>,
+    /// In-memory raft log bytes per core, at most (0 = no budget); over it the core
+    /// snapshots its largest groups.
+    #[arg(long)]
+    pub log_memory_bytes_max: Option<usize>,
+    /// Open the data files with O_DIRECT (see docs/server.md).
+    #[arg(long)]
+    pub data_direct_io: Option<bool>,
     /// Idle groups stop ticking and heartbeating after this long (0 = never).
     #[arg(long)]
     pub hibernate_idle_ms: Option<u64>,
@@ -172,6 +182,9 @@ impl RunArgs {
             snapshot_interval_s => raft.snapshot_interval_s,
             snapshot_chunk_bytes => raft.snapshot_chunk_bytes,
             snapshot_keep_entries => raft.snapshot_keep_entries,
+            snapshot_keep_bytes_max => raft.snapshot_keep_bytes_max,
+            log_memory_bytes_max => raft.log_memory_bytes_max,
+            data_direct_io => data_direct_io,
             hibernate_idle_ms => raft.hibernate_idle_ms);
         if let Some(d) = &self.tls_dir {
             c.tls_dir = Some(d.clone());

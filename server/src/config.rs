@@ -10,6 +10,7 @@
 //! http_listen = "127.0.0.1:8100"
 //! tls_dir = "certs/node1"           # node.pem, node.key, ca.pem (bd-server issue-cert)
 //! insecure_loopback = false         # no TLS: local dev cluster on loopback only
+//! data_direct_io = false            # O_DIRECT data files (docs/bench-nbd.md)
 //!
 //! [[peers]]
 //! id = 2
@@ -31,6 +32,8 @@
 //! snapshot_interval_s = 3600
 //! snapshot_chunk_bytes = 131072
 //! snapshot_keep_entries = 1024
+//! snapshot_keep_bytes_max = 16777216   # per group, on top of the entry count
+//! log_memory_bytes_max = 1073741824    # per core: in-memory raft logs of its groups
 //! snapshot_bytes_per_sec_max = 209715200
 //! hibernate_idle_ms = 2000          # idle groups stop ticking and heartbeating; 0 = never
 //! ```
@@ -80,6 +83,8 @@ pub struct RaftSettings {
     pub snapshot_interval_s: u64,
     pub snapshot_chunk_bytes: usize,
     pub snapshot_keep_entries: u64,
+    pub snapshot_keep_bytes_max: usize,
+    pub log_memory_bytes_max: usize,
     pub snapshot_bytes_per_sec_max: u64,
     /// Idle groups stop ticking and heartbeating after this long (0 = never).
     pub hibernate_idle_ms: u64,
@@ -98,6 +103,8 @@ impl Default for RaftSettings {
             snapshot_interval_s: 3600,
             snapshot_chunk_bytes: 128 << 10,
             snapshot_keep_entries: 1024,
+            snapshot_keep_bytes_max: 16 << 20,
+            log_memory_bytes_max: 1 << 30,
             snapshot_bytes_per_sec_max: 200 << 20,
             hibernate_idle_ms: 2_000,
         }
@@ -117,6 +124,8 @@ pub struct ServerConfig {
     pub http_listen: SocketAddr,
     pub tls_dir: Option<PathBuf>,
     pub insecure_loopback: bool,
+    /// Open the data files with O_DIRECT (the engine's `data_direct_io`).
+    pub data_direct_io: bool,
     pub peers: Vec<PeerConfig>,
     pub bgs: Vec<BgConfig>,
     pub raft: RaftSettings,
@@ -133,6 +142,7 @@ impl Default for ServerConfig {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8100)),
             tls_dir: None,
             insecure_loopback: false,
+            data_direct_io: engine::config::DATA_DIRECT_IO_DEFAULT,
             peers: Vec::new(),
             bgs: Vec::new(),
             raft: RaftSettings::default(),
@@ -173,6 +183,7 @@ impl ServerConfig {
             c.cores = self.cores;
         }
         c.tls_dir = self.tls_dir.clone();
+        c.data_direct_io = self.data_direct_io;
         for p in &self.peers {
             if c.peers.insert(p.id, p.addr).is_some() {
                 return bad(format!("peer {} is listed twice", p.id));
@@ -198,6 +209,8 @@ impl ServerConfig {
         c.snapshot_interval_s = r.snapshot_interval_s;
         c.snapshot_chunk_bytes = r.snapshot_chunk_bytes;
         c.snapshot_keep_entries = r.snapshot_keep_entries;
+        c.snapshot_keep_bytes_max = r.snapshot_keep_bytes_max;
+        c.log_memory_bytes_max = r.log_memory_bytes_max;
         c.snapshot_bytes_per_sec_max = r.snapshot_bytes_per_sec_max;
         c.hibernate_idle_ms = r.hibernate_idle_ms;
         c.validate().map_err(|e| Error::Config {

@@ -62,6 +62,10 @@ pub struct Config {
     pub snapshot_attempts_max: u32,
     /// Concurrent incoming snapshot streams per connection.
     pub snapshot_streams_max: u32,
+    /// How long [`Transport::shutdown`] waits for peers to acknowledge the close. Live peers answer
+    /// within a round trip; a dead peer never does, and QUIC would wait out its draining period
+    /// (3 PTOs, tens of seconds after the backoff of an unanswered path), so the wait is bounded.
+    pub close_wait_max: Duration,
 }
 
 impl Config {
@@ -88,6 +92,7 @@ impl Config {
             snapshot_bytes_per_sec_max: 200 << 20,
             snapshot_attempts_max: 10,
             snapshot_streams_max: 8,
+            close_wait_max: Duration::from_millis(300),
         }
     }
 
@@ -584,10 +589,21 @@ impl Transport {
         )))
     }
 
-    /// Closes the endpoint and stops all tasks. Connections are closed with code SHUTDOWN.
+    /// Closes the endpoint and stops all tasks. Connections are closed with code SHUTDOWN; the wait
+    /// for peers to acknowledge is bounded by `close_wait_max` (a peer that is gone never does).
     pub async fn shutdown(&self) {
         self.inner.shutdown_now();
-        self.inner.endpoint.wait_idle().await;
+        let wait = self.inner.cfg.close_wait_max;
+        if tokio::time::timeout(wait, self.inner.endpoint.wait_idle())
+            .await
+            .is_err()
+        {
+            info!(
+                node = self.inner.cfg.node,
+                connections = self.inner.endpoint.open_connections(),
+                "closed without every peer acknowledging within {wait:?} (gone peers never do)"
+            );
+        }
     }
 }
 

@@ -212,3 +212,43 @@ fn restarted_lower_id_reconnects_before_the_idle_timeout() {
 fn restarted_middle_node_reconnects_to_lower_and_higher_survivors() {
     restart_case(&[1, 2, 3], 2);
 }
+
+/// A graceful shutdown while a peer is gone (killed without closing) must not wait out QUIC's
+/// draining period for the dead connection: `close_wait_max` bounds it.
+#[test]
+fn shutdown_with_a_killed_peer_returns_within_close_wait_max() {
+    let pki = Pki::new();
+    let addrs: Vec<(NodeId, SocketAddr)> = [1, 2]
+        .iter()
+        .map(|&id| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            (id, s.local_addr().unwrap())
+        })
+        .collect();
+    let survivor = launch(&pki, 1, addrs[0].1, &[addrs[1]]);
+    let mut victim = launch(&pki, 2, addrs[1].1, &[addrs[0]]);
+    until_frame_flows(&survivor, &mut victim, "before");
+    kill(victim);
+    // Unanswered traffic to the dead peer backs QUIC's probe timeout off, which lengthens the
+    // draining period an unbounded shutdown would wait out (3 s right after the kill, more later).
+    survivor.rt.block_on(async {
+        for _ in 0..10 {
+            let _ = survivor.node.t.send(
+                2,
+                Frame::new(9, 1, "to the dead".to_string()),
+                Lane::Control,
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let close_wait_max = fast_config(1).close_wait_max;
+    let started = Instant::now();
+    survivor.rt.block_on(survivor.node.t.shutdown());
+    let took = started.elapsed();
+    eprintln!("shutdown with a killed peer took {took:?} (close_wait_max {close_wait_max:?})");
+    // Without the bound this is QUIC's draining period for an unanswered close: many seconds.
+    assert!(
+        took < close_wait_max + Duration::from_millis(1500),
+        "shutdown took {took:?} with close_wait_max {close_wait_max:?}"
+    );
+}

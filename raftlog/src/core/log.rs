@@ -59,6 +59,22 @@ impl MemLog {
             .sum()
     }
 
+    /// The lowest compaction point at or below `index` that keeps at most `bytes_max` bytes of
+    /// the entries in (point, index].
+    pub fn keep_from_within(&self, index: Index, bytes_max: usize) -> Index {
+        let mut kept = 0usize;
+        let mut from = index.min(self.last_index());
+        while from > self.compacted_index {
+            let e = &self.entries[(from - self.compacted_index - 1) as usize];
+            if kept + e.size_bytes() > bytes_max {
+                break;
+            }
+            kept += e.size_bytes();
+            from -= 1;
+        }
+        from
+    }
+
     /// Term of the entry at `index`, if known (the compaction point counts).
     pub fn term(&self, index: Index) -> Option<Term> {
         if index == self.compacted_index {

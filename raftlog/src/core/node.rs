@@ -84,6 +84,9 @@ pub struct RaftConfig {
     pub snapshot_log_bytes_max: usize,
     /// Entries kept below a new snapshot for followers that lag a little.
     pub snapshot_keep_entries: u64,
+    /// ... but no more than this many bytes of them: with large entries the count alone
+    /// could keep hundreds of MiB in memory per group (1024 entries of 256 KiB).
+    pub snapshot_keep_bytes_max: usize,
     /// Proposals accepted but not yet committed, at most.
     pub uncommitted_entries_max: usize,
     pub apply_batch_entries_max: usize,
@@ -110,6 +113,7 @@ impl Default for RaftConfig {
             snapshot_timeout_ticks: 200,
             snapshot_log_bytes_max: 64 << 20,
             snapshot_keep_entries: 1024,
+            snapshot_keep_bytes_max: 16 << 20,
             uncommitted_entries_max: 4096,
             apply_batch_entries_max: 1024,
             read_queue_max: 4096,
@@ -504,6 +508,18 @@ impl RaftNode {
                 self.progress.get(&id).is_some_and(|p| !p.readonly)
             }
         })
+    }
+
+    /// Bytes of entry payload this group holds in memory (its whole log since the compaction
+    /// point). Hosts running many groups budget this (e.g. by taking snapshots of the largest).
+    pub fn log_bytes(&self) -> usize {
+        self.log.bytes()
+    }
+
+    /// Bytes of the log above the last snapshot: what a new snapshot could free (less the
+    /// entries it keeps below itself and those not yet applied).
+    pub fn log_bytes_since_snapshot(&self) -> usize {
+        self.log.bytes() - self.bytes_below_snapshot
     }
 
     pub fn status(&self) -> Status {
@@ -1773,7 +1789,7 @@ impl RaftNode {
     }
 
     fn after_apply(&mut self, applied: Index) {
-        let since = self.log.bytes() - self.bytes_below_snapshot;
+        let since = self.log_bytes_since_snapshot();
         if since > self.cfg.snapshot_log_bytes_max && self.snapshot_suggested_at < since {
             self.snapshot_suggested_at = since + self.cfg.snapshot_log_bytes_max / 2;
             self.events.push(Event::SnapshotSuggested { applied });
@@ -1805,7 +1821,10 @@ impl RaftNode {
         let conf = self.log.conf_at(index).1.clone();
         self.snapshot = SnapshotMeta { index, term, conf };
         // Followers lagging by more than the margin get the snapshot.
-        let keep_from = index.saturating_sub(self.cfg.snapshot_keep_entries);
+        let keep_from = index.saturating_sub(self.cfg.snapshot_keep_entries).max(
+            self.log
+                .keep_from_within(index, self.cfg.snapshot_keep_bytes_max),
+        );
         if keep_from > self.log.compacted().0 {
             let t = self.log.term(keep_from).expect("in log");
             self.log.compact_to(keep_from);

@@ -118,18 +118,36 @@ pub fn qemu_io(uri: &str, commands: &[String]) -> String {
 /// Attempts at starting a cluster whose ports were taken by someone else.
 const START_ATTEMPTS_MAX: usize = 5;
 
+/// Ports handed to test servers come from below the kernel's ephemeral range (32768–60999 by
+/// default): a port found by binding port 0 is an ephemeral one, and between releasing it and
+/// the server binding it, any outgoing connection on the machine (a client of a parallel test)
+/// may take it as its local port. Below the range only another picker like this one can, and
+/// each picks a different spot (pid and a counter).
+const TEST_PORTS: std::ops::Range<u16> = 20000..32000;
+
+fn pick_port(free: impl Fn(SocketAddr) -> bool) -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(37);
+        let port = TEST_PORTS.start + ((start + n) % span) as u16;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if free(addr) {
+            return addr;
+        }
+    }
+    panic!("no free port in {TEST_PORTS:?}");
+}
+
+/// A port free for TCP (and UDP, so one pick serves either).
 pub fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    pick_port(|a| TcpListener::bind(a).is_ok() && UdpSocket::bind(a).is_ok())
 }
 
 pub fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    free_tcp()
 }
 
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
