@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod idle;
 mod nbd;
 mod raft;
 mod wal;
@@ -25,6 +26,9 @@ enum Mode {
     /// fio's nbd engine (4k randwrite/randread, iodepth 32) against a 1-replica and a
     /// 3-replica bd-server BG and qemu-nbd on a raw file; ratios to qemu-nbd.
     Nbd(nbd::NbdArgs),
+    /// An idle 3-node cluster with many BGs: raft messages, frames, bytes and CPU per second,
+    /// hibernation off vs on.
+    Idle(idle::IdleArgs),
 }
 
 fn main() {
@@ -39,6 +43,7 @@ fn main() {
         Mode::Wal(a) => wal::run(a),
         Mode::Raft(a) => raft::run(a),
         Mode::Nbd(a) => nbd::run(a),
+        Mode::Idle(a) => idle::run(a),
     };
     if let Err(e) = r {
         eprintln!("bd-bench: {e}");

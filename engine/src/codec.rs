@@ -1,6 +1,6 @@
 //! Encoding of what cores exchange over the transport: batches of raft messages (one frame per
-//! peer and lane per flush, carrying the messages of many block groups) and forwarded client
-//! requests with their responses.
+//! peer and lane per flush, carrying the messages of many block groups), forwarded client
+//! requests with their responses, and hibernation frames (also the liveness ping).
 //!
 //! Hand-rolled little-endian, because the messages are small fixed-layout records plus raw entry
 //! payloads that must stay raw (`Bytes` slices of the received frame, no copy). Everything
@@ -19,6 +19,8 @@ use crate::block::BlockOp;
 pub const KIND_RAFT: u8 = 1;
 pub const KIND_FORWARD_REQUEST: u8 = 2;
 pub const KIND_FORWARD_RESPONSE: u8 = 3;
+/// Hibernation of idle groups and the node-level liveness ping ([`HibernateFrame`]).
+pub const KIND_HIBERNATE: u8 = 4;
 
 /// Messages in one raft frame, at most (bounds what a peer can make us allocate up front).
 pub const FRAME_MESSAGES_MAX: u32 = 1 << 16;
@@ -465,6 +467,78 @@ impl ForwardResponse {
     }
 }
 
+/// What a hibernation frame says (see `crate::hibernate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HibernateWhat {
+    /// "I am alive": sent to a peer nothing else was sent to for a while; carries no groups.
+    Ping,
+    /// Leader → follower: these groups are idle at `SleepAt`; hibernate and acknowledge.
+    Sleep,
+    /// Follower → leader: hibernated at `SleepAt`.
+    Ack,
+}
+
+/// A group's idle point: the leader's term and its last (committed, applied) entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SleepAt {
+    pub group: GroupId,
+    pub term: u64,
+    pub index: u64,
+    pub log_term: u64,
+}
+
+/// `what u8 (0 ping, 1 sleep, 2 ack) | count u32 | count × (group, term, index, log_term: u64)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HibernateFrame {
+    pub what: HibernateWhat,
+    pub groups: Vec<SleepAt>,
+}
+
+impl HibernateFrame {
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(5 + 32 * self.groups.len());
+        b.put_u8(match self.what {
+            HibernateWhat::Ping => 0,
+            HibernateWhat::Sleep => 1,
+            HibernateWhat::Ack => 2,
+        });
+        b.put_u32_le(self.groups.len() as u32);
+        for g in &self.groups {
+            b.put_u64_le(g.group);
+            b.put_u64_le(g.term);
+            b.put_u64_le(g.index);
+            b.put_u64_le(g.log_term);
+        }
+        b.freeze()
+    }
+
+    pub fn decode(payload: Bytes) -> R<HibernateFrame> {
+        let mut r = Reader { b: payload };
+        let what = match r.u8("hibernate kind")? {
+            0 => HibernateWhat::Ping,
+            1 => HibernateWhat::Sleep,
+            2 => HibernateWhat::Ack,
+            k => return Err(Malformed(format!("unknown hibernate kind {k}"))),
+        };
+        let n = r.u32("hibernate group count")?;
+        if n > FRAME_MESSAGES_MAX || (what == HibernateWhat::Ping && n != 0) {
+            return Err(Malformed(format!("{n} groups in a {what:?} frame")));
+        }
+        r.need(32 * n as usize, "hibernate groups")?;
+        let mut groups = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            groups.push(SleepAt {
+                group: r.u64("group")?,
+                term: r.ti("term")?,
+                index: r.ti("index")?,
+                log_term: r.ti("log term")?,
+            });
+        }
+        r.end("hibernate frame")?;
+        Ok(HibernateFrame { what, groups })
+    }
+}
+
 /// Whether a message belongs on the control lane (small and latency critical) rather than the
 /// data lane (entries, snapshots).
 pub fn is_control(m: &Message) -> bool {
@@ -609,6 +683,7 @@ mod tests {
             }
             let _ = decode_messages(Bytes::from(v.clone()));
             let _ = ForwardRequest::decode(Bytes::from(v.clone()));
+            let _ = HibernateFrame::decode(Bytes::from(v.clone()));
             let _ = ForwardResponse::decode(Bytes::from(v));
         }
     }
@@ -693,6 +768,54 @@ mod tests {
         for r in resps {
             assert_eq!(ForwardResponse::decode(r.encode()).unwrap(), r);
         }
+    }
+
+    #[test]
+    fn hibernate_frames_round_trip_and_refuse_garbage() {
+        let at = |group, term| SleepAt {
+            group,
+            term,
+            index: 40,
+            log_term: 3,
+        };
+        let frames = [
+            HibernateFrame {
+                what: HibernateWhat::Ping,
+                groups: vec![],
+            },
+            HibernateFrame {
+                what: HibernateWhat::Sleep,
+                groups: vec![at(1, 3), at(7, 3)],
+            },
+            HibernateFrame {
+                what: HibernateWhat::Ack,
+                groups: vec![at(2, TERM_INDEX_MAX)],
+            },
+        ];
+        for f in &frames {
+            let enc = f.encode();
+            assert_eq!(&HibernateFrame::decode(enc.clone()).unwrap(), f);
+            for n in 0..enc.len() {
+                assert!(HibernateFrame::decode(enc.slice(..n)).is_err(), "{n}");
+            }
+        }
+        let mut trailing = frames[1].encode().to_vec();
+        trailing.push(0);
+        assert!(HibernateFrame::decode(Bytes::from(trailing)).is_err());
+        let hostile = HibernateFrame {
+            what: HibernateWhat::Sleep,
+            groups: vec![at(1, u64::MAX)],
+        };
+        assert!(HibernateFrame::decode(hostile.encode()).is_err());
+        let ping_with_groups = HibernateFrame {
+            what: HibernateWhat::Ping,
+            groups: vec![at(1, 1)],
+        };
+        assert!(HibernateFrame::decode(ping_with_groups.encode()).is_err());
+        // A count far beyond the payload is refused before anything is allocated.
+        let mut huge = vec![1u8];
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(HibernateFrame::decode(Bytes::from(huge)).is_err());
     }
 
     #[test]

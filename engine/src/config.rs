@@ -97,6 +97,10 @@ pub struct EngineConfig {
     /// Bytes of committed writes waiting for a data-file slot per core, at most; beyond it the
     /// core waits for the disk before doing anything else.
     pub apply_queue_bytes_max: usize,
+    /// A leader whose group has been idle and settled this long asks its followers to hibernate
+    /// the group with it: no ticks and no heartbeats until activity (see `core::hibernate`).
+    /// 0 = never (every group ticks and heartbeats all the time).
+    pub hibernate_idle_ms: u64,
 }
 
 impl EngineConfig {
@@ -132,6 +136,7 @@ impl EngineConfig {
             data_io_backend: DataIoBackend::Auto,
             data_ios_in_flight_max: 256,
             apply_queue_bytes_max: 64 << 20,
+            hibernate_idle_ms: 2_000,
         }
     }
 
@@ -150,6 +155,12 @@ impl EngineConfig {
             return bad(format!(
                 "election_timeout_ms {} must be at least two ticks of {} ms",
                 self.election_timeout_ms, self.tick_ms
+            ));
+        }
+        if self.hibernate_idle_ms != 0 && self.hibernate_idle_ms < self.tick_ms {
+            return bad(format!(
+                "hibernate_idle_ms {} must be 0 (off) or at least one tick of {} ms",
+                self.hibernate_idle_ms, self.tick_ms
             ));
         }
         if self.heartbeat_factor < 2 {
@@ -233,6 +244,13 @@ impl EngineConfig {
             snapshot_timeout_ticks: (60_000 / self.tick_ms).max(1) as u32,
             ..RaftConfig::default()
         }
+    }
+
+    /// Consecutive idle ticks after which a leader hibernates its group (0 = never).
+    pub fn hibernate_idle_ticks(&self) -> u32 {
+        self.hibernate_idle_ms
+            .div_ceil(self.tick_ms)
+            .min(u32::MAX as u64) as u32
     }
 
     pub fn tick(&self) -> Duration {

@@ -38,6 +38,8 @@
 //! that did commit is harmless: applies are idempotent overwrites. FLUSH (and FUA) need no work:
 //! a write is acknowledged only after it is committed, i.e. in the WAL of a majority, fsynced.
 
+mod hibernate;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
@@ -57,14 +59,15 @@ use transport::{Frame, Lane, Received, Security, Transport};
 
 use crate::block::{self, Applier, BlockOp, DataFile};
 use crate::codec::{
-    self, ForwardOp, ForwardRequest, ForwardResponse, ForwardResult, Malformed,
-    KIND_FORWARD_REQUEST, KIND_FORWARD_RESPONSE, KIND_RAFT,
+    self, ForwardOp, ForwardRequest, ForwardResponse, ForwardResult, HibernateFrame, Malformed,
+    KIND_FORWARD_REQUEST, KIND_FORWARD_RESPONSE, KIND_HIBERNATE, KIND_RAFT,
 };
 use crate::config::{BgSpec, EngineConfig};
 use crate::dataio::{DataIo, DataWaiter, IoDone, IoKind};
 use crate::error::{Error, Result};
 use crate::snapshot::{FileSource, Incoming};
-use crate::status::{BgStatus, PeerStat};
+use crate::status::{BgStatus, CoreCounters, PeerStat};
+use hibernate::Hibernation;
 
 /// Inputs drained per source per loop iteration, at most (keeps one busy source from starving
 /// the others and bounds the work between two flushes).
@@ -227,6 +230,7 @@ pub(crate) struct CoreCtx {
     pub cfg: Arc<EngineConfig>,
     pub requests: mpsc::Receiver<CoreRequest>,
     pub started: oneshot::Sender<Result<()>>,
+    pub counters: Arc<CoreCounters>,
 }
 
 struct Core {
@@ -254,6 +258,9 @@ struct Core {
     io_blocked: BTreeSet<GroupId>,
     /// Write bytes handed over by raft and not yet submitted, over every group of the core.
     apply_queued_bytes: u64,
+    /// Which groups hibernate, and the peers' liveness ([`hibernate`]).
+    hib: Hibernation,
+    counters: Arc<CoreCounters>,
 }
 
 /// Runs core `ctx.core` until shutdown or a fatal error. Call inside a `LocalSet` on a
@@ -264,8 +271,9 @@ pub(crate) async fn run(ctx: CoreCtx) -> Result<()> {
         cfg,
         mut requests,
         started,
+        counters,
     } = ctx;
-    let setup = setup(core, &cfg).await;
+    let setup = setup(core, &cfg, counters).await;
     let (mut c, wal_rc, mut net_rx, mut internal_rx, durable_rx) = match setup {
         Ok(s) => {
             let _ = started.send(Ok(()));
@@ -371,7 +379,7 @@ type Setup = (
     mpsc::UnboundedReceiver<(GroupId, u64, Option<Durable>)>,
 );
 
-async fn setup(core: usize, cfg: &Arc<EngineConfig>) -> Result<Setup> {
+async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>) -> Result<Setup> {
     let dir = cfg.core_dir(core);
     std::fs::create_dir_all(&dir).map_err(|source| Error::File {
         bg: 0,
@@ -420,6 +428,7 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>) -> Result<Setup> {
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
     let (internal_tx, internal_rx) = mpsc::unbounded_channel();
     let dirty = groups.keys().copied().collect();
+    let hib = Hibernation::new(cfg, groups.keys().copied(), Instant::now());
     let c = Core {
         core,
         me: cfg.node_id,
@@ -441,6 +450,8 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>) -> Result<Setup> {
         io_tokens: HashMap::new(),
         io_blocked: BTreeSet::new(),
         apply_queued_bytes: 0,
+        hib,
+        counters,
     };
     info!(
         core,
@@ -641,6 +652,7 @@ impl Core {
                     deadline: now + Duration::from_millis(self.cfg.request_timeout_ms),
                     last_err: "not dispatched yet".into(),
                 };
+                self.wake_group(bg);
                 self.dispatch(client);
             }
             CoreRequest::Status(reply) => {
@@ -829,6 +841,7 @@ impl Core {
     fn on_frame(&mut self, r: Received) {
         let from = r.from;
         let group_field = r.frame.group;
+        self.heard_from(from);
         match r.frame.kind {
             KIND_RAFT => {
                 let Some(msgs) =
@@ -869,7 +882,10 @@ impl Core {
                         );
                         self.reply(client, Err(Error::UnknownBg { bg: group_field }));
                     }
-                    Some(Role::Leader) => self.execute(client),
+                    Some(Role::Leader) => {
+                        self.wake_group(group_field);
+                        self.execute(client)
+                    }
                     Some(_) => self.retry_later(client, String::new()),
                     None => self.reply(client, Err(Error::UnknownBg { bg: group_field })),
                 }
@@ -908,6 +924,13 @@ impl Core {
                         };
                         self.reply(client, Err(e));
                     }
+                }
+            }
+            KIND_HIBERNATE => {
+                if let Some(f) =
+                    self.decoded(from, group_field, HibernateFrame::decode(r.frame.payload))
+                {
+                    self.on_hibernate_frame(from, f);
                 }
             }
             k => warn!(
@@ -958,6 +981,11 @@ impl Core {
                 return;
             }
         }
+        if self.hib.wake(bg, &mut g.raft, false) {
+            self.counters
+                .wakes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         g.raft.step(m);
         self.dirty.insert(bg);
     }
@@ -967,11 +995,15 @@ impl Core {
     // ------------------------------------------------------------------
 
     fn on_tick(&mut self) -> Result<()> {
+        // Before the groups tick: hibernation judges idleness on the state the last flush left.
+        self.hibernate_tick();
         let interval = Duration::from_secs(self.cfg.snapshot_interval_s);
         let mut due = Vec::new();
         for (bg, g) in self.groups.iter_mut() {
-            g.raft.tick();
-            self.dirty.insert(*bg);
+            if self.hib.ticks(*bg) {
+                g.raft.tick();
+                self.dirty.insert(*bg);
+            }
             if self.cfg.snapshot_interval_s > 0 && g.last_snapshot_at.elapsed() >= interval {
                 due.push(*bg);
             }
@@ -1164,6 +1196,10 @@ impl Core {
 
     fn send_outbox(&mut self) {
         for (peer, (control, data)) in std::mem::take(&mut self.outbox) {
+            self.counters.raft_messages_sent.fetch_add(
+                (control.len() + data.len()) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             for (lane, msgs) in [(Lane::Control, control), (Lane::Data, data)] {
                 let mut start = 0;
                 while start < msgs.len() {
@@ -1814,6 +1850,7 @@ impl Core {
                     size_bytes: g.spec.size_bytes,
                     pending_requests: g.execs.len() + g.reads.len() + g.ready_reads.len(),
                     log_bytes: g.raft.log_bytes(),
+                    hibernating: self.hib.asleep(g.spec.id),
                     peers: s
                         .peers
                         .iter()

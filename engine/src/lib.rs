@@ -25,6 +25,10 @@
 //! file on the core's io_uring → reply (follower: forwarded,
 //! the leader's data comes back in the response frame).
 //!
+//! # Hibernation
+//! A group idle for `hibernate_idle_ms` stops ticking and heartbeating on every replica until
+//! activity wakes it; failure detection is then per peer node, not per group (`core/hibernate.rs`).
+//!
 //! # Durability
 //! A write is acknowledged only after it is committed (in the fsynced WAL of a majority) and
 //! applied on the leader, so FLUSH and FUA have nothing left to do. Data files are synced lazily,
@@ -53,15 +57,17 @@ use tracing::{error, info, warn};
 pub use block::BlockOp;
 pub use config::{BgSpec, EngineConfig};
 pub use error::{Error, ErrorKind, Result};
-pub use status::{BgStatus, PeerStat};
+pub use status::{BgStatus, CoreStat, PeerStat};
 
 use crate::core::{ClientOp, CoreCtx, CoreRequest};
+use crate::status::CoreCounters;
 
 /// A running engine. Dropping it without [`Engine::shutdown`] leaves the core threads running
 /// until the process exits (their request queues stay open through the [`BgHandle`]s).
 pub struct Engine {
     cfg: Arc<EngineConfig>,
     cores: Vec<mpsc::Sender<CoreRequest>>,
+    counters: Vec<Arc<CoreCounters>>,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
     failed: watch::Receiver<Option<String>>,
 }
@@ -83,16 +89,20 @@ impl Engine {
         let (fail_tx, failed) = watch::channel(None);
         let fail_tx = Arc::new(fail_tx);
         let mut cores = Vec::new();
+        let mut counters = Vec::new();
         let mut threads = Vec::new();
         let mut starts = Vec::new();
         for core in 0..cfg.cores {
             let (tx, rx) = mpsc::channel(cfg.request_queue_max);
             let (started_tx, started_rx) = oneshot::channel();
+            let core_counters = Arc::new(CoreCounters::default());
+            counters.push(core_counters.clone());
             let ctx = CoreCtx {
                 core,
                 cfg: cfg.clone(),
                 requests: rx,
                 started: started_tx,
+                counters: core_counters,
             };
             let pin = cfg.pin_cores;
             let fail_tx = fail_tx.clone();
@@ -125,6 +135,7 @@ impl Engine {
         let engine = Engine {
             cfg,
             cores,
+            counters,
             threads: std::sync::Mutex::new(threads),
             failed,
         };
@@ -177,6 +188,15 @@ impl Engine {
         }
         out.sort_by_key(|s| s.bg);
         out
+    }
+
+    /// Per core: what it sent to its peers and how many of its groups hibernate.
+    pub fn core_stats(&self) -> Vec<CoreStat> {
+        self.counters
+            .iter()
+            .enumerate()
+            .map(|(core, c)| c.stat(core))
+            .collect()
     }
 
     /// Takes a snapshot of `bg` now (on demand); returns its index.

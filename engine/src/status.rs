@@ -2,6 +2,7 @@
 //! serialisable struct (for `/status.json`) and as braft-like text (for `/raft_stat`).
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use raftlog::core::{GroupId, Index, NodeId, Term};
 use serde::Serialize;
@@ -46,7 +47,27 @@ pub struct BgStatus {
     /// Bytes of raft log this group holds in memory (counted against the core's
     /// `log_memory_bytes_max`).
     pub log_bytes: usize,
+    /// Hibernating: not ticked, no heartbeats, until activity wakes it (`core::hibernate`).
+    pub hibernating: bool,
     pub peers: Vec<PeerStat>,
+}
+
+/// What one core sent to its peers since it started, and how many of its groups hibernate.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct CoreStat {
+    pub core: usize,
+    /// Raft messages (of every group) sent to peers; many travel in one frame.
+    pub raft_messages_sent: u64,
+    /// Frames written to peers (raft batches, forwarded requests and responses, hibernation
+    /// frames and liveness pings), as counted by the transport.
+    pub frames_sent: u64,
+    pub bytes_sent: u64,
+    /// Liveness pings among `frames_sent` (sent to a peer nothing else went to for a while).
+    pub pings_sent: u64,
+    pub groups: u64,
+    pub groups_hibernating: u64,
+    /// Hibernating groups woken (by a request, a raft message, or a silent leader node).
+    pub wakes: u64,
 }
 
 impl BgStatus {
@@ -80,6 +101,7 @@ impl BgStatus {
         let _ = writeln!(s, "size_bytes: {}", self.size_bytes);
         let _ = writeln!(s, "pending_requests: {}", self.pending_requests);
         let _ = writeln!(s, "log_bytes: {}", self.log_bytes);
+        let _ = writeln!(s, "hibernating: {}", self.hibernating);
         for p in &self.peers {
             let _ = writeln!(
                 s,
@@ -88,5 +110,52 @@ impl BgStatus {
             );
         }
         s
+    }
+}
+
+impl CoreStat {
+    /// One `/raft_stat` line.
+    pub fn raft_stat_text(&self) -> String {
+        format!(
+            "[core {}] raft_messages_sent: {} frames_sent: {} bytes_sent: {} pings_sent: {} \
+             groups: {} groups_hibernating: {} wakes: {}\n",
+            self.core,
+            self.raft_messages_sent,
+            self.frames_sent,
+            self.bytes_sent,
+            self.pings_sent,
+            self.groups,
+            self.groups_hibernating,
+            self.wakes
+        )
+    }
+}
+
+/// The live counters behind [`CoreStat`]: written by the core thread, read by status requests
+/// from any thread.
+#[derive(Debug, Default)]
+pub(crate) struct CoreCounters {
+    pub raft_messages_sent: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub pings_sent: AtomicU64,
+    pub groups: AtomicU64,
+    pub groups_hibernating: AtomicU64,
+    pub wakes: AtomicU64,
+}
+
+impl CoreCounters {
+    pub fn stat(&self, core: usize) -> CoreStat {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CoreStat {
+            core,
+            raft_messages_sent: get(&self.raft_messages_sent),
+            frames_sent: get(&self.frames_sent),
+            bytes_sent: get(&self.bytes_sent),
+            pings_sent: get(&self.pings_sent),
+            groups: get(&self.groups),
+            groups_hibernating: get(&self.groups_hibernating),
+            wakes: get(&self.wakes),
+        }
     }
 }

@@ -1870,6 +1870,229 @@ fn lease_read_falls_back_after_timeout_now() {
 }
 
 // ======================================================================
+// Hibernation: quiescent() and resume()
+// ======================================================================
+
+fn quiescent_all(c: &Cluster) -> Vec<Option<(Index, Term)>> {
+    c.ids().iter().map(|id| c.node(*id).quiescent()).collect()
+}
+
+/// A leader is quiescent only once every follower matches its last entry
+/// and acknowledged a heartbeat round started after the commit index moved
+/// (so it learned that commit index); then leader and followers report the
+/// same (index, term).
+#[test]
+fn quiescent_once_followers_acknowledged_the_settled_commit() {
+    let mut c = Cluster::new(3, cfg(), 120);
+    let l = c.elect();
+    c.tick();
+    let last = c.node(l).last_index();
+    let term = c.node(l).term();
+    assert_eq!(quiescent_all(&c), vec![Some((last, term)); 3]);
+    // A proposal: not quiescent while it is in flight.
+    c.auto_deliver = false;
+    c.node_mut(l).propose(data("x"), None).unwrap();
+    c.process(l);
+    assert_eq!(c.node(l).quiescent(), None, "entry not replicated yet");
+    // Delivered and committed on the leader; the followers learn the commit
+    // index from the next heartbeat.
+    c.auto_deliver = true;
+    c.settle();
+    assert_eq!(c.node(l).commit_index(), last + 1);
+    for f in followers(&c, l) {
+        assert_eq!(c.node(f).commit_index(), last);
+        assert_eq!(c.node(f).quiescent(), None, "node {f} lacks the commit");
+    }
+    assert_eq!(
+        c.node(l).quiescent(),
+        None,
+        "no round acked since the commit"
+    );
+    c.tick();
+    assert_eq!(quiescent_all(&c), vec![Some((last + 1, term)); 3]);
+}
+
+/// A follower that lags (cut off while an entry was proposed), a pending
+/// read and a transfer each keep the leader from being quiescent.
+#[test]
+fn quiescent_needs_every_follower_caught_up_and_nothing_pending() {
+    let mut c = Cluster::new(3, cfg(), 121);
+    let l = c.elect();
+    let fs = followers(&c, l);
+    c.tick();
+    assert!(c.node(l).quiescent().is_some());
+    c.isolate(fs[0]);
+    c.propose(l, "x");
+    c.ticks(3);
+    assert!(c.node(l).commit_index() == c.node(l).last_index());
+    assert_eq!(c.node(l).quiescent(), None, "node {} lags", fs[0]);
+    assert_eq!(
+        c.node(fs[0]).quiescent(),
+        Some((c.node(fs[0]).last_index(), 1))
+    );
+    c.heal();
+    c.ticks(2);
+    assert!(c.node(l).quiescent().is_some());
+    // A read waiting for its heartbeat round.
+    c.auto_deliver = false;
+    c.node_mut(l).read_index(7).unwrap();
+    c.process(l);
+    assert_eq!(c.node(l).quiescent(), None, "read pending");
+    c.auto_deliver = true;
+    c.settle();
+    assert!(read_ready(&c, l, 7).is_some());
+    c.tick();
+    assert!(c.node(l).quiescent().is_some());
+    // A transfer in progress.
+    c.cut.insert((l, fs[1]));
+    c.node_mut(l).transfer_leadership(Some(fs[1])).unwrap();
+    c.settle();
+    assert_eq!(c.node(l).quiescent(), None, "transfer pending");
+    // Candidates are never quiescent.
+    c.heal();
+    c.isolate(fs[0]);
+    for _ in 0..2 * cfg().election_timeout_ticks {
+        c.node_mut(fs[0]).tick();
+        if c.node(fs[0]).role() != Role::Follower {
+            break;
+        }
+    }
+    assert_eq!(c.node(fs[0]).role(), Role::PreCandidate);
+    assert_eq!(c.node(fs[0]).quiescent(), None);
+}
+
+/// A resumed leader serves no lease read from a round acknowledged before
+/// the pause: it heartbeats at once and the lease holds again only once a
+/// quorum acknowledged that new round.
+#[test]
+fn resumed_leader_does_not_trust_its_old_lease() {
+    let mut c = Cluster::new(3, cfg(), 122);
+    let l = c.elect();
+    c.tick();
+    assert!(c.node(l).quiescent().is_some());
+    assert!(c.node(l).lease_valid());
+    // (The host stops ticking; real time passes; the host resumes.)
+    c.auto_deliver = false;
+    c.node_mut(l).resume(false);
+    assert!(!c.node(l).lease_valid(), "lease from before the pause");
+    let out = c.take_queued();
+    let hb: Vec<NodeId> = out
+        .iter()
+        .filter(|m| matches!(m.body, MessageBody::Heartbeat { .. }))
+        .map(|m| m.to)
+        .collect();
+    assert_eq!(hb.len(), 2, "heartbeats to both followers at once: {out:?}");
+    for m in out {
+        c.queue.push_back(m);
+    }
+    c.node_mut(l).lease_read(1).unwrap();
+    c.process(l);
+    assert_eq!(read_ready(&c, l, 1), None, "waits for a new round");
+    c.auto_deliver = true;
+    c.settle();
+    assert!(read_ready(&c, l, 1).is_some());
+    assert!(c.node(l).lease_valid(), "lease from the new round");
+}
+
+/// A resumed leader that can no longer reach a quorum steps down within one
+/// election timeout: acknowledgements from before the pause do not count for
+/// check-quorum.
+#[test]
+fn resumed_isolated_leader_steps_down_within_one_election_timeout() {
+    let mut c = Cluster::new(3, cfg(), 123);
+    let l = c.elect();
+    c.tick();
+    // A tick and its heartbeat round: the followers are recently active.
+    c.isolate(l);
+    c.node_mut(l).resume(false);
+    let et = cfg().election_timeout_ticks;
+    let mut stepped = None;
+    for t in 1..=et {
+        c.node_mut(l).tick();
+        c.settle();
+        if c.node(l).role() != Role::Leader {
+            stepped = Some(t);
+            break;
+        }
+    }
+    assert_eq!(stepped, Some(et), "steps down at the first check");
+}
+
+/// A follower resumed after its leader's node was silent for an election
+/// timeout grants votes at once (no stickiness, no start-up withholding) and
+/// campaigns within one more election timeout; resumed without that
+/// knowledge it stays sticky to the leader it knows.
+#[test]
+fn follower_resumed_after_leader_silence_votes_and_campaigns() {
+    let mut c = Cluster::new(3, cfg(), 124);
+    let l = c.elect();
+    c.tick();
+    let fs = followers(&c, l);
+    let (f, g) = (fs[0], fs[1]);
+    let term = c.node(f).term();
+    let (li, lt) = (
+        c.node(g).last_index(),
+        c.node(g).term_at(c.node(g).last_index()).unwrap(),
+    );
+    // The leader's node dies while the group hibernates: nobody ticks.
+    c.hosts.get_mut(&l).unwrap().down = true;
+    c.auto_deliver = false;
+    c.node_mut(f).resume(false);
+    c.inject(msg(g, f, term + 1, vote_req(true, li, lt)));
+    assert_eq!(
+        vote_resp(&c.take_queued(), g, true),
+        Some((false, term)),
+        "sticky"
+    );
+    c.node_mut(f).resume(true);
+    c.inject(msg(g, f, term + 1, vote_req(true, li, lt)));
+    assert_eq!(vote_resp(&c.take_queued(), g, true), Some((true, term + 1)));
+    // Both survivors resumed that way elect a leader within one election
+    // timeout of ticks.
+    c.auto_deliver = true;
+    c.node_mut(g).resume(true);
+    let mut elected = None;
+    for t in 1..=cfg().election_timeout_ticks {
+        c.tick_only(&[f, g]);
+        if let Some(n) = [f, g]
+            .into_iter()
+            .find(|n| c.node(*n).role() == Role::Leader)
+        {
+            elected = Some((n, t));
+            break;
+        }
+    }
+    let (n, _) = elected.expect("a survivor leads within one election timeout");
+    assert_eq!(c.node(n).term(), term + 1);
+}
+
+/// Without `leader_silent` a restarted node keeps withholding its vote for
+/// its first election timeout even when resumed; with it, the host's
+/// measured silence (since its own start) lifts that.
+#[test]
+fn resume_with_leader_silent_ends_the_start_up_vote_withholding() {
+    let mut c = Cluster::new(3, cfg(), 125);
+    let l = c.elect();
+    c.tick();
+    let fs = followers(&c, l);
+    let (f, g) = (fs[0], fs[1]);
+    c.restart(f);
+    c.tick();
+    assert_eq!(c.node(f).leader(), Some(l));
+    let term = c.node(f).term();
+    let (li, lt) = (
+        c.node(g).last_index(),
+        c.node(g).term_at(c.node(g).last_index()).unwrap(),
+    );
+    c.auto_deliver = false;
+    c.hosts.get_mut(&l).unwrap().down = true;
+    // Even with an expired election timer the start-up window would hold.
+    c.node_mut(f).resume(true);
+    c.inject(msg(g, f, term + 1, vote_req(true, li, lt)));
+    assert_eq!(vote_resp(&c.take_queued(), g, true), Some((true, term + 1)));
+}
+
+// ======================================================================
 // Proposals
 // ======================================================================
 

@@ -128,6 +128,9 @@ pub struct RunArgs {
     /// Open the data files with O_DIRECT (see docs/server.md).
     #[arg(long)]
     pub data_direct_io: Option<bool>,
+    /// Idle groups stop ticking and heartbeating after this long (0 = never).
+    #[arg(long)]
+    pub hibernate_idle_ms: Option<u64>,
 }
 
 fn parse_peer(s: &str) -> Result<PeerConfig, String> {
@@ -181,7 +184,8 @@ impl RunArgs {
             snapshot_keep_entries => raft.snapshot_keep_entries,
             snapshot_keep_bytes_max => raft.snapshot_keep_bytes_max,
             log_memory_bytes_max => raft.log_memory_bytes_max,
-            data_direct_io => data_direct_io);
+            data_direct_io => data_direct_io,
+            hibernate_idle_ms => raft.hibernate_idle_ms);
         if let Some(d) = &self.tls_dir {
             c.tls_dir = Some(d.clone());
         }

@@ -35,6 +35,7 @@
 //! snapshot_keep_bytes_max = 16777216   # per group, on top of the entry count
 //! log_memory_bytes_max = 1073741824    # per core: in-memory raft logs of its groups
 //! snapshot_bytes_per_sec_max = 209715200
+//! hibernate_idle_ms = 2000          # idle groups stop ticking and heartbeating; 0 = never
 //! ```
 
 use std::net::SocketAddr;
@@ -85,6 +86,8 @@ pub struct RaftSettings {
     pub snapshot_keep_bytes_max: usize,
     pub log_memory_bytes_max: usize,
     pub snapshot_bytes_per_sec_max: u64,
+    /// Idle groups stop ticking and heartbeating after this long (0 = never).
+    pub hibernate_idle_ms: u64,
 }
 
 impl Default for RaftSettings {
@@ -103,6 +106,7 @@ impl Default for RaftSettings {
             snapshot_keep_bytes_max: 16 << 20,
             log_memory_bytes_max: 1 << 30,
             snapshot_bytes_per_sec_max: 200 << 20,
+            hibernate_idle_ms: 2_000,
         }
     }
 }
@@ -208,6 +212,7 @@ impl ServerConfig {
         c.snapshot_keep_bytes_max = r.snapshot_keep_bytes_max;
         c.log_memory_bytes_max = r.log_memory_bytes_max;
         c.snapshot_bytes_per_sec_max = r.snapshot_bytes_per_sec_max;
+        c.hibernate_idle_ms = r.hibernate_idle_ms;
         c.validate().map_err(|e| Error::Config {
             what: e.to_string(),
         })?;

@@ -1,5 +1,5 @@
 //! A tiny HTTP/1.1 status server (GET only, one request per connection): `/raft_stat` (braft's
-//! fields per block group, text) and `/status.json`. Hand-rolled because two read-only pages do
+//! fields per block group, then one line of traffic counters per core, text) and `/status.json`. Hand-rolled because two read-only pages do
 //! not justify an HTTP stack; every client input is bounded (request head size, time).
 
 use std::net::SocketAddr;
@@ -74,6 +74,9 @@ async fn handle(mut sock: TcpStream, engine: Arc<Engine>) {
                 body.push_str(&s.raft_stat_text());
                 body.push('\n');
             }
+            for c in engine.core_stats() {
+                body.push_str(&c.raft_stat_text());
+            }
             let _ = respond(&mut sock, 200, "text/plain; charset=utf-8", &body).await;
         }
         "/status.json" => {
@@ -82,6 +85,7 @@ async fn handle(mut sock: TcpStream, engine: Arc<Engine>) {
                 "node": engine.config().node_id,
                 "cores": engine.config().cores,
                 "bgs": status,
+                "core_stats": engine.core_stats(),
             });
             let _ = respond(&mut sock, 200, "application/json", &format!("{doc}\n")).await;
         }

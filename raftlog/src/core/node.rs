@@ -299,6 +299,11 @@ pub struct RaftNode {
     /// at which each recent round started (for the lease).
     round: u64,
     round_ticks: VecDeque<(u64, u64)>,
+    /// Leader: the round in progress when the commit index or a follower's
+    /// match index last moved. Heartbeats carry the commit index, so a
+    /// follower that acknowledged a later round has learned the settled
+    /// commit index (see [`RaftNode::quiescent`]).
+    settled_round: u64,
     pending_reads: VecDeque<PendingRead>,
     /// Leader: a TimeoutNow went out this term, so the lease can no longer
     /// be trusted (the target may win without waiting for the lease).
@@ -406,6 +411,7 @@ impl RaftNode {
             progress: BTreeMap::new(),
             round: 0,
             round_ticks: VecDeque::new(),
+            settled_round: 0,
             pending_reads: VecDeque::new(),
             lease_broken: false,
             transfer: None,
@@ -774,6 +780,98 @@ impl RaftNode {
     }
 
     // ------------------------------------------------------------------
+    // Hibernation (the host stops ticking idle groups)
+    // ------------------------------------------------------------------
+
+    /// Whether the group is idle and settled here, so that the host may stop
+    /// ticking it: `Some((last index, its term))`, else `None`.
+    ///
+    /// Every role needs nothing to hand out (`has_ready` is false), nothing
+    /// being written or installed, and a last entry that is durable,
+    /// committed and applied. A follower also needs a known leader. A leader
+    /// also needs its last entry to be of its own term, no pending read,
+    /// transfer or membership change, and every follower and learner
+    /// replicating with `match == last`, nothing in flight, and an
+    /// acknowledged heartbeat round started after the commit index and the
+    /// match indexes last moved (so each follower has learned the commit
+    /// index too). A leader and its followers that report the same
+    /// `(index, term)` hold identical, fully committed and applied logs.
+    pub fn quiescent(&self) -> Option<(Index, Term)> {
+        if self.has_ready() || !self.inflight_writes.is_empty() || self.installing.is_some() {
+            return None;
+        }
+        let last = self.log.last_index();
+        if self.commit != last || self.durable != last || self.applied != last {
+            return None;
+        }
+        let last_term = self.log.last_term();
+        let settled = match self.role {
+            Role::Follower => self.leader.is_some(),
+            Role::Leader => {
+                last_term == self.term
+                    && self.pending_reads.is_empty()
+                    && self.transfer.is_none()
+                    && self.conf_change.is_none()
+                    && !self.conf_forced
+                    && self
+                        .progress
+                        .iter()
+                        .filter(|(id, _)| **id != self.id)
+                        .all(|(_, p)| {
+                            p.state == ProgressState::Replicate
+                                && p.match_index == last
+                                && p.inflight.is_empty()
+                                && p.acked_round > self.settled_round
+                        })
+            }
+            Role::PreCandidate | Role::Candidate => false,
+        };
+        settled.then_some((last, last_term))
+    }
+
+    /// The host did not tick this node for a while (it hibernated the
+    /// group) and ticks it again from now. The node's clock stood still
+    /// meanwhile while real time went on, so:
+    ///
+    /// - A leader no longer trusts its lease (a round acknowledged before
+    ///   the pause may be older than the lease in real time): lease reads
+    ///   wait for a round started now. It starts a fresh check-quorum window
+    ///   with no follower counted active, so a leader that cannot reach a
+    ///   quorum any more steps down one election timeout after waking, and
+    ///   it heartbeats at once so that hibernated followers wake and answer.
+    /// - A follower keeps its election timer (its leader is presumed alive
+    ///   and asleep; the leader's next message resets the timer), unless
+    ///   `leader_silent`: the host measured at least an election timeout,
+    ///   since its own start, in which nothing at all arrived from the
+    ///   leader's node, so nothing from the leader either. The timer then
+    ///   counts as expired, as it would be had the node been ticked through
+    ///   the silence: it grants votes at once and campaigns within its
+    ///   randomized extra wait. The leader's lease (started no later than
+    ///   the last message it sent) has run out by then, as with ticking.
+    pub fn resume(&mut self, leader_silent: bool) {
+        match self.role {
+            Role::Leader => {
+                self.round_ticks.clear();
+                self.election_elapsed = 0;
+                let me = self.id;
+                for (id, p) in self.progress.iter_mut() {
+                    if *id != me {
+                        p.recent_active = false;
+                    }
+                }
+                self.heartbeat_elapsed = 0;
+                self.broadcast_heartbeat();
+            }
+            _ if leader_silent => {
+                let et = self.cfg.election_timeout_ticks;
+                self.election_elapsed = self.election_elapsed.max(et);
+                self.uptime_ticks = self.uptime_ticks.max(et as u64);
+            }
+            _ => {}
+        }
+    }
+
+    // ------------------------------------------------------------------
     // Elections
     // ------------------------------------------------------------------
 
@@ -926,6 +1024,7 @@ impl RaftNode {
         self.lease_broken = false;
         self.round = 0;
         self.round_ticks.clear();
+        self.settled_round = 0;
         self.progress.clear();
         let next = self.log.last_index() + 1;
         for id in self.conf().all_members() {
@@ -1493,6 +1592,9 @@ impl RaftNode {
         p.heard(round, readonly);
         if success {
             let updated = p.maybe_update(match_index);
+            if updated {
+                self.settled_round = self.round;
+            }
             if updated || p.state == ProgressState::Probe {
                 if p.state == ProgressState::Probe {
                     p.become_replicate();
@@ -1578,9 +1680,10 @@ impl RaftNode {
         if p.state != ProgressState::Snapshot {
             return;
         }
-        if success {
-            p.maybe_update(index);
+        if success && p.maybe_update(index) {
+            self.settled_round = self.round;
         }
+        let p = self.progress.get_mut(&from).expect("progress");
         p.become_probe();
         self.send_append(from, true);
     }
@@ -1627,6 +1730,7 @@ impl RaftNode {
             return;
         }
         self.commit = q;
+        self.settled_round = self.round;
         self.need_broadcast = true;
         self.check_reads();
         self.check_conf_commit();

@@ -178,6 +178,11 @@ impl Node {
         format!("nbd://{}/bg0", self.nbd)
     }
 
+    /// This node's whole `/status.json`.
+    pub fn status_doc(&self) -> Option<serde_json::Value> {
+        serde_json::from_str(&http_get(self.http, "/status.json")?).ok()
+    }
+
     /// bg0's status as this node reports it.
     pub fn status(&self) -> Option<serde_json::Value> {
         let body = http_get(self.http, "/status.json")?;
@@ -229,6 +234,9 @@ impl Node {
 pub struct Cluster {
     pub nodes: Vec<Node>,
     pub extra: Vec<String>,
+    /// Block groups every node holds (members {1, 2, 3}), and their size.
+    pub bgs: Vec<u64>,
+    pub bg_bytes: u64,
     pub tmp: tempfile::TempDir,
 }
 
@@ -238,8 +246,13 @@ impl Cluster {
     /// parallel can take one before our node binds it: a node that exits
     /// at start-up makes the whole cluster start again on fresh ports.
     pub fn start(extra: &[&str]) -> Cluster {
+        Cluster::start_with_bgs(&[0], BG_BYTES, extra)
+    }
+
+    /// Like [`Cluster::start`] with the block groups `bgs` of `bg_bytes` each.
+    pub fn start_with_bgs(bgs: &[u64], bg_bytes: u64, extra: &[&str]) -> Cluster {
         for _ in 0..START_ATTEMPTS_MAX {
-            let mut c = Cluster::start_once(extra);
+            let mut c = Cluster::start_once(bgs, bg_bytes, extra);
             if c.wait_all_up(Duration::from_secs(20)) {
                 return c;
             }
@@ -267,7 +280,7 @@ impl Cluster {
         }
     }
 
-    fn start_once(extra: &[&str]) -> Cluster {
+    fn start_once(bgs: &[u64], bg_bytes: u64, extra: &[&str]) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let nodes = (1..=3)
             .map(|id| Node {
@@ -282,6 +295,8 @@ impl Cluster {
         let mut c = Cluster {
             nodes,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            bgs: bgs.to_vec(),
+            bg_bytes,
             tmp,
         };
         for i in 0..3 {
@@ -298,16 +313,19 @@ impl Cluster {
             .open(n.dir.with_extension("log"))
             .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_bd-server"));
-        cmd.args(["run", "--insecure-loopback", "--cores", "1", "--bg", "0"])
+        cmd.args(["run", "--insecure-loopback", "--cores", "1"])
             .args(["--node-id", &n.id.to_string()])
             .arg("--data-dir")
             .arg(&n.dir)
             .args(["--nbd-listen", &n.nbd.to_string()])
             .args(["--http-listen", &n.http.to_string()])
             .args(["--quic-listen", &n.quic.to_string()])
-            .args(["--bg-size-bytes", &BG_BYTES.to_string()])
+            .args(["--bg-size-bytes", &self.bg_bytes.to_string()])
             .args(["--tick-ms", "20", "--election-timeout-ms", "600"])
             .args(&self.extra);
+        for bg in &self.bgs {
+            cmd.arg("--bg").arg(bg.to_string());
+        }
         for p in self.nodes.iter().filter(|p| p.id != n.id) {
             cmd.arg("--peer").arg(format!("{}={}", p.id, p.quic));
         }
