@@ -85,6 +85,21 @@ pub fn create(dir_path: &Path, dir: &File, seq: u64, bytes: u64) -> Result<(File
     Ok((file, path))
 }
 
+/// A second descriptor of segment `path` for `O_DIRECT` writes (reads keep
+/// using the buffered one: the kernel invalidates cached pages a direct
+/// write covers). `Ok(None)` when the filesystem refuses `O_DIRECT`.
+pub fn open_direct(path: &Path) -> Result<Option<File>, Error> {
+    match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(io_err("open segment for direct I/O", path, 0, e)),
+    }
+}
+
 pub fn open_dir(path: &Path) -> Result<File, Error> {
     std::fs::create_dir_all(path).map_err(|e| io_err("create directory", path, 0, e))?;
     File::open(path).map_err(|e| io_err("open directory", path, 0, e))
