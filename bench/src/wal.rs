@@ -59,6 +59,10 @@ pub struct WalArgs {
     /// WAL writes: O_DIRECT + RWF_DSYNC (`true`) or buffered + fdatasync.
     #[arg(long, default_value_t = WalConfig::new(".").direct_io, action = clap::ArgAction::Set)]
     direct_io: bool,
+    /// WAL: zero-fill the next segment in the background
+    /// (`segment_zero_fill`).
+    #[arg(long, default_value_t = WalConfig::new(".").segment_zero_fill, action = clap::ArgAction::Set)]
+    zero_fill: bool,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -119,6 +123,7 @@ pub fn run(a: WalArgs) -> Res<()> {
         backend,
         in_flight: a.in_flight,
         direct_io: a.direct_io,
+        zero_fill: a.zero_fill,
     };
     let mut rows = Vec::new();
     let mut cell = 0;
@@ -266,6 +271,7 @@ struct WalSetup {
     backend: IoBackend,
     in_flight: usize,
     direct_io: bool,
+    zero_fill: bool,
 }
 
 /// N appender tasks and the WAL writer on one current_thread runtime.
@@ -273,6 +279,7 @@ fn wal_cell(dir: &Path, size: usize, n: usize, s: &WalSetup) -> Res<Row> {
     let (groups, dur) = (s.groups, s.dur);
     let mut cfg = WalConfig::new(dir);
     cfg.direct_io = s.direct_io;
+    cfg.segment_zero_fill = s.zero_fill;
     cfg.io_backend = s.backend;
     cfg.batches_in_flight_max = s.in_flight;
     cfg.log_segment_bytes_max = 256 << 20;

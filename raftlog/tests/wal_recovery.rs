@@ -879,3 +879,40 @@ fn direct_io_batches_are_4096_aligned_and_padded() {
         );
     }
 }
+
+#[test]
+fn segments_zero_filled_in_the_background_are_used_and_leftovers_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.direct_io = true;
+    c.segment_zero_fill = true;
+    // A leftover of a killed session's zero-fill: ignored by recovery and
+    // never used as a segment.
+    let leftover = tmp.path().join("next-segment.zeroing");
+    std::fs::write(&leftover, b"half-zeroed garbage").unwrap();
+    let mut w = Wal::open(c.clone()).unwrap();
+    let mut idx = 0;
+    for _ in 0..10 {
+        // About half a segment per round, then time for the zero-fill
+        // thread to finish the next file before the writer rotates to it.
+        w.append(1, &ents(idx + 1, idx + 40, 1, 3000)).unwrap();
+        idx += 40;
+        w.sync().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let st = w.status();
+    assert!(st.segments >= 4, "{st:?}");
+    assert!(st.zero_filled_segments >= 1, "{st:?}");
+    drop(w);
+    assert!(!leftover.exists(), "the zero-fill file is removed on close");
+    // A zero-filled segment is full size with zeros after its records.
+    let seg = segments(tmp.path()).pop().unwrap();
+    let d = std::fs::read(&seg).unwrap();
+    assert_eq!(d.len() as u64, c.log_segment_bytes_max);
+    assert!(d[data_end(&seg)..].iter().all(|b| *b == 0));
+    let (w, logs) = with_logs(|| Wal::open(c));
+    let mut w = w.unwrap();
+    assert!(!logs.contains("WARN"), "{logs}");
+    assert_eq!(w.entries(1, 1, idx + 1).unwrap().len() as u64, idx);
+    assert_eq!(w.entries(1, 1, idx + 1).unwrap(), ents(1, idx, 1, 3000));
+}
