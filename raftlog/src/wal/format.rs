@@ -520,6 +520,32 @@ mod tests {
     }
 
     #[test]
+    fn pad_records_fill_exactly_to_the_boundary() {
+        let min = record_len(0) as u64;
+        assert_eq!(pad_len(8192, 4096), 0);
+        assert_eq!(pad_len(4096 - min, 4096), min);
+        // A gap smaller than the smallest record spills into the next block.
+        assert_eq!(pad_len(4096 - 8, 4096), 8 + 4096);
+        for start in (0..4096u64 * 2).step_by(8) {
+            let mut buf = vec![0xeeu8; start as usize];
+            let n = pad_len(start, 4096);
+            let h = RecordHeader::pad().in_batch(3, 2, 4);
+            encode_pad(&mut buf, &h, n as usize);
+            assert_eq!(buf.len() as u64, start + n);
+            assert_eq!(buf.len() % 4096, 0, "start {start}");
+            if n > 0 {
+                match decode_at(&buf, start as usize) {
+                    Decoded::Record { header, len, .. } => {
+                        assert_eq!(header, h);
+                        assert_eq!(len as u64, n);
+                    }
+                    d => panic!("start {start}: {d:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
     fn truncated_record_is_bad() {
         let buf = sample();
         assert!(matches!(

@@ -20,10 +20,12 @@
 //!    at once, so entries can be read back (from the cache) before they are
 //!    durable — the leader replicates while its own write is in flight.
 //! 3. While fewer than `batches_in_flight_max` batches are on the disk, the
-//!    pending batch is closed and goes out at once as one write SQE linked
-//!    (`IOSQE_IO_LINK`) to one `fdatasync` SQE, at its own offset of the
-//!    segment; when the disk's slots are full, the next batch fills until
-//!    one frees. That is the group commit: one fsync for every append of
+//!    pending batch is closed and goes out at once, at its own offset of the
+//!    segment, as one durable write: with `direct_io` (the default) one
+//!    `O_DIRECT` write SQE with `RWF_DSYNC`, the batch padded to 4096 bytes
+//!    by a `Pad` record; else one buffered write SQE linked
+//!    (`IOSQE_IO_LINK`) to one `fdatasync` SQE. When the disk's slots are
+//!    full, the next batch fills until one frees. That is the group commit: one fsync for every append of
 //!    every group that arrived meanwhile, with several fsyncs overlapping
 //!    (a virtualised disk completes overlapping requests far faster than a
 //!    chain of single ones). Requests drained together while slots are
@@ -37,6 +39,11 @@
 //!    the previous one (its seal included) is durable, so in-flight batches
 //!    always share one segment and a segment's seal is durable before the
 //!    next segment holds anything (what recovery relies on).
+//!
+//! # Segment files
+//! Each segment is preallocated; with `segment_zero_fill` a thread
+//! zero-fills the next one in the background (see `segment::Preparer`) so
+//! that direct writes overwrite written blocks and need no journal commit.
 //!
 //! # Hard state: meta records in the same stream
 //! Term and vote are `HardState` records in the WAL itself, not a separate
@@ -396,6 +403,13 @@ impl Wal {
             rewrite_futile_at: None,
             cfg,
         };
+        if wal.cfg.direct_io && wal.cfg.segment_zero_fill {
+            // The first segment too: a fresh store would otherwise pay a
+            // journal commit per batch until its first rotation.
+            let mut p = segment::Preparer::spawn(&wal.cfg.dir, wal.cfg.log_segment_bytes_max);
+            p.wait();
+            wal.preparer = Some(p);
+        }
         if let Err(e) = wal.start_segment(rec.next_seq) {
             // Nothing of this session reached the disk: drop without sealing.
             wal.abandon = true;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::wal::buf::AlignedBuf;
+use crate::wal::buf::{AlignedBuf, DIRECT_ALIGN};
 
 use crate::error::Error;
 
@@ -119,6 +119,8 @@ pub struct Preparer {
     path: PathBuf,
     cancel: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), Error>>>,
+    /// The thread's result once `wait` joined it.
+    joined: Option<std::thread::Result<Result<(), Error>>>,
 }
 
 impl Preparer {
@@ -135,6 +137,15 @@ impl Preparer {
             path,
             cancel,
             thread,
+            joined: None,
+        }
+    }
+
+    /// Blocks until the zero-fill is done (used at open, where there is no
+    /// current segment to fill meanwhile).
+    pub fn wait(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.joined = Some(t.join());
         }
     }
 
@@ -143,10 +154,10 @@ impl Preparer {
     /// on) or failed (with a warning; the caller creates the segment the
     /// plain way, where ENOSPC and the like surface as errors).
     pub fn take(&mut self, dir_path: &Path, dir: &File, seq: u64) -> Option<(File, PathBuf)> {
-        if !self.thread.as_ref().is_some_and(|t| t.is_finished()) {
-            return None;
+        if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            self.wait();
         }
-        let r = self.thread.take().expect("checked").join();
+        let r = self.joined.take()?;
         let ok = match r {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
@@ -192,8 +203,9 @@ impl Preparer {
         }
     }
 
+    /// Still zero-filling, or done and not yet taken.
     pub fn running(&self) -> bool {
-        self.thread.is_some()
+        self.thread.is_some() || self.joined.is_some()
     }
 }
 
@@ -218,6 +230,18 @@ fn zero_fill(path: &Path, bytes: u64, cancel: &AtomicBool) -> Result<(), Error> 
         .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
         .open(path)
         .map_err(|e| io_err("create segment to zero-fill", path, 0, e))?;
+    // Direct writes come in whole blocks; a few bytes past the segment's
+    // size are harmless.
+    let bytes = bytes.next_multiple_of(DIRECT_ALIGN as u64);
+    // Allocating first makes ENOSPC show up at once instead of after
+    // writing zeros up to the last free block.
+    // SAFETY: plain syscall on an open descriptor.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, bytes as libc::off_t) } != 0 {
+        let e = io::Error::last_os_error();
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(io_err("fallocate", path, bytes, e));
+    }
     let mut zeros = AlignedBuf::default();
     zeros.resize(CHUNK, 0);
     let mut off = 0u64;
