@@ -211,6 +211,11 @@ impl Preparer {
 
 impl Drop for Preparer {
     fn drop(&mut self) {
+        // Only while the file is still ours: once taken it was renamed or
+        // removed, and the name may already belong to the next preparer.
+        if !self.running() {
+            return;
+        }
         self.cancel.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -223,6 +228,20 @@ impl Drop for Preparer {
 /// direct I/O in 1 MiB writes (no page cache to flush), then syncs.
 fn zero_fill(path: &Path, bytes: u64, cancel: &AtomicBool) -> Result<(), Error> {
     const CHUNK: usize = 1 << 20;
+    // Idle I/O class: the zeros should use bandwidth the WAL leaves free,
+    // not compete with its batches (honoured by the mq-deadline and bfq
+    // schedulers; best effort, so a refusal is ignored).
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    // SAFETY: plain syscall; `0` is the calling thread.
+    unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0 as libc::c_long,
+            IOPRIO_CLASS_IDLE << 13,
+        )
+    };
     let _ = std::fs::remove_file(path);
     let file = OpenOptions::new()
         .write(true)
@@ -271,6 +290,26 @@ pub fn open_dir(path: &Path) -> Result<File, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_taken_preparer_leaves_its_successors_file_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = open_dir(tmp.path()).unwrap();
+        let mut a = Preparer::spawn(tmp.path(), 64 << 10);
+        a.wait();
+        let (_, p1) = a.take(tmp.path(), &dir, 1).expect("first zero-filled file");
+        assert_eq!(std::fs::read(&p1).unwrap(), vec![0u8; 64 << 10]);
+        assert!(!a.running());
+        let mut b = Preparer::spawn(tmp.path(), 64 << 10);
+        b.wait();
+        drop(a);
+        assert!(tmp.path().join(PREPARED_NAME).exists());
+        assert!(b.take(tmp.path(), &dir, 2).is_some());
+        // Dropped while still owning its file: the file goes.
+        let c = Preparer::spawn(tmp.path(), 64 << 10);
+        drop(c);
+        assert!(!tmp.path().join(PREPARED_NAME).exists());
+    }
 
     #[test]
     fn names_round_trip_and_sort() {
