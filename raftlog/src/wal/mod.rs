@@ -25,10 +25,11 @@
 //!    `O_DIRECT` write SQE with `RWF_DSYNC`, the batch padded to 4096 bytes
 //!    by a `Pad` record; else one buffered write SQE linked
 //!    (`IOSQE_IO_LINK`) to one `fdatasync` SQE. When the disk's slots are
-//!    full, the next batch fills until one frees. That is the group commit: one fsync for every append of
-//!    every group that arrived meanwhile, with several fsyncs overlapping
-//!    (a virtualised disk completes overlapping requests far faster than a
-//!    chain of single ones). Requests drained together while slots are
+//!    full, the next batch fills until one frees. That is the group
+//!    commit: one sync for every append of every group that arrived
+//!    meanwhile, with several syncs overlapping (a virtualised disk
+//!    completes overlapping requests far faster than a chain of single
+//!    ones). Requests drained together while slots are
 //!    free are spread over those slots, so a burst of appenders does not
 //!    all end up in one batch.
 //! 4. Chains complete in any order; batches are acknowledged strictly in
@@ -146,9 +147,10 @@ pub struct WalConfig {
     /// journal commit of an fdatasync. Falls back to buffered writes with a
     /// warning when the filesystem refuses `O_DIRECT`.
     pub direct_io: bool,
-    /// With direct I/O: a background thread zero-fills the next segment
-    /// file while the current one is written, so that batch writes
-    /// overwrite written blocks (no journal commit per batch). Costs the
+    /// With direct I/O: a background thread (idle I/O priority) zero-fills
+    /// the next segment file while the current one is written, so that
+    /// batch writes overwrite written blocks (no journal commit per batch);
+    /// `open` zero-fills the first one before it returns. Costs the
     /// segment's size in extra disk writes; a rotation that finds the
     /// zero-filled file not ready yet uses a plain preallocated one.
     pub segment_zero_fill: bool,
