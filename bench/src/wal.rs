@@ -56,6 +56,13 @@ pub struct WalArgs {
     /// (`batches_in_flight_max`).
     #[arg(long, default_value_t = WalConfig::new(".").batches_in_flight_max)]
     in_flight: usize,
+    /// WAL writes: O_DIRECT + RWF_DSYNC (`true`) or buffered + fdatasync.
+    #[arg(long, default_value_t = WalConfig::new(".").direct_io, action = clap::ArgAction::Set)]
+    direct_io: bool,
+    /// WAL: zero-fill the next segment in the background
+    /// (`segment_zero_fill`).
+    #[arg(long, default_value_t = WalConfig::new(".").segment_zero_fill, action = clap::ArgAction::Set)]
+    zero_fill: bool,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -110,13 +117,21 @@ pub fn run(a: WalArgs) -> Res<()> {
         "fallback" => IoBackend::Fallback,
         b => return Err(format!("unknown backend {b:?} (auto, uring, fallback)")),
     };
+    let setup = WalSetup {
+        groups: a.groups,
+        dur,
+        backend,
+        in_flight: a.in_flight,
+        direct_io: a.direct_io,
+        zero_fill: a.zero_fill,
+    };
     let mut rows = Vec::new();
     let mut cell = 0;
     for &size in &a.sizes {
         for &n in &a.appenders {
             cell += 1;
             let dir = root.join(format!("wal-{cell}"));
-            let r = wal_cell(&dir, size, n, a.groups, dur, backend, a.in_flight)?;
+            let r = wal_cell(&dir, size, n, &setup)?;
             let _ = std::fs::remove_dir_all(&dir);
             progress(&r, a.json);
             rows.push(r);
@@ -249,19 +264,24 @@ fn row(
     }
 }
 
-/// N appender tasks and the WAL writer on one current_thread runtime.
-fn wal_cell(
-    dir: &Path,
-    size: usize,
-    n: usize,
+/// WAL settings of every cell.
+struct WalSetup {
     groups: u64,
     dur: Duration,
     backend: IoBackend,
     in_flight: usize,
-) -> Res<Row> {
+    direct_io: bool,
+    zero_fill: bool,
+}
+
+/// N appender tasks and the WAL writer on one current_thread runtime.
+fn wal_cell(dir: &Path, size: usize, n: usize, s: &WalSetup) -> Res<Row> {
+    let (groups, dur) = (s.groups, s.dur);
     let mut cfg = WalConfig::new(dir);
-    cfg.io_backend = backend;
-    cfg.batches_in_flight_max = in_flight;
+    cfg.direct_io = s.direct_io;
+    cfg.segment_zero_fill = s.zero_fill;
+    cfg.io_backend = s.backend;
+    cfg.batches_in_flight_max = s.in_flight;
     cfg.log_segment_bytes_max = 256 << 20;
     cfg.batch_bytes_max = 8 << 20;
     cfg.segments_soft_max = 8;

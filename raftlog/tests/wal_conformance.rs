@@ -1,4 +1,5 @@
-//! The WAL passes the log-store conformance suite on both I/O backends,
+//! The WAL passes the log-store conformance suite on both I/O backends and
+//! both write modes (direct I/O, the default, and buffered + fdatasync),
 //! restarted both cleanly (sealed) and as after a crash (unsealed tail).
 
 use raftlog::storage::conformance::{self, Harness};
@@ -9,6 +10,7 @@ struct WalHarness {
     n: u32,
     backend: IoBackend,
     crash: bool,
+    direct: bool,
 }
 
 impl WalHarness {
@@ -18,6 +20,7 @@ impl WalHarness {
             n: 0,
             backend,
             crash,
+            direct: true,
         }
     }
     fn cfg(&self) -> WalConfig {
@@ -29,6 +32,7 @@ impl WalHarness {
         c.segments_soft_max = 4;
         c.entry_cache_bytes_max = 4 << 10;
         c.io_backend = self.backend;
+        c.direct_io = self.direct;
         c
     }
 }
@@ -62,4 +66,11 @@ fn wal_conformance_uring_crash_restart() {
 #[test]
 fn wal_conformance_fallback_crash_restart() {
     conformance::run_all(&mut WalHarness::new(IoBackend::Fallback, true));
+}
+
+#[test]
+fn wal_conformance_buffered_crash_restart() {
+    let mut h = WalHarness::new(IoBackend::Auto, true);
+    h.direct = false;
+    conformance::run_all(&mut h);
 }

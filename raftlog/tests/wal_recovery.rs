@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use raftlog::core::types::{Entry, EntryKind, HardState};
 use raftlog::storage::LogStore;
+use raftlog::wal::format::{self, Decoded, RecordKind};
 use raftlog::wal::{self, IoBackend, Wal, WalConfig, WalOp};
 use raftlog::Error;
 
@@ -75,11 +76,33 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// End of the non-zero data in a file, rounded up to the record alignment.
-fn data_end(path: &Path) -> usize {
+/// The valid records at the start of a segment file: (offset, length,
+/// kind), up to the first zero or bad one.
+fn records(path: &Path) -> Vec<(usize, usize, RecordKind)> {
     let d = std::fs::read(path).unwrap();
-    let last = d.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
-    last.div_ceil(8) * 8
+    let mut out = Vec::new();
+    let mut off = 0;
+    while let Decoded::Record { header, len, .. } = format::decode_at(&d, off) {
+        out.push((off, len, header.kind()));
+        off += len;
+    }
+    out
+}
+
+/// End of the last valid record of a segment (direct-I/O padding included).
+fn data_end(path: &Path) -> usize {
+    records(path).last().map_or(0, |(off, len, _)| off + len)
+}
+
+/// (offset, length) of the last record of `kind`.
+fn last_of(path: &Path, kind: RecordKind) -> (usize, usize) {
+    let r = records(path);
+    let (off, len, _) = r
+        .iter()
+        .rev()
+        .find(|r| r.2 == kind)
+        .expect("record of that kind");
+    (*off, *len)
 }
 
 /// Writes 3 synced appends to group 1 and leaves the active segment
@@ -140,9 +163,10 @@ fn torn_tail_is_truncated_with_a_warning() {
 fn zeroed_last_record_is_truncated_with_a_warning() {
     let tmp = tempfile::tempdir().unwrap();
     let seg = crashed_store(tmp.path());
-    // Zero the last 64 bytes of data: the last record (entries 21..=30)
-    // fails its crc and nothing valid follows.
-    let end = data_end(&seg);
+    // Zero the last 64 bytes of the last entries record (21..=30): it fails
+    // its crc and nothing valid but its batch's padding follows.
+    let (off, len) = last_of(&seg, RecordKind::Entries);
+    let end = off + len;
     let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
     f.write_all_at(&[0; 64], (end - 64) as u64).unwrap();
     let (w, logs) = with_logs(|| Wal::open(cfg(tmp.path())));
@@ -202,7 +226,8 @@ fn corrupt_seal_of_an_older_segment_is_refused() {
     w.sync().unwrap();
     drop(w);
     let first = segments(tmp.path()).remove(0);
-    let end = data_end(&first);
+    let (off, len) = last_of(&first, RecordKind::Seal);
+    let end = off + len;
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&first)
@@ -566,7 +591,7 @@ fn synth_segment(
     recs: &[Rec],
     sealed: bool,
 ) -> (PathBuf, Vec<u64>) {
-    use raftlog::wal::format::{self, RecordHeader};
+    use raftlog::wal::format::RecordHeader;
     let mut buf = Vec::new();
     format::encode(
         &mut buf,
@@ -812,4 +837,85 @@ fn groups_that_never_compact_do_not_start_a_rewrite_storm() {
     for g in 0..64u64 {
         assert_eq!(w.entries(g, 1, 21).unwrap(), ents(1, 20, 1, 400));
     }
+}
+
+#[test]
+fn direct_io_batches_are_4096_aligned_and_padded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.direct_io = true;
+    let mut w = Wal::open(c.clone()).unwrap();
+    assert!(
+        w.status().direct_io,
+        "the test directory's filesystem refused O_DIRECT"
+    );
+    for i in 1..=20u64 {
+        // Sizes that end batches at every kind of offset, one sync each.
+        w.append(1, &ents(i, i, 1, (i as usize * 613) % 5000))
+            .unwrap();
+        w.sync().unwrap();
+    }
+    w.close_unsealed();
+    let seg = segments(tmp.path()).pop().unwrap();
+    let recs = records(&seg);
+    // Every batch (21 of them: start + 20 appends) ends on a 4096 boundary
+    // with a pad record right before it, unless it ended there by itself.
+    let ends: Vec<usize> = recs.iter().map(|(o, l, _)| o + l).collect();
+    assert_eq!(data_end(&seg) % 4096, 0);
+    let pads = recs.iter().filter(|r| r.2 == RecordKind::Pad).count();
+    assert!(pads >= 15, "{pads} pads in {recs:?}");
+    for (i, r) in recs.iter().enumerate() {
+        if r.2 == RecordKind::Pad {
+            assert_eq!(ends[i] % 4096, 0, "pad not ending a block: {recs:?}");
+        }
+    }
+    let (w, logs) = with_logs(|| Wal::open(c));
+    let mut w = w.unwrap();
+    assert!(!logs.contains("corrupt"), "{logs}");
+    for i in 1..=20u64 {
+        assert_eq!(
+            w.entries(1, i, i + 1).unwrap(),
+            ents(i, i, 1, (i as usize * 613) % 5000)
+        );
+    }
+}
+
+#[test]
+fn segments_zero_filled_in_the_background_are_used_and_leftovers_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.direct_io = true;
+    c.segment_zero_fill = true;
+    // A leftover of a killed session's zero-fill: ignored by recovery and
+    // never used as a segment.
+    let leftover = tmp.path().join("next-segment.zeroing");
+    std::fs::write(&leftover, b"half-zeroed garbage").unwrap();
+    let ((st, idx), logs) = with_logs(|| {
+        let mut w = Wal::open(c.clone()).unwrap();
+        let mut idx = 0;
+        for _ in 0..10 {
+            // About half a segment per round, then time for the zero-fill
+            // thread to finish the next file before the writer rotates.
+            w.append(1, &ents(idx + 1, idx + 40, 1, 3000)).unwrap();
+            idx += 40;
+            w.sync().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        (w.status(), idx)
+    });
+    assert!(st.segments >= 4, "{st:?}");
+    assert!(st.zero_filled_segments >= 1, "{st:?}");
+    // Was: replacing a taken preparer deleted its successor's file.
+    assert!(!logs.contains("WARN"), "{logs}");
+    assert!(!leftover.exists(), "the zero-fill file is removed on close");
+    // A zero-filled segment is full size with zeros after its records.
+    let seg = segments(tmp.path()).pop().unwrap();
+    let d = std::fs::read(&seg).unwrap();
+    assert_eq!(d.len() as u64, c.log_segment_bytes_max);
+    assert!(d[data_end(&seg)..].iter().all(|b| *b == 0));
+    let (w, logs) = with_logs(|| Wal::open(c));
+    let mut w = w.unwrap();
+    assert!(!logs.contains("WARN"), "{logs}");
+    assert_eq!(w.entries(1, 1, idx + 1).unwrap().len() as u64, idx);
+    assert_eq!(w.entries(1, 1, idx + 1).unwrap(), ents(1, idx, 1, 3000));
 }

@@ -34,6 +34,11 @@
 //! (unacknowledged batches within `window` of the last good record) from
 //! corruption (see `recovery`). Version 2 added the three fields.
 //!
+//! With direct I/O every batch is written at a 4096-aligned offset with a
+//! length that is a multiple of 4096: the writer ends each batch with a
+//! `Pad` record up to that boundary, so the file holds no gap that is not a
+//! valid record (a zero gap would look like a lost batch to recovery).
+//!
 //! Every segment starts with a `SegmentStart` record naming its sequence
 //! number and ends with a `Seal` record once the writer moves on to the next
 //! one (or closes cleanly): a segment other than the last that lacks its seal
@@ -42,10 +47,14 @@
 use rkyv::rancor;
 
 use crate::core::types::{EntryKind, GroupId, HardState, Index, Term};
+use crate::wal::buf::EncodeBuf;
 
 pub const MAGIC: u32 = 0xBD0A_11E7;
-/// Bumped on any incompatible change of the record layout.
-pub const FORMAT_VERSION: u16 = 2;
+/// Bumped on any incompatible change of the record layout. Version 3 added
+/// the `Pad` record kind (direct I/O); version 2 files are still read.
+pub const FORMAT_VERSION: u16 = 3;
+/// Oldest version recovery reads.
+pub const FORMAT_VERSION_READ_MIN: u16 = 2;
 /// Largest `batches_in_flight_max` a writer may use (and recovery accepts
 /// in a record): bounds how far past a hole recovery may look.
 pub const WINDOW_MAX: u16 = 64;
@@ -66,6 +75,7 @@ pub enum RecordKind {
     RemoveGroup = 5,
     Seal = 6,
     GroupImage = 7,
+    Pad = 8,
 }
 
 impl RecordKind {
@@ -78,6 +88,7 @@ impl RecordKind {
             5 => RecordKind::RemoveGroup,
             6 => RecordKind::Seal,
             7 => RecordKind::GroupImage,
+            8 => RecordKind::Pad,
             _ => return None,
         })
     }
@@ -88,6 +99,8 @@ impl RecordKind {
 /// - `HardState`: `first_term` = term, `aux` = vote.
 /// - `Compact`: `first_index` = index, `first_term` = term.
 /// - `SegmentStart`/`Seal`: `aux` = the segment's sequence number.
+/// - `Pad`: no fields; its payload (ignored) fills a direct-I/O batch up to
+///   the next 4096-byte boundary.
 /// - `GroupImage` (the group's whole state, replacing whatever came before):
 ///   `first_index`/`first_term` = compaction point, `last_index` = last
 ///   entry, `last_term` = hard-state term, `aux` = vote; the payload is the
@@ -168,6 +181,10 @@ impl RecordHeader {
         }
     }
 
+    pub fn pad() -> RecordHeader {
+        RecordHeader::new(RecordKind::Pad, 0)
+    }
+
     pub fn remove(group: GroupId) -> RecordHeader {
         RecordHeader::new(RecordKind::RemoveGroup, group)
     }
@@ -229,7 +246,7 @@ pub fn entries_payload_len(data_lens: impl Iterator<Item = usize>) -> usize {
 
 /// Appends one record to `buf`; `payload` writes the payload bytes. Returns
 /// the offset of the payload within `buf`.
-pub fn encode(buf: &mut Vec<u8>, h: &RecordHeader, payload: impl FnOnce(&mut Vec<u8>)) -> usize {
+pub fn encode<B: EncodeBuf>(buf: &mut B, h: &RecordHeader, payload: impl FnOnce(&mut B)) -> usize {
     let start = buf.len();
     debug_assert_eq!(start % ALIGN, 0, "records start aligned");
     buf.extend_from_slice(&[0u8; PREFIX_LEN]);
@@ -252,9 +269,42 @@ pub fn encode(buf: &mut Vec<u8>, h: &RecordHeader, payload: impl FnOnce(&mut Vec
     payload_start - start
 }
 
+/// Bytes of `Pad` records that bring a batch ending at (8-aligned) `end`
+/// to a multiple of `align`: 0 if it is there already, else the gap, or the
+/// gap plus `align` when the gap is smaller than the smallest record.
+pub fn pad_len(end: u64, align: u64) -> u64 {
+    let gap = end.next_multiple_of(align) - end;
+    if gap == 0 || gap >= record_len(0) as u64 {
+        gap
+    } else {
+        gap + align
+    }
+}
+
+/// Appends `Pad` records (as header `h`, with its batch stamps) filling
+/// exactly `len` bytes, a result of [`pad_len`]. One record when it fits
+/// the format's payload limit, which any sane `align` does.
+pub fn encode_pad<B: EncodeBuf>(buf: &mut B, h: &RecordHeader, len: usize) {
+    debug_assert_eq!(h.kind, RecordKind::Pad as u8);
+    if len == 0 {
+        return;
+    }
+    let payload = len - PREFIX_LEN - header_len();
+    assert!(
+        len >= record_len(0) && len.is_multiple_of(ALIGN) && payload <= PAYLOAD_BYTES_MAX,
+        "bad pad length {len}"
+    );
+    let start = buf.len();
+    encode(buf, h, |b| {
+        let n = b.len();
+        b.resize(n + payload, 0)
+    });
+    debug_assert_eq!(buf.len() - start, len);
+}
+
 /// Writes one entry's table row and data (`crc` = crc32 of `data`); the data
 /// starts `ENTRY_ROW_LEN` bytes after the row.
-pub fn encode_entry(buf: &mut Vec<u8>, term: Term, kind: EntryKind, data: &[u8], crc: u32) {
+pub fn encode_entry<B: EncodeBuf>(buf: &mut B, term: Term, kind: EntryKind, data: &[u8], crc: u32) {
     debug_assert_eq!(crc, crc32fast::hash(data));
     buf.extend_from_slice(&term.to_le_bytes());
     buf.extend_from_slice(&(data.len() as u32).to_le_bytes());
@@ -327,7 +377,7 @@ pub fn decode_at(buf: &[u8], off: usize) -> Decoded<'_> {
         },
         Err(e) => return Decoded::Bad(format!("header does not validate: {e}")),
     };
-    if header.version != FORMAT_VERSION {
+    if !(FORMAT_VERSION_READ_MIN..=FORMAT_VERSION).contains(&header.version) {
         return Decoded::Bad(format!("unsupported format version {}", header.version));
     }
     if RecordKind::from_u8(header.kind).is_none() {
@@ -465,6 +515,32 @@ mod tests {
                     );
                 }
                 Decoded::Bad(_) | Decoded::Zero => {}
+            }
+        }
+    }
+
+    #[test]
+    fn pad_records_fill_exactly_to_the_boundary() {
+        let min = record_len(0) as u64;
+        assert_eq!(pad_len(8192, 4096), 0);
+        assert_eq!(pad_len(4096 - min, 4096), min);
+        // A gap smaller than the smallest record spills into the next block.
+        assert_eq!(pad_len(4096 - 8, 4096), 8 + 4096);
+        for start in (0..4096u64 * 2).step_by(8) {
+            let mut buf = vec![0xeeu8; start as usize];
+            let n = pad_len(start, 4096);
+            let h = RecordHeader::pad().in_batch(3, 2, 4);
+            encode_pad(&mut buf, &h, n as usize);
+            assert_eq!(buf.len() as u64, start + n);
+            assert_eq!(buf.len() % 4096, 0, "start {start}");
+            if n > 0 {
+                match decode_at(&buf, start as usize) {
+                    Decoded::Record { header, len, .. } => {
+                        assert_eq!(header, h);
+                        assert_eq!(len as u64, n);
+                    }
+                    d => panic!("start {start}: {d:?}"),
+                }
             }
         }
     }

@@ -41,6 +41,9 @@ use crate::wal::segment::{self, io_err};
 pub struct Segment {
     pub path: PathBuf,
     pub file: Arc<File>,
+    /// Descriptor batches are written through: `file`, or an `O_DIRECT`
+    /// one for segments this session writes with direct I/O.
+    pub wfile: Arc<File>,
     /// Bytes the file occupies (preallocated length for the active one).
     pub len: u64,
 }
@@ -162,11 +165,13 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
             .metadata()
             .map_err(|e| io_err("stat segment", &path, 0, e))?
             .len();
+        let file = Arc::new(file);
         out.segments.insert(
             seq,
             Segment {
                 path,
-                file: Arc::new(file),
+                wfile: file.clone(),
+                file,
                 len,
             },
         );
@@ -232,7 +237,7 @@ fn replay_segment(
                     }
                     return Ok((off + len, true, None, last));
                 }
-                if kind == RecordKind::SegmentStart {
+                if kind == RecordKind::SegmentStart || kind == RecordKind::Pad {
                     off += len;
                     continue;
                 }
@@ -311,7 +316,9 @@ fn apply(
         RecordKind::RemoveGroup => {
             groups.remove(&h.group);
         }
-        RecordKind::SegmentStart | RecordKind::Seal => unreachable!("handled by the caller"),
+        RecordKind::SegmentStart | RecordKind::Seal | RecordKind::Pad => {
+            unreachable!("handled by the caller")
+        }
     }
     Ok(())
 }
