@@ -128,6 +128,9 @@ pub struct RunArgs {
     /// Open the data files with O_DIRECT (see docs/server.md).
     #[arg(long)]
     pub data_direct_io: Option<bool>,
+    /// Pin core thread N to CPU N (turn off when several nodes share a machine).
+    #[arg(long)]
+    pub pin_cores: Option<bool>,
 }
 
 fn parse_peer(s: &str) -> Result<PeerConfig, String> {
@@ -181,7 +184,7 @@ impl RunArgs {
             snapshot_keep_entries => raft.snapshot_keep_entries,
             snapshot_keep_bytes_max => raft.snapshot_keep_bytes_max,
             log_memory_bytes_max => raft.log_memory_bytes_max,
-            data_direct_io => data_direct_io);
+            data_direct_io => data_direct_io, pin_cores => pin_cores);
         if let Some(d) = &self.tls_dir {
             c.tls_dir = Some(d.clone());
         }

@@ -11,6 +11,7 @@
 //! tls_dir = "certs/node1"           # node.pem, node.key, ca.pem (bd-server issue-cert)
 //! insecure_loopback = false         # no TLS: local dev cluster on loopback only
 //! data_direct_io = false            # O_DIRECT data files (docs/bench-nbd.md)
+//! pin_cores = true                  # core thread N runs on CPU N only
 //!
 //! [[peers]]
 //! id = 2
@@ -122,6 +123,9 @@ pub struct ServerConfig {
     pub insecure_loopback: bool,
     /// Open the data files with O_DIRECT (the engine's `data_direct_io`).
     pub data_direct_io: bool,
+    /// Pin core thread N to CPU N (the engine's `pin_cores`); off when several nodes share a
+    /// machine, or they all crowd onto the first CPUs.
+    pub pin_cores: bool,
     pub peers: Vec<PeerConfig>,
     pub bgs: Vec<BgConfig>,
     pub raft: RaftSettings,
@@ -139,6 +143,7 @@ impl Default for ServerConfig {
             tls_dir: None,
             insecure_loopback: false,
             data_direct_io: engine::config::DATA_DIRECT_IO_DEFAULT,
+            pin_cores: true,
             peers: Vec::new(),
             bgs: Vec::new(),
             raft: RaftSettings::default(),
@@ -180,6 +185,7 @@ impl ServerConfig {
         }
         c.tls_dir = self.tls_dir.clone();
         c.data_direct_io = self.data_direct_io;
+        c.pin_cores = self.pin_cores;
         for p in &self.peers {
             if c.peers.insert(p.id, p.addr).is_some() {
                 return bad(format!("peer {} is listed twice", p.id));
