@@ -262,6 +262,11 @@ mod tests {
         });
         let e = c.engine_config().unwrap();
         assert_eq!(e.bgs[0].id, 0);
+        assert!(e.pin_cores, "pinned unless asked otherwise");
+        c.pin_cores = false;
+        assert!(!c.engine_config().unwrap().pin_cores);
+        let file: ServerConfig = toml::from_str("pin_cores = false").unwrap();
+        assert!(!file.pin_cores);
         c.node_id = 0;
         assert!(c.engine_config().is_err());
     }
