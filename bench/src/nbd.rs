@@ -10,7 +10,9 @@
 //! For each target the region (`--size-mib`) is first written sequentially with 1 MiB writes
 //! (not timed), so that reads hit written data; then a 4 KiB randwrite cell and a 4 KiB randread
 //! cell run for `--seconds` each (iodepth 32, direct, one job). Latencies are fio's completion
-//! latency percentiles. raft_sync stays on (the bd-server default). Every process started is
+//! latency percentiles. raft_sync stays on (the bd-server default; `--raft-sync false` is for
+//! diagnosis only) and core threads are not pinned (`--pin-cores`: three nodes share this
+//! machine). Every process started is
 //! stopped with SIGTERM, then SIGKILL after a grace period, also on error (a guard's `Drop`).
 //!
 //! The last line of output is always
@@ -68,6 +70,15 @@ pub struct NbdArgs {
     /// bd-server's `data_direct_io` (O_DIRECT data files); default: the server's default.
     #[arg(long)]
     data_direct_io: Option<bool>,
+    /// DIAGNOSIS ONLY: bd-server's `raft_sync`. `false` skips the WAL fdatasyncs, so
+    /// acknowledged writes are NOT durable and the figures are not comparable with qemu-nbd's;
+    /// it tells how much of a latency is the disk's.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    raft_sync: bool,
+    /// bd-server's `pin_cores`. Off by default: every process pins its core N to CPU N, so the
+    /// three nodes of `3rep` would all run their core thread on CPU 0 of this one machine.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pin_cores: bool,
 }
 
 type Res<T> = Result<T, String>;
@@ -102,6 +113,8 @@ struct Report<'a> {
     size_mib: u64,
     iodepth: u32,
     cores: usize,
+    raft_sync: bool,
+    pin_cores: bool,
     qemu_nbd_options: &'a str,
     loadavg_before: &'a str,
     loadavg_after: &'a str,
@@ -150,8 +163,13 @@ pub fn run(a: NbdArgs) -> Res<()> {
     let load_before = loadavg();
     if !a.json {
         eprintln!(
-            "bd-bench nbd: {} s per cell, {} MiB region, iodepth {}, raft_sync on; load {load_before}",
-            a.seconds, a.size_mib, a.iodepth
+            "bd-bench nbd: {} s per cell, {} MiB region, iodepth {}, raft_sync {}{}, pin_cores {}; load {load_before}",
+            a.seconds,
+            a.size_mib,
+            a.iodepth,
+            if a.raft_sync { "on" } else { "OFF" },
+            if a.raft_sync { "" } else { " (DIAGNOSIS ONLY: writes not durable)" },
+            a.pin_cores
         );
     }
     let size = a.size_mib << 20;
@@ -227,6 +245,8 @@ pub fn run(a: NbdArgs) -> Res<()> {
             size_mib: a.size_mib,
             iodepth: a.iodepth,
             cores: a.cores,
+            raft_sync: a.raft_sync,
+            pin_cores: a.pin_cores,
             qemu_nbd_options: &qemu_opts,
             loadavg_before: &load_before,
             loadavg_after: &load_after,
@@ -546,7 +566,9 @@ fn start_bd(exe: &Path, dir: &Path, n: u64, a: &NbdArgs, servers: &mut Servers) 
             .arg(node.quic.to_string())
             .arg("--insecure-loopback")
             .arg("--raft-sync")
-            .arg("true")
+            .arg(a.raft_sync.to_string())
+            .arg("--pin-cores")
+            .arg(a.pin_cores.to_string())
             .arg("--bg")
             .arg("0")
             .arg("--bg-size-bytes")

@@ -131,6 +131,9 @@ pub struct RunArgs {
     /// Idle groups stop ticking and heartbeating after this long (0 = never).
     #[arg(long)]
     pub hibernate_idle_ms: Option<u64>,
+    /// Pin core thread N to CPU N (turn off when several nodes share a machine).
+    #[arg(long)]
+    pub pin_cores: Option<bool>,
 }
 
 fn parse_peer(s: &str) -> Result<PeerConfig, String> {
@@ -184,7 +187,7 @@ impl RunArgs {
             snapshot_keep_entries => raft.snapshot_keep_entries,
             snapshot_keep_bytes_max => raft.snapshot_keep_bytes_max,
             log_memory_bytes_max => raft.log_memory_bytes_max,
-            data_direct_io => data_direct_io,
+            data_direct_io => data_direct_io, pin_cores => pin_cores,
             hibernate_idle_ms => raft.hibernate_idle_ms);
         if let Some(d) = &self.tls_dir {
             c.tls_dir = Some(d.clone());

@@ -11,6 +11,7 @@
 //! tls_dir = "certs/node1"           # node.pem, node.key, ca.pem (bd-server issue-cert)
 //! insecure_loopback = false         # no TLS: local dev cluster on loopback only
 //! data_direct_io = false            # O_DIRECT data files (docs/bench-nbd.md)
+//! pin_cores = true                  # core thread N runs on CPU N only
 //!
 //! [[peers]]
 //! id = 2
@@ -126,6 +127,9 @@ pub struct ServerConfig {
     pub insecure_loopback: bool,
     /// Open the data files with O_DIRECT (the engine's `data_direct_io`).
     pub data_direct_io: bool,
+    /// Pin core thread N to CPU N (the engine's `pin_cores`); off when several nodes share a
+    /// machine, or they all crowd onto the first CPUs.
+    pub pin_cores: bool,
     pub peers: Vec<PeerConfig>,
     pub bgs: Vec<BgConfig>,
     pub raft: RaftSettings,
@@ -143,6 +147,7 @@ impl Default for ServerConfig {
             tls_dir: None,
             insecure_loopback: false,
             data_direct_io: engine::config::DATA_DIRECT_IO_DEFAULT,
+            pin_cores: true,
             peers: Vec::new(),
             bgs: Vec::new(),
             raft: RaftSettings::default(),
@@ -184,6 +189,7 @@ impl ServerConfig {
         }
         c.tls_dir = self.tls_dir.clone();
         c.data_direct_io = self.data_direct_io;
+        c.pin_cores = self.pin_cores;
         for p in &self.peers {
             if c.peers.insert(p.id, p.addr).is_some() {
                 return bad(format!("peer {} is listed twice", p.id));
@@ -261,6 +267,11 @@ mod tests {
         });
         let e = c.engine_config().unwrap();
         assert_eq!(e.bgs[0].id, 0);
+        assert!(e.pin_cores, "pinned unless asked otherwise");
+        c.pin_cores = false;
+        assert!(!c.engine_config().unwrap().pin_cores);
+        let file: ServerConfig = toml::from_str("pin_cores = false").unwrap();
+        assert!(!file.pin_cores);
         c.node_id = 0;
         assert!(c.engine_config().is_err());
     }

@@ -92,6 +92,9 @@ fn spawn(exe: &Path, args: &DevArgs, nodes: &[DevNode], n: &DevNode) -> Result<C
         .arg("--quic-listen")
         .arg(n.quic.to_string())
         .arg("--insecure-loopback")
+        // Three nodes on one machine: pinned, every node's core 0 would share CPU 0.
+        .arg("--pin-cores")
+        .arg("false")
         .arg("--bg")
         .arg("0")
         .arg("--bg-size-bytes")

@@ -313,16 +313,23 @@ impl Cluster {
             .open(n.dir.with_extension("log"))
             .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_bd-server"));
-        cmd.args(["run", "--insecure-loopback", "--cores", "1"])
-            .args(["--node-id", &n.id.to_string()])
-            .arg("--data-dir")
-            .arg(&n.dir)
-            .args(["--nbd-listen", &n.nbd.to_string()])
-            .args(["--http-listen", &n.http.to_string()])
-            .args(["--quic-listen", &n.quic.to_string()])
-            .args(["--bg-size-bytes", &self.bg_bytes.to_string()])
-            .args(["--tick-ms", "20", "--election-timeout-ms", "600"])
-            .args(&self.extra);
+        cmd.args([
+            "run",
+            "--insecure-loopback",
+            "--cores",
+            "1",
+            "--pin-cores",
+            "false",
+        ])
+        .args(["--node-id", &n.id.to_string()])
+        .arg("--data-dir")
+        .arg(&n.dir)
+        .args(["--nbd-listen", &n.nbd.to_string()])
+        .args(["--http-listen", &n.http.to_string()])
+        .args(["--quic-listen", &n.quic.to_string()])
+        .args(["--bg-size-bytes", &self.bg_bytes.to_string()])
+        .args(["--tick-ms", "20", "--election-timeout-ms", "600"])
+        .args(&self.extra);
         for bg in &self.bgs {
             cmd.arg("--bg").arg(bg.to_string());
         }
