@@ -222,34 +222,9 @@ pub struct DataIo {
     done: VecDeque<IoDone>,
 }
 
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; on success we own the returned descriptor.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 impl Ring {
     fn new(slots: usize) -> io::Result<Ring> {
-        let ring = IoUring::new(slots.next_power_of_two() as u32)?;
-        // Probe with a NOP: some sandboxes let io_uring_setup succeed but refuse
-        // io_uring_enter.
-        let nop = opcode::Nop::new().build().user_data(u64::MAX);
-        // SAFETY: a NOP references no memory.
-        unsafe { ring.submission_shared().push(&nop) }
-            .map_err(|_| io::Error::other("io_uring submission queue full"))?;
-        ring.submit_and_wait(1)?;
-        // SAFETY: single-threaded use of the completion queue.
-        for cqe in unsafe { ring.completion_shared() } {
-            if cqe.result() < 0 {
-                return Err(io::Error::from_raw_os_error(-cqe.result()));
-            }
-        }
-        let efd = eventfd()?;
-        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        let (ring, efd) = raftlog::wal::probed_ring(slots.next_power_of_two() as u32)?;
         Ok(Ring {
             ring,
             efd,

@@ -160,6 +160,29 @@ fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A ring of `entries` slots that has been seen to work, and an eventfd registered with it (the
+/// kernel signals it on every completion, so an async runtime can wait for completions without a
+/// thread). Some sandboxes let io_uring_setup succeed but refuse io_uring_enter, so the ring is
+/// probed with a NOP first; any error means "use a fallback". Shared with the engine's data-file
+/// ring.
+pub fn probed_ring(entries: u32) -> io::Result<(IoUring, OwnedFd)> {
+    let ring = IoUring::new(entries)?;
+    let nop = opcode::Nop::new().build().user_data(u64::MAX);
+    // SAFETY: a NOP references no memory.
+    unsafe { ring.submission_shared().push(&nop) }
+        .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+    ring.submit_and_wait(1)?;
+    // SAFETY: single-threaded use of the completion queue.
+    for cqe in unsafe { ring.completion_shared() } {
+        if cqe.result() < 0 {
+            return Err(io::Error::from_raw_os_error(-cqe.result()));
+        }
+    }
+    let efd = eventfd()?;
+    ring.submitter().register_eventfd(efd.as_raw_fd())?;
+    Ok((ring, efd))
+}
+
 fn signal(fd: RawFd) {
     let one: u64 = 1;
     // SAFETY: writes 8 bytes from a live u64 to an eventfd. A full counter
@@ -201,22 +224,7 @@ pub struct UringIo {
 impl UringIo {
     fn new(slots: usize) -> io::Result<UringIo> {
         let entries = (2 * slots.max(1)).next_power_of_two().max(8) as u32;
-        let ring = IoUring::new(entries)?;
-        // Probe with a NOP: some sandboxes let io_uring_setup succeed but
-        // refuse io_uring_enter.
-        let nop = opcode::Nop::new().build().user_data(u64::MAX);
-        // SAFETY: a NOP references no memory.
-        unsafe { ring.submission_shared().push(&nop) }
-            .map_err(|_| io::Error::other("io_uring submission queue full"))?;
-        ring.submit_and_wait(1)?;
-        // SAFETY: single-threaded use of the completion queue.
-        for cqe in unsafe { ring.completion_shared() } {
-            if cqe.result() < 0 {
-                return Err(io::Error::from_raw_os_error(-cqe.result()));
-            }
-        }
-        let efd = eventfd()?;
-        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        let (ring, efd) = probed_ring(entries)?;
         Ok(UringIo {
             ring,
             efd,

@@ -105,7 +105,7 @@ mod recovery;
 mod segment;
 
 pub use handle::{Durable, WalHandle, WalOp};
-pub use io::IoBackend;
+pub use io::{probed_ring, IoBackend};
 #[doc(hidden)]
 pub use io::{PowerLossReport, PowerLossSim};
 

@@ -8,13 +8,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use engine::dataio::fallocate;
 
 use super::backend::{BackendResult, BlockBackend};
 use crate::error::Error;
@@ -136,20 +136,6 @@ fn file_error(path: &Path, op: &'static str, offset: u64, source: io::Error) -> 
         op,
         offset,
         source,
-    }
-}
-
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
-    let offset = libc::off_t::try_from(offset).map_err(|_| einval())?;
-    let len = libc::off_t::try_from(len).map_err(|_| einval())?;
-    // SAFETY: the descriptor is owned by `file`, which outlives the call; fallocate reads no
-    // memory of ours.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
