@@ -77,6 +77,12 @@ pub struct EngineConfig {
     pub wal_segment_bytes_max: u64,
     /// `false` skips fdatasync in the WAL: benchmarks only, never durable.
     pub raft_sync: bool,
+    /// WAL batches as O_DIRECT + RWF_DSYNC writes (else buffered + fdatasync); see
+    /// docs/wal.md. Filesystems that refuse O_DIRECT fall back with a log line.
+    pub wal_direct_io: bool,
+    /// Zero-fill the next WAL segment in the background (direct I/O only): first writes into
+    /// preallocated, unwritten blocks cost an ext4 journal commit each.
+    pub wal_segment_zero_fill: bool,
     /// Requests queued towards one core, at most (senders wait beyond it).
     pub request_queue_max: usize,
     /// A client request that found no leader (or whose leader did not answer) is retried for
@@ -128,6 +134,8 @@ impl EngineConfig {
             snapshot_bytes_per_sec_max: 200 << 20,
             wal_segment_bytes_max: 64 << 20,
             raft_sync: true,
+            wal_direct_io: true,
+            wal_segment_zero_fill: true,
             request_queue_max: 4096,
             request_timeout_ms: 10_000,
             forward_timeout_ms: 2_000,

@@ -391,6 +391,8 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>
     let mut wcfg = WalConfig::new(dir.join("wal"));
     wcfg.log_segment_bytes_max = cfg.wal_segment_bytes_max;
     wcfg.raft_sync = cfg.raft_sync;
+    wcfg.direct_io = cfg.wal_direct_io;
+    wcfg.segment_zero_fill = cfg.wal_segment_zero_fill;
     let mut wal = Wal::open(wcfg).map_err(|source| Error::Wal { core, source })?;
     let dio = DataIo::open(cfg.data_io_backend, cfg.data_ios_in_flight_max, core)
         .map_err(|source| Error::DataIo { core, source })?;

@@ -111,6 +111,12 @@ pub struct RunArgs {
     /// fdatasync the WAL (false = benchmarks only, acknowledged writes are NOT durable).
     #[arg(long)]
     pub raft_sync: Option<bool>,
+    /// WAL writes with O_DIRECT + RWF_DSYNC (false: buffered + fdatasync).
+    #[arg(long)]
+    pub wal_direct_io: Option<bool>,
+    /// Zero-fill the next WAL segment in the background (direct I/O only).
+    #[arg(long)]
+    pub wal_segment_zero_fill: Option<bool>,
     #[arg(long)]
     pub snapshot_interval_s: Option<u64>,
     #[arg(long)]
@@ -182,6 +188,8 @@ impl RunArgs {
             max_entries_per_message => raft.max_entries_per_message,
             max_bytes_per_message => raft.max_bytes_per_message,
             segment_size_bytes => raft.segment_size_bytes, raft_sync => raft.raft_sync,
+            wal_direct_io => raft.wal_direct_io,
+            wal_segment_zero_fill => raft.wal_segment_zero_fill,
             snapshot_interval_s => raft.snapshot_interval_s,
             snapshot_chunk_bytes => raft.snapshot_chunk_bytes,
             snapshot_keep_entries => raft.snapshot_keep_entries,

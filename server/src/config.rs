@@ -30,6 +30,8 @@
 //! max_bytes_per_message = 1048576
 //! segment_size_bytes = 67108864
 //! raft_sync = true
+//! wal_direct_io = true              # O_DIRECT + RWF_DSYNC WAL writes (docs/wal.md)
+//! wal_segment_zero_fill = true      # zero the next segment ahead (direct I/O only)
 //! snapshot_interval_s = 3600
 //! snapshot_chunk_bytes = 131072
 //! snapshot_keep_entries = 1024
@@ -81,6 +83,10 @@ pub struct RaftSettings {
     pub max_bytes_per_message: usize,
     pub segment_size_bytes: u64,
     pub raft_sync: bool,
+    /// WAL writes with O_DIRECT + RWF_DSYNC (else buffered + fdatasync).
+    pub wal_direct_io: bool,
+    /// Zero-fill the next WAL segment ahead (direct I/O only).
+    pub wal_segment_zero_fill: bool,
     pub snapshot_interval_s: u64,
     pub snapshot_chunk_bytes: usize,
     pub snapshot_keep_entries: u64,
@@ -101,6 +107,8 @@ impl Default for RaftSettings {
             max_bytes_per_message: 1 << 20,
             segment_size_bytes: 64 << 20,
             raft_sync: true,
+            wal_direct_io: true,
+            wal_segment_zero_fill: true,
             snapshot_interval_s: 3600,
             snapshot_chunk_bytes: 128 << 10,
             snapshot_keep_entries: 1024,
@@ -212,6 +220,8 @@ impl ServerConfig {
         c.append_bytes_max = r.max_bytes_per_message;
         c.wal_segment_bytes_max = r.segment_size_bytes;
         c.raft_sync = r.raft_sync;
+        c.wal_direct_io = r.wal_direct_io;
+        c.wal_segment_zero_fill = r.wal_segment_zero_fill;
         c.snapshot_interval_s = r.snapshot_interval_s;
         c.snapshot_chunk_bytes = r.snapshot_chunk_bytes;
         c.snapshot_keep_entries = r.snapshot_keep_entries;
@@ -272,6 +282,18 @@ mod tests {
         assert!(!c.engine_config().unwrap().pin_cores);
         let file: ServerConfig = toml::from_str("pin_cores = false").unwrap();
         assert!(!file.pin_cores);
+        let e = c.engine_config().unwrap();
+        assert!(
+            e.wal_direct_io && e.wal_segment_zero_fill,
+            "direct WAL by default"
+        );
+        c.raft.wal_direct_io = false;
+        c.raft.wal_segment_zero_fill = false;
+        let e = c.engine_config().unwrap();
+        assert!(!e.wal_direct_io && !e.wal_segment_zero_fill);
+        let file: ServerConfig =
+            toml::from_str("[raft]\nwal_direct_io = false\nwal_segment_zero_fill = false").unwrap();
+        assert!(!file.raft.wal_direct_io && !file.raft.wal_segment_zero_fill);
         c.node_id = 0;
         assert!(c.engine_config().is_err());
     }

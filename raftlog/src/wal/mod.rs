@@ -377,6 +377,8 @@ impl Wal {
             backend = io.name(),
             segments = rec.segments.len(),
             groups = rec.groups.len(),
+            direct_io = cfg.direct_io,
+            segment_zero_fill = cfg.direct_io && cfg.segment_zero_fill,
             "wal: opened"
         );
         let shared = Arc::new(Shared::new(cfg.append_buffer_bytes_max));
