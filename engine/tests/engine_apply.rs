@@ -3,34 +3,20 @@
 //! write, buffered and O_DIRECT alike; and a node that crashed at any step of a snapshot
 //! install comes back with a consistent data file and snapshot index.
 
-use std::net::{SocketAddr, UdpSocket};
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use engine::{block, BgSpec, Engine, EngineConfig};
+use common::*;
+use engine::{block, Engine, EngineConfig};
 use raftlog::core::{Configuration, SnapshotMeta};
 
 const BG_BYTES: u64 = 4 << 20;
 
 fn config(dir: &Path, direct: bool) -> EngineConfig {
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut c = EngineConfig::new(
-        1,
-        dir.to_path_buf(),
-        SocketAddr::from(([127, 0, 0, 1], port)),
-    );
-    c.cores = 1;
-    c.pin_cores = false;
-    c.bgs = vec![BgSpec {
-        id: 0,
-        members: vec![1],
-        size_bytes: BG_BYTES,
-    }];
+    let mut c = single_node_config(dir, [0], BG_BYTES);
     c.tick_ms = 10;
     c.election_timeout_ms = 100;
     c.data_direct_io = direct;

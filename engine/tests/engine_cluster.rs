@@ -3,38 +3,21 @@
 //! the log is compacted once it is durable), and a restart that recovers
 //! the data from the WAL and the data file.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use engine::{BgSpec, Engine, EngineConfig};
+use common::*;
+use engine::{Engine, EngineConfig};
 
 const BG_BYTES: u64 = 16 << 20;
 
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn config(dir: &Path, id: u64, addrs: &BTreeMap<u64, SocketAddr>) -> EngineConfig {
-    let mut c = EngineConfig::new(id, dir.join(format!("node{id}")), addrs[&id]);
-    c.cores = 1;
-    c.pin_cores = false;
-    c.peers = addrs
-        .iter()
-        .filter(|(k, _)| **k != id)
-        .map(|(k, v)| (*k, *v))
-        .collect();
-    c.bgs = vec![BgSpec {
-        id: 0,
-        members: vec![1, 2, 3],
-        size_bytes: BG_BYTES,
-    }];
+    let mut c = node_config(dir, id, addrs, [0], BG_BYTES);
     c.tick_ms = 20;
     c.election_timeout_ms = 300;
     c.wal_segment_bytes_max = 8 << 20;
@@ -69,9 +52,7 @@ fn pattern(seed: u8, len: usize) -> Bytes {
 #[test]
 fn three_engines_replicate_forward_snapshot_and_recover() {
     let dir = tempfile::tempdir().unwrap();
-    let addrs: BTreeMap<u64, SocketAddr> = (1..=3)
-        .map(|id| (id, SocketAddr::from(([127, 0, 0, 1], free_udp_port()))))
-        .collect();
+    let addrs = cluster_addrs(3);
     let t0 = Instant::now();
     let mut snapshot_at = (0, 0);
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -4,31 +4,20 @@
 //! groups stops, the survivors notice its silence and elect new leaders for all of them; a node
 //! restarted while its groups hibernate rejoins, and everything hibernates again.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use engine::{BgSpec, BgStatus, CoreStat, Engine, EngineConfig};
+use common::*;
+use engine::{BgStatus, CoreStat, Engine, EngineConfig};
 
 const BG_BYTES: u64 = 1 << 20;
 const BGS: u64 = 30;
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn addrs() -> BTreeMap<u64, SocketAddr> {
-    (1..=3)
-        .map(|id| (id, SocketAddr::from(([127, 0, 0, 1], free_udp_port()))))
-        .collect()
-}
 
 fn config(
     dir: &Path,
@@ -36,21 +25,7 @@ fn config(
     addrs: &BTreeMap<u64, SocketAddr>,
     hibernate_idle_ms: u64,
 ) -> EngineConfig {
-    let mut c = EngineConfig::new(id, dir.join(format!("node{id}")), addrs[&id]);
-    c.cores = 1;
-    c.pin_cores = false;
-    c.peers = addrs
-        .iter()
-        .filter(|(k, _)| **k != id)
-        .map(|(k, v)| (*k, *v))
-        .collect();
-    c.bgs = (0..BGS)
-        .map(|id| BgSpec {
-            id,
-            members: vec![1, 2, 3],
-            size_bytes: BG_BYTES,
-        })
-        .collect();
+    let mut c = node_config(dir, id, addrs, 0..BGS, BG_BYTES);
     c.tick_ms = 20;
     c.election_timeout_ms = 300;
     c.wal_segment_bytes_max = 8 << 20;
@@ -191,7 +166,7 @@ fn idle_groups_hibernate_traffic_stops_and_requests_wake_them() {
     let rt = rt();
     // Baseline: hibernation off.
     let dir = tempfile::tempdir().unwrap();
-    let engines = start(dir.path(), &addrs(), 0);
+    let engines = start(dir.path(), &cluster_addrs(3), 0);
     let (awake_msgs, awake_frames, awake_pings) = rt.block_on(async {
         wait_for(&engines, "leaders (hibernation off)", all_led).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -208,7 +183,7 @@ fn idle_groups_hibernate_traffic_stops_and_requests_wake_them() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let engines = start(dir.path(), &addrs(), 200);
+    let engines = start(dir.path(), &cluster_addrs(3), 200);
     rt.block_on(async {
         wait_for(&engines, "every group hibernating", all_hibernating).await;
         // The per-core count is refreshed at each tick.
@@ -287,7 +262,7 @@ fn idle_groups_hibernate_traffic_stops_and_requests_wake_them() {
 fn leader_node_stopped_while_its_groups_hibernate_survivors_take_over() {
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
-    let mut engines = start(dir.path(), &addrs(), 200);
+    let mut engines = start(dir.path(), &cluster_addrs(3), 200);
     let s = rt.block_on(wait_for(
         &engines,
         "every group hibernating",
@@ -328,7 +303,7 @@ fn leader_node_stopped_while_its_groups_hibernate_survivors_take_over() {
 fn node_restarted_while_groups_hibernate_rejoins() {
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
-    let addrs = addrs();
+    let addrs = cluster_addrs(3);
     let mut engines = start(dir.path(), &addrs, 200);
     let bg = 3;
     rt.block_on(async {

@@ -3,12 +3,14 @@
 //! largest groups once their logs together exceed the budget. Without a budget the same
 //! writes stay in memory (the control run), so the test tells the two apart.
 
-use std::net::{SocketAddr, UdpSocket};
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use engine::{BgSpec, BgStatus, Engine, EngineConfig};
+use common::*;
+use engine::{BgStatus, Engine, EngineConfig};
 
 const GROUPS: u64 = 4;
 const BG_BYTES: u64 = 8 << 20;
@@ -16,25 +18,7 @@ const WRITTEN_PER_GROUP: u64 = 4 << 20;
 const BUDGET: usize = 6 << 20;
 
 fn config(dir: &Path, budget: usize) -> EngineConfig {
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut c = EngineConfig::new(
-        1,
-        dir.to_path_buf(),
-        SocketAddr::from(([127, 0, 0, 1], port)),
-    );
-    c.cores = 1;
-    c.pin_cores = false;
-    c.bgs = (0..GROUPS)
-        .map(|id| BgSpec {
-            id,
-            members: vec![1],
-            size_bytes: BG_BYTES,
-        })
-        .collect();
+    let mut c = single_node_config(dir, 0..GROUPS, BG_BYTES);
     c.tick_ms = 20;
     c.election_timeout_ms = 200;
     // Only the budget may trigger snapshots here.
