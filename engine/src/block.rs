@@ -768,13 +768,6 @@ pub fn install_snapshot_files_until(
     meta: &SnapshotMeta,
     steps: usize,
 ) -> Result<()> {
-    let err = |op, p: &Path, source| Error::File {
-        bg,
-        path: p.to_path_buf(),
-        op,
-        offset: 0,
-        source,
-    };
     if steps == 0 {
         return Ok(());
     }
@@ -782,10 +775,7 @@ pub fn install_snapshot_files_until(
     if steps == 1 {
         return Ok(());
     }
-    let data = data_path(core_dir, bg);
-    std::fs::rename(incoming_path(core_dir, bg), &data)
-        .map_err(|e| err("rename snapshot over", &data, e))?;
-    sync_dir(core_dir).map_err(|e| err("fsync dir", core_dir, e))?;
+    rename_incoming_over_data(core_dir, bg)?;
     if steps == 2 {
         return Ok(());
     }
@@ -793,22 +783,39 @@ pub fn install_snapshot_files_until(
     if steps == 3 {
         return Ok(());
     }
+    remove_install_marker(core_dir, bg)
+}
+
+fn install_file_err(bg: GroupId, op: &'static str, p: &Path, source: io::Error) -> Error {
+    Error::File {
+        bg,
+        path: p.to_path_buf(),
+        op,
+        offset: 0,
+        source,
+    }
+}
+
+/// Install step 2: the complete copy becomes the data file, durably.
+fn rename_incoming_over_data(core_dir: &Path, bg: GroupId) -> Result<()> {
+    let data = data_path(core_dir, bg);
+    std::fs::rename(incoming_path(core_dir, bg), &data)
+        .map_err(|e| install_file_err(bg, "rename snapshot over", &data, e))?;
+    sync_dir(core_dir).map_err(|e| install_file_err(bg, "fsync dir", core_dir, e))
+}
+
+/// Install step 4: the install is complete, durably.
+fn remove_install_marker(core_dir: &Path, bg: GroupId) -> Result<()> {
     let marker = install_marker_path(core_dir, bg);
-    std::fs::remove_file(&marker).map_err(|e| err("remove", &marker, e))?;
-    sync_dir(core_dir).map_err(|e| err("fsync dir", core_dir, e))
+    std::fs::remove_file(&marker).map_err(|e| install_file_err(bg, "remove", &marker, e))?;
+    sync_dir(core_dir).map_err(|e| install_file_err(bg, "fsync dir", core_dir, e))
 }
 
 /// Finishes an install a crash interrupted (see the module docs), or deletes the copy of an
 /// interrupted download. Call on start, before opening the data file and reading the meta;
 /// returns the meta of the install it completed.
 pub fn recover_install(core_dir: &Path, bg: GroupId) -> Result<Option<SnapshotMeta>> {
-    let err = |op, p: &Path, source| Error::File {
-        bg,
-        path: p.to_path_buf(),
-        op,
-        offset: 0,
-        source,
-    };
+    let err = |op, p: &Path, source| install_file_err(bg, op, p, source);
     let inc = incoming_path(core_dir, bg);
     let Some(meta) = read_install_marker(core_dir, bg)? else {
         return match std::fs::remove_file(&inc) {
@@ -827,18 +834,12 @@ pub fn recover_install(core_dir: &Path, bg: GroupId) -> Result<Option<SnapshotMe
         "completing a snapshot install interrupted by a crash"
     );
     match std::fs::metadata(&inc) {
-        Ok(_) => {
-            let data = data_path(core_dir, bg);
-            std::fs::rename(&inc, &data).map_err(|e| err("rename snapshot over", &data, e))?;
-            sync_dir(core_dir).map_err(|e| err("fsync dir", core_dir, e))?;
-        }
+        Ok(_) => rename_incoming_over_data(core_dir, bg)?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(err("stat", &inc, e)),
     }
     write_meta(core_dir, bg, &meta)?;
-    let marker = install_marker_path(core_dir, bg);
-    std::fs::remove_file(&marker).map_err(|e| err("remove", &marker, e))?;
-    sync_dir(core_dir).map_err(|e| err("fsync dir", core_dir, e))?;
+    remove_install_marker(core_dir, bg)?;
     Ok(Some(meta))
 }
 
