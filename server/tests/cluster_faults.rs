@@ -272,29 +272,7 @@ fn hostile_nbd(addr: SocketAddr, rng: &mut ChaCha8Rng) {
             valid.extend_from_slice(&[0xaa; 1024]);
         }
     }
-    let bytes = match rng.random_range(0..4) {
-        0 => {
-            let mut v = vec![0u8; rng.random_range(1..3000)];
-            rng.fill_bytes(&mut v);
-            v
-        }
-        1 => valid[..rng.random_range(0..valid.len())].to_vec(),
-        2 => {
-            let mut v = valid.clone();
-            for _ in 0..rng.random_range(1..4) {
-                let at = rng.random_range(0..v.len());
-                v[at] ^= 1 << rng.random_range(0..8);
-            }
-            v
-        }
-        _ => {
-            let mut v = valid[..rng.random_range(0..valid.len())].to_vec();
-            let mut noise = vec![0u8; rng.random_range(1..500)];
-            rng.fill_bytes(&mut noise);
-            v.extend_from_slice(&noise);
-            v
-        }
-    };
+    let bytes = mangled(&valid, rng);
     let mut s = TcpStream::connect(addr).expect("the node accepts connections");
     // The server may close first (that is the point): write errors are expected then.
     let _ = s.write_all(&bytes);

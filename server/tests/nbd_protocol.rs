@@ -3,13 +3,16 @@
 //! garbage and truncated input. What real clients do is covered by `nbd_clients.rs`; this file
 //! covers what they never send.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rand::{Rng, RngCore, SeedableRng};
+use common::mangled;
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use server::nbd::proto::*;
 use server::nbd::{BackendResult, BlockBackend, Exports, MemBackend, NbdConfig, NbdServerHandle};
@@ -933,33 +936,7 @@ async fn hostile(addr: SocketAddr, rng: &mut ChaCha8Rng) {
         }
     }
 
-    let bytes = match rng.random_range(0..4) {
-        // Pure noise.
-        0 => {
-            let mut v = vec![0u8; rng.random_range(1..3000)];
-            rng.fill_bytes(&mut v);
-            v
-        }
-        // A valid conversation cut short anywhere.
-        1 => valid[..rng.random_range(0..valid.len())].to_vec(),
-        // A valid conversation with a few bytes corrupted.
-        2 => {
-            let mut v = valid.clone();
-            for _ in 0..rng.random_range(1..4) {
-                let at = rng.random_range(0..v.len());
-                v[at] ^= 1 << rng.random_range(0..8);
-            }
-            v
-        }
-        // A valid prefix followed by noise.
-        _ => {
-            let mut v = valid[..rng.random_range(0..valid.len())].to_vec();
-            let mut noise = vec![0u8; rng.random_range(1..500)];
-            rng.fill_bytes(&mut noise);
-            v.extend_from_slice(&noise);
-            v
-        }
-    };
+    let bytes = mangled(&valid, rng);
     let mut c = Client::connect(addr).await;
     // The server may close first (that is the point); write errors are expected then.
     let _ = c.s.write_all(&bytes).await;

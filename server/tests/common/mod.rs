@@ -459,3 +459,32 @@ pub fn write_blocks(uri: &str, range: std::ops::Range<u64>) -> Vec<u64> {
 pub fn pattern(block: u64) -> u64 {
     block % 200 + 1
 }
+
+/// Hostile input made from a valid conversation `valid`, one of: pure noise, `valid` cut short
+/// anywhere, `valid` with a few bits flipped, or a valid prefix followed by noise.
+pub fn mangled(valid: &[u8], rng: &mut rand_chacha::ChaCha8Rng) -> Vec<u8> {
+    use rand::{Rng, RngCore};
+    match rng.random_range(0..4) {
+        0 => {
+            let mut v = vec![0u8; rng.random_range(1..3000)];
+            rng.fill_bytes(&mut v);
+            v
+        }
+        1 => valid[..rng.random_range(0..valid.len())].to_vec(),
+        2 => {
+            let mut v = valid.to_vec();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..v.len());
+                v[at] ^= 1 << rng.random_range(0..8);
+            }
+            v
+        }
+        _ => {
+            let mut v = valid[..rng.random_range(0..valid.len())].to_vec();
+            let mut noise = vec![0u8; rng.random_range(1..500)];
+            rng.fill_bytes(&mut noise);
+            v.extend_from_slice(&noise);
+            v
+        }
+    }
+}
