@@ -12,13 +12,16 @@
 //! Both write modes: direct I/O (batches padded to 4096 bytes) and
 //! buffered.
 
+#[path = "support/logs.rs"]
+mod logs;
+
 use std::cell::RefCell;
-use std::io::Write;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use logs::with_logs;
 use raftlog::core::types::{Entry, EntryKind, HardState};
 use raftlog::storage::LogStore;
 use raftlog::wal::{self, PowerLossReport, PowerLossSim, Wal, WalConfig};
@@ -56,31 +59,10 @@ struct Acked {
     hs_term: Vec<u64>,
 }
 
-/// Captures tracing output (recovery's warnings).
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Opens `cfg` (recovering) with warnings captured; panics if recovery
 /// refuses.
 fn open_logged(cfg: WalConfig, what: &str) -> (Wal, String) {
-    let logs = Logs::default();
-    let l2 = logs.clone();
-    let sub = tracing_subscriber::fmt()
-        .with_writer(move || l2.clone())
-        .with_ansi(false)
-        .finish();
-    let w = tracing::subscriber::with_default(sub, || Wal::open(cfg));
-    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let (w, text) = with_logs(|| Wal::open(cfg));
     match w {
         Ok(w) => (w, text),
         Err(e) => panic!("{what}: recovery refused a power-cut log: {e}\n{text}"),

@@ -3,14 +3,16 @@
 //! fatal, ENOSPC corrupts nothing, disk usage stays bounded, and the async
 //! producer API batches many appends into few fsyncs.
 
+#[path = "support/logs.rs"]
+mod logs;
+
 use std::cell::RefCell;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use logs::with_logs;
 use raftlog::core::types::{Entry, EntryKind, HardState};
 use raftlog::storage::LogStore;
 use raftlog::wal::format::{self, Decoded, RecordKind};
@@ -33,37 +35,6 @@ fn cfg(dir: &Path) -> WalConfig {
     c.log_segment_bytes_max = 256 << 10;
     c.record_bytes_max = 32 << 10;
     c
-}
-
-/// Captures tracing output so tests can check that warnings were logged.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-fn with_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
-    let logs = Logs::default();
-    let l2 = logs.clone();
-    let sub = tracing_subscriber::fmt()
-        .with_writer(move || l2.clone())
-        .with_ansi(false)
-        .finish();
-    let r = tracing::subscriber::with_default(sub, f);
-    (r, logs.text())
 }
 
 fn segments(dir: &Path) -> Vec<PathBuf> {
