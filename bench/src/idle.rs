@@ -40,16 +40,6 @@ struct Sample {
     cpu_ms: f64,
 }
 
-fn cpu_seconds() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
-
 fn free_udp() -> Result<SocketAddr, String> {
     UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
@@ -123,9 +113,9 @@ fn measure(a: &IdleArgs, hibernate_idle_ms: u64) -> Result<Sample, String> {
         }
         // Past the elections and the first catch-up round (the followers' first appends).
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let (t0, c0, s0) = (Instant::now(), cpu_seconds(), totals(&engines));
+        let (t0, c0, s0) = (Instant::now(), crate::cpu_seconds(), totals(&engines));
         tokio::time::sleep(Duration::from_secs(a.seconds)).await;
-        let (secs, c1, s1) = (t0.elapsed().as_secs_f64(), cpu_seconds(), totals(&engines));
+        let (secs, c1, s1) = (t0.elapsed().as_secs_f64(), crate::cpu_seconds(), totals(&engines));
         let rate = |x: u64, y: u64| (y - x) as f64 / secs;
         Ok(Sample {
             msgs: rate(s0.raft_messages_sent, s1.raft_messages_sent),

@@ -31,6 +31,17 @@ enum Mode {
     Idle(idle::IdleArgs),
 }
 
+/// CPU time (user + system) this process used so far, in seconds.
+fn cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(

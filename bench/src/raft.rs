@@ -30,16 +30,6 @@ pub struct RaftArgs {
     json: bool,
 }
 
-fn cpu_seconds() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
-
 struct Cluster {
     nodes: Vec<RaftNode>,
     net: VecDeque<Message>,
@@ -126,7 +116,7 @@ pub fn run(a: RaftArgs) -> Result<(), String> {
         }
     }
     let l = c.leader().ok_or("no leader elected")?;
-    let (w0, c0) = (Instant::now(), cpu_seconds());
+    let (w0, c0) = (Instant::now(), crate::cpu_seconds());
     let mut proposed = 0u64;
     c.applied = 0;
     while c.applied < a.entries {
@@ -142,9 +132,9 @@ pub fn run(a: RaftArgs) -> Result<(), String> {
             return Err("leadership changed during the run".into());
         }
     }
-    let (wall, cpu) = (w0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+    let (wall, cpu) = (w0.elapsed().as_secs_f64(), crate::cpu_seconds() - c0);
     // Baseline: copy each payload once per replica.
-    let (b0, bc0) = (Instant::now(), cpu_seconds());
+    let (b0, bc0) = (Instant::now(), crate::cpu_seconds());
     let mut sink = vec![0u8; a.entry_bytes];
     let mut check = 0u64;
     for _ in 0..a.entries {
@@ -154,7 +144,7 @@ pub fn run(a: RaftArgs) -> Result<(), String> {
         }
     }
     std::hint::black_box(check);
-    let (_bwall, bcpu) = (b0.elapsed().as_secs_f64(), cpu_seconds() - bc0);
+    let (_bwall, bcpu) = (b0.elapsed().as_secs_f64(), crate::cpu_seconds() - bc0);
     let per_sec = a.entries as f64 / wall;
     let cpu_us = cpu / a.entries as f64 * 1e6;
     let base_us = bcpu / a.entries as f64 * 1e6;
