@@ -55,6 +55,10 @@ impl BlockBackend for BgBackend {
         true
     }
 
+    fn home(&self) -> Option<tokio::runtime::Handle> {
+        Some(self.handle.home().clone())
+    }
+
     async fn read(&self, offset: u64, len: u32) -> BackendResult<Bytes> {
         self.handle
             .read(offset, len)

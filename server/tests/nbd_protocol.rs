@@ -1003,3 +1003,138 @@ async fn garbage_and_truncated_input_close_only_their_connection() {
         .await
         .expect("prompt shutdown");
 }
+
+/// A backend that lives on a runtime of its own (as an engine core does) and records the thread
+/// that serves each request.
+struct Homed {
+    inner: MemBackend,
+    home: tokio::runtime::Handle,
+    threads: std::sync::Mutex<Vec<String>>,
+}
+
+impl Homed {
+    fn note(&self) {
+        let name = std::thread::current().name().unwrap_or("?").to_string();
+        self.threads.lock().unwrap().push(name);
+    }
+}
+
+impl BlockBackend for Homed {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn flush_covers_all_connections(&self) -> bool {
+        true
+    }
+    fn home(&self) -> Option<tokio::runtime::Handle> {
+        Some(self.home.clone())
+    }
+    async fn read(&self, offset: u64, len: u32) -> BackendResult<Bytes> {
+        self.note();
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BackendResult<()> {
+        self.note();
+        self.inner.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> BackendResult<()> {
+        self.note();
+        self.inner.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> BackendResult<()> {
+        self.note();
+        self.inner.trim(offset, len, fua).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        may_trim: bool,
+    ) -> BackendResult<()> {
+        self.note();
+        self.inner.write_zeroes(offset, len, fua, may_trim).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_homed_backend_serves_its_connections_on_its_own_runtime() {
+    // The backend's runtime: one thread, like an engine core.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    let home_thread = std::thread::Builder::new()
+        .name("nbd-home".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            handle_tx.send(rt.handle().clone()).unwrap();
+            rt.block_on(async {
+                let _ = stop_rx.await;
+            });
+        })
+        .unwrap();
+    let home = handle_rx.recv().unwrap();
+    let (srv, reg) = start(
+        vec![(
+            "bg0",
+            Homed {
+                inner: MemBackend::new(MIB),
+                home,
+                threads: Default::default(),
+            },
+        )],
+        NbdConfig::default(),
+    )
+    .await;
+
+    // OPT_GO and the first requests leave in one write: the server has them in its read
+    // buffer when the connection moves, and must carry them over.
+    let mut c = Client::hello(srv.local_addr(), FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
+    let mut burst = Vec::new();
+    burst.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    burst.extend_from_slice(&OPT_GO.to_be_bytes());
+    let go = go_data("bg0", &[]);
+    burst.extend_from_slice(&(go.len() as u32).to_be_bytes());
+    burst.extend_from_slice(&go);
+    for i in 0..4u64 {
+        let h = RequestHeader {
+            flags: 0,
+            kind: CMD_WRITE,
+            cookie: 10 + i,
+            offset: i * 4096,
+            len: 4096,
+        };
+        burst.extend_from_slice(&h.encode());
+        burst.extend_from_slice(&[i as u8 + 1; 4096]);
+    }
+    c.s.write_all(&burst).await.unwrap();
+    assert_eq!(c.opt_reply().await.kind, REP_INFO);
+    assert_eq!(c.opt_reply().await.kind, REP_ACK);
+    let mut cookies = Vec::new();
+    for _ in 0..4 {
+        let (err, cookie) = c.reply().await;
+        assert_eq!(err, 0);
+        cookies.push(cookie);
+    }
+    cookies.sort_unstable();
+    assert_eq!(cookies, [10, 11, 12, 13]);
+    for i in 0..4u64 {
+        let (err, back) = c.call(CMD_READ, 0, i * 4096, 4096, &[]).await;
+        assert_eq!((err, back), (0, vec![i as u8 + 1; 4096]));
+    }
+    c.round_trip(65536, 0x5a).await;
+    assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).await.0, 0);
+
+    let threads = backend(&reg, "bg0").threads.lock().unwrap().clone();
+    assert_eq!(threads.len(), 4 + 4 + 2 + 1);
+    assert!(
+        threads.iter().all(|t| t == "nbd-home"),
+        "requests served on {threads:?}"
+    );
+    drop(c);
+    srv.shutdown().await;
+    stop_tx.send(()).unwrap();
+    home_thread.join().unwrap();
+}

@@ -115,6 +115,14 @@ pub trait BlockBackend: Send + Sync + 'static {
         false
     }
 
+    /// The runtime this export's requests should be served from, if it is not the NBD server's
+    /// own: after the handshake, the connection moves there (its socket re-registered with that
+    /// runtime), so a backend that lives on one thread serves the connection without a
+    /// cross-thread hop per request. `None` (the default) keeps it on the server's runtime.
+    fn home(&self) -> Option<tokio::runtime::Handle> {
+        None
+    }
+
     /// Reads `len` bytes at `offset`; the result must be exactly `len` bytes long.
     fn read(&self, offset: u64, len: u32) -> impl Future<Output = BackendResult<Bytes>> + Send;
 

@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{BufReader, BufWriter};
+use tokio::io::{AsyncReadExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::backend::ExportRegistry;
+use super::backend::{BlockBackend, ExportRegistry};
 use super::server::{NbdConfig, ShutdownSignal};
 use super::{handshake, transmission};
 use crate::error::Error;
@@ -67,9 +67,55 @@ pub(crate) async fn serve<R: ExportRegistry>(
         flags = session.flags,
         "NBD client attached"
     );
-    match transmission::run(&mut rd, wr, session, &config, shutdown, peer).await {
-        Ok(()) => info!(export, "NBD client detached"),
-        Err(e) => log_end(&e),
+    let Some(home) = session.backend.home() else {
+        match transmission::run(&mut rd, wr, session, &config, shutdown, peer).await {
+            Ok(()) => info!(export, "NBD client detached"),
+            Err(e) => log_end(&e),
+        }
+        return;
+    };
+    // Move the connection to the backend's runtime. The read buffer may already hold requests
+    // the client pipelined right after the handshake; they are carried over in front of the
+    // socket. The handshake flushed every reply it wrote, so the write buffer is empty.
+    debug_assert!(wr.buffer().is_empty(), "handshake left unflushed bytes");
+    let leftover = rd.buffer().to_vec();
+    let stream = match rd.into_inner().reunite(wr.into_inner()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(export, "cannot reunite the NBD socket halves: {e}");
+            return;
+        }
+    };
+    let std_stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(
+                export,
+                "cannot detach the NBD socket from the front runtime: {e}"
+            );
+            return;
+        }
+    };
+    let moved = home.spawn(async move {
+        let stream = match TcpStream::from_std(std_stream) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(export, "cannot register the NBD socket with its core: {e}");
+                return;
+            }
+        };
+        let (rd, wr) = stream.into_split();
+        let mut rd =
+            BufReader::with_capacity(READ_BUFFER_BYTES, std::io::Cursor::new(leftover).chain(rd));
+        let wr = BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr);
+        match transmission::run(&mut rd, wr, session, &config, shutdown, peer).await {
+            Ok(()) => info!(export, "NBD client detached"),
+            Err(e) => log_end(&e),
+        }
+    });
+    // The connection lives until its task ends (the server's shutdown waits for this).
+    if let Err(e) = moved.await {
+        warn!("NBD connection task on its core ended abnormally (the core stopped?): {e}");
     }
 }
 
