@@ -107,6 +107,11 @@ pub struct EngineConfig {
     /// the group with it: no ticks and no heartbeats until activity (see `core::hibernate`).
     /// 0 = never (every group ticks and heartbeats all the time).
     pub hibernate_idle_ms: u64,
+    /// UDP payload size the network between the nodes carries (e.g. 8972 with 9000-byte jumbo
+    /// frames, capped at `transport::UDP_PAYLOAD_BYTES_LIMIT`): QUIC packets use it from the
+    /// start. 0 = by address: the full limit on loopback, else QUIC's 1200 bytes with path MTU
+    /// discovery up to Ethernet's 1452.
+    pub quic_udp_payload_bytes: u16,
 }
 
 impl EngineConfig {
@@ -145,6 +150,7 @@ impl EngineConfig {
             data_ios_in_flight_max: 256,
             apply_queue_bytes_max: 64 << 20,
             hibernate_idle_ms: 2_000,
+            quic_udp_payload_bytes: 0,
         }
     }
 
@@ -169,6 +175,16 @@ impl EngineConfig {
             return bad(format!(
                 "hibernate_idle_ms {} must be 0 (off) or at least one tick of {} ms",
                 self.hibernate_idle_ms, self.tick_ms
+            ));
+        }
+        let udp = transport::UDP_PAYLOAD_BYTES_MIN..=transport::UDP_PAYLOAD_BYTES_LIMIT;
+        if self.quic_udp_payload_bytes != 0 && !udp.contains(&self.quic_udp_payload_bytes) {
+            return bad(format!(
+                "quic_udp_payload_bytes {} must be 0 (by address) or in {}..={}: QUIC needs 1200 \
+                 and quinn's GSO sends of 10 packets must fit one 64 KiB datagram",
+                self.quic_udp_payload_bytes,
+                udp.start(),
+                udp.end()
             ));
         }
         if self.heartbeat_factor < 2 {

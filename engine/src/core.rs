@@ -413,6 +413,9 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>
     tcfg.snapshot_chunk_bytes = cfg.snapshot_chunk_bytes;
     tcfg.snapshot_chunk_bytes_max = tcfg.snapshot_chunk_bytes_max.max(cfg.snapshot_chunk_bytes);
     tcfg.snapshot_bytes_per_sec_max = cfg.snapshot_bytes_per_sec_max;
+    if cfg.quic_udp_payload_bytes != 0 {
+        tcfg = tcfg.with_udp_payload_bytes(cfg.quic_udp_payload_bytes);
+    }
     let security = match &cfg.tls_dir {
         Some(d) => Security::MutualTls(
             transport::NodeIdentity::load(d, cfg.node_id)

@@ -140,6 +140,10 @@ pub struct RunArgs {
     /// Pin core thread N to CPU N (turn off when several nodes share a machine).
     #[arg(long)]
     pub pin_cores: Option<bool>,
+    /// UDP payload size the network between nodes carries, e.g. 6550 with jumbo frames (at most
+    /// 6550; 0 = by address: 6550 on loopback, else 1200 with MTU discovery up to 1452).
+    #[arg(long)]
+    pub quic_udp_payload_bytes: Option<u16>,
 }
 
 fn parse_peer(s: &str) -> Result<PeerConfig, String> {
@@ -196,6 +200,7 @@ impl RunArgs {
             snapshot_keep_bytes_max => raft.snapshot_keep_bytes_max,
             log_memory_bytes_max => raft.log_memory_bytes_max,
             data_direct_io => data_direct_io, pin_cores => pin_cores,
+            quic_udp_payload_bytes => quic_udp_payload_bytes,
             hibernate_idle_ms => raft.hibernate_idle_ms);
         if let Some(d) = &self.tls_dir {
             c.tls_dir = Some(d.clone());

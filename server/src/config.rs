@@ -12,6 +12,7 @@
 //! insecure_loopback = false         # no TLS: local dev cluster on loopback only
 //! data_direct_io = false            # O_DIRECT data files (docs/bench-nbd.md)
 //! pin_cores = true                  # core thread N runs on CPU N only
+//! quic_udp_payload_bytes = 0        # 0 = by address (6550 on loopback, else 1200..1452)
 //!
 //! [[peers]]
 //! id = 2
@@ -138,6 +139,8 @@ pub struct ServerConfig {
     /// Pin core thread N to CPU N (the engine's `pin_cores`); off when several nodes share a
     /// machine, or they all crowd onto the first CPUs.
     pub pin_cores: bool,
+    /// UDP payload the network carries (the engine's `quic_udp_payload_bytes`; 0 = by address).
+    pub quic_udp_payload_bytes: u16,
     pub peers: Vec<PeerConfig>,
     pub bgs: Vec<BgConfig>,
     pub raft: RaftSettings,
@@ -156,6 +159,7 @@ impl Default for ServerConfig {
             insecure_loopback: false,
             data_direct_io: engine::config::DATA_DIRECT_IO_DEFAULT,
             pin_cores: true,
+            quic_udp_payload_bytes: 0,
             peers: Vec::new(),
             bgs: Vec::new(),
             raft: RaftSettings::default(),
@@ -198,6 +202,7 @@ impl ServerConfig {
         c.tls_dir = self.tls_dir.clone();
         c.data_direct_io = self.data_direct_io;
         c.pin_cores = self.pin_cores;
+        c.quic_udp_payload_bytes = self.quic_udp_payload_bytes;
         for p in &self.peers {
             if c.peers.insert(p.id, p.addr).is_some() {
                 return bad(format!("peer {} is listed twice", p.id));
@@ -296,5 +301,20 @@ mod tests {
         assert!(!file.raft.wal_direct_io && !file.raft.wal_segment_zero_fill);
         c.node_id = 0;
         assert!(c.engine_config().is_err());
+    }
+
+    #[test]
+    fn quic_udp_payload_bytes_reaches_the_engine_and_bad_sizes_name_the_key() {
+        let mut c: ServerConfig =
+            toml::from_str("node_id = 1\ninsecure_loopback = true\nquic_udp_payload_bytes = 6000")
+                .unwrap();
+        assert_eq!(c.engine_config().unwrap().quic_udp_payload_bytes, 6000);
+        for bad in [1000, 9000] {
+            c.quic_udp_payload_bytes = bad;
+            let e = c.engine_config().unwrap_err().to_string();
+            assert!(e.contains("quic_udp_payload_bytes"), "{e}");
+        }
+        c.quic_udp_payload_bytes = 0;
+        assert_eq!(c.engine_config().unwrap().quic_udp_payload_bytes, 0);
     }
 }

@@ -66,7 +66,29 @@ pub struct Config {
     /// within a round trip; a dead peer never does, and QUIC would wait out its draining period
     /// (3 PTOs, tens of seconds after the backoff of an unanswered path), so the wait is bounded.
     pub close_wait_max: Duration,
+    /// UDP payload size the network path is known to carry: QUIC packets start at this size and
+    /// never fall back below it when packets are lost (quinn's `initial_mtu` and `min_mtu`).
+    /// Every QUIC packet costs the same bookkeeping, encryption call and acknowledgement work
+    /// whatever its size, so a 4 KiB block write costs four packets at the internet-safe 1200
+    /// bytes and one at 6500: on loopback that was most of a replicated write's CPU
+    /// (docs/bench-nbd.md).
+    pub udp_payload_bytes: u16,
+    /// Largest UDP payload this endpoint accepts and that path MTU discovery probes for. At most
+    /// [`UDP_PAYLOAD_BYTES_LIMIT`].
+    pub udp_payload_bytes_max: u16,
 }
+
+/// The largest usable UDP payload: quinn hands the kernel up to 10 packets per GSO send, and the
+/// kernel refuses a GSO send over 64 KiB (EMSGSIZE), which quinn-udp drops without a word. So
+/// 10 packets must fit in one 65,507-byte UDP datagram.
+pub const UDP_PAYLOAD_BYTES_LIMIT: u16 = 6_550;
+
+/// QUIC's minimum, which every path must carry (RFC 9000 §14).
+pub const UDP_PAYLOAD_BYTES_MIN: u16 = 1_200;
+
+/// Default `udp_payload_bytes_max` off loopback: the largest payload of a 1500-byte Ethernet MTU
+/// over IPv6 (quinn's default discovery bound).
+pub const UDP_PAYLOAD_BYTES_ETHERNET: u16 = 1_452;
 
 impl Config {
     pub fn new(node: NodeId, bind: SocketAddr) -> Config {
@@ -93,7 +115,26 @@ impl Config {
             snapshot_attempts_max: 10,
             snapshot_streams_max: 8,
             close_wait_max: Duration::from_millis(300),
+            // Loopback carries 64 KiB datagrams, so there is nothing to discover.
+            udp_payload_bytes: if bind.ip().is_loopback() {
+                UDP_PAYLOAD_BYTES_LIMIT
+            } else {
+                UDP_PAYLOAD_BYTES_MIN
+            },
+            udp_payload_bytes_max: if bind.ip().is_loopback() {
+                UDP_PAYLOAD_BYTES_LIMIT
+            } else {
+                UDP_PAYLOAD_BYTES_ETHERNET
+            },
         }
+    }
+
+    /// Declares that the network carries UDP payloads of `bytes` (e.g. jumbo frames): packets
+    /// use that size from the start, without discovery. Checked by [`Transport::bind`].
+    pub fn with_udp_payload_bytes(mut self, bytes: u16) -> Config {
+        self.udp_payload_bytes = bytes;
+        self.udp_payload_bytes_max = bytes;
+        self
     }
 
     /// Sizes the flow-control windows for a path of `bytes_per_sec` and round-trip time `rtt`: one stream
@@ -109,6 +150,16 @@ impl Config {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(m.to_string()));
+        if !(UDP_PAYLOAD_BYTES_MIN..=self.udp_payload_bytes_max).contains(&self.udp_payload_bytes)
+            || self.udp_payload_bytes_max > UDP_PAYLOAD_BYTES_LIMIT
+        {
+            return Err(Error::Config(format!(
+                "udp_payload_bytes {} and udp_payload_bytes_max {} must satisfy \
+                 {UDP_PAYLOAD_BYTES_MIN} <= udp_payload_bytes <= udp_payload_bytes_max <= \
+                 {UDP_PAYLOAD_BYTES_LIMIT}",
+                self.udp_payload_bytes, self.udp_payload_bytes_max
+            )));
+        }
         if self.frame_bytes_max < wire::FRAME_HEADER_BYTES
             || self.frame_bytes_max > u32::MAX as usize
         {
@@ -165,6 +216,13 @@ pub struct PeerStats {
     pub connects: u64,
     pub connect_failures: u64,
     pub connected: bool,
+    /// Of the live connection (zero without one): QUIC's own view of the path.
+    pub udp_datagrams_sent: u64,
+    pub udp_datagrams_received: u64,
+    pub lost_packets: u64,
+    /// Current UDP payload size of the packets sent (the path MTU as QUIC uses it).
+    pub udp_payload_bytes: u16,
+    pub rtt_us: u64,
 }
 
 #[derive(Default)]
@@ -270,6 +328,15 @@ fn transport_config(cfg: &Config) -> Result<quinn::TransportConfig> {
     t.max_concurrent_bidi_streams(VarInt::from_u32(cfg.snapshot_streams_max + 1));
     t.max_concurrent_uni_streams(VarInt::from_u32(4));
     t.datagram_receive_buffer_size(None);
+    t.initial_mtu(cfg.udp_payload_bytes);
+    t.min_mtu(cfg.udp_payload_bytes);
+    if cfg.udp_payload_bytes < cfg.udp_payload_bytes_max {
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(cfg.udp_payload_bytes_max);
+        t.mtu_discovery_config(Some(mtu));
+    } else {
+        t.mtu_discovery_config(None);
+    }
     Ok(t)
 }
 
@@ -351,8 +418,12 @@ impl Transport {
         client_cfg.transport_config(tcfg);
 
         let socket = udp_socket(&cfg)?;
+        let mut endpoint_cfg = quinn::EndpointConfig::default();
+        endpoint_cfg
+            .max_udp_payload_size(cfg.udp_payload_bytes_max)
+            .map_err(|e| Error::Config(format!("udp_payload_bytes_max: {e}")))?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_cfg,
             Some(server_cfg),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -508,7 +579,15 @@ impl Transport {
     pub fn peer_stats(&self, node: NodeId) -> Option<PeerStats> {
         let peer = self.inner.peer(node).ok()?;
         let c = &peer.counters;
+        let path = peer.live_link().map(|l| l.conn.stats());
         Some(PeerStats {
+            udp_datagrams_sent: path.as_ref().map_or(0, |s| s.udp_tx.datagrams),
+            udp_datagrams_received: path.as_ref().map_or(0, |s| s.udp_rx.datagrams),
+            lost_packets: path.as_ref().map_or(0, |s| s.path.lost_packets),
+            udp_payload_bytes: path.as_ref().map_or(0, |s| s.path.current_mtu),
+            rtt_us: path
+                .as_ref()
+                .map_or(0, |s| s.path.rtt.as_micros().min(u64::MAX as u128) as u64),
             frames_sent: c.frames_sent.load(Ordering::Relaxed),
             bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
             frames_received: c.frames_received.load(Ordering::Relaxed),

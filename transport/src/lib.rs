@@ -64,7 +64,10 @@ pub mod throttle;
 pub mod tls;
 pub mod wire;
 
-pub use endpoint::{Config, Lane, PeerStats, Received, Transport};
+pub use endpoint::{
+    Config, Lane, PeerStats, Received, Transport, UDP_PAYLOAD_BYTES_ETHERNET,
+    UDP_PAYLOAD_BYTES_LIMIT, UDP_PAYLOAD_BYTES_MIN,
+};
 pub use error::{Error, PeerName, Result};
 pub use snapshot::{SnapshotOffer, SnapshotReceiver, SnapshotSent, SnapshotSink, SnapshotSource};
 pub use tls::{init_ca, issue_cert, NodeIdentity, Security};

@@ -316,3 +316,101 @@ async fn shutdown_closes_connections_and_later_sends_do_not_panic() {
         .send(1, Frame::new(1, 1, "after shutdown"), Lane::Data);
     assert_silent(&mut nodes[0], Duration::from_millis(100)).await;
 }
+
+/// Starts two mutual-TLS nodes with the given configs, peered with each other.
+fn pair(pki: &Pki, a: Config, b: Config) -> Vec<Node> {
+    let nodes = vec![
+        start(a, Security::MutualTls(pki.identity(1))),
+        start(b, Security::MutualTls(pki.identity(2))),
+    ];
+    nodes[0].t.add_peer(2, nodes[1].t.local_addr()).unwrap();
+    nodes[1].t.add_peer(1, nodes[0].t.local_addr()).unwrap();
+    nodes
+}
+
+/// Sends `n` frames of 4 KiB (a block write's size) from node 1 to node 2 one at a time, and
+/// returns node 1's view of the path afterwards.
+async fn send_blocks(nodes: &mut [Node], n: u64) -> transport::PeerStats {
+    let before = nodes[0].t.peer_stats(2).unwrap();
+    for i in 0..n {
+        nodes[0]
+            .t
+            .send(2, Frame::new(7, 0, vec![i as u8; 4096]), Lane::Data)
+            .unwrap();
+        // One frame per flush: each costs whole packets, as a lone write does.
+        assert_eq!(recv(&mut nodes[1]).await.frame.payload.len(), 4096);
+    }
+    let after = nodes[0].t.peer_stats(2).unwrap();
+    transport::PeerStats {
+        udp_datagrams_sent: after.udp_datagrams_sent - before.udp_datagrams_sent,
+        ..after
+    }
+}
+
+#[tokio::test]
+async fn loopback_packets_carry_a_whole_block() {
+    let pki = Pki::new();
+    let mut nodes = pair(&pki, fast_config(1), fast_config(2));
+    assert!(nodes[0].t.wait_connected(2, WAIT).await);
+    let s = send_blocks(&mut nodes, 200).await;
+    assert_eq!(s.udp_payload_bytes, transport::UDP_PAYLOAD_BYTES_LIMIT);
+    assert_eq!(s.lost_packets, 0);
+    // One packet per 4 KiB frame (at 1200 bytes it takes four), plus the odd ack or ping.
+    assert!(
+        s.udp_datagrams_sent < 200 * 3 / 2,
+        "{} datagrams for 200 frames of 4 KiB",
+        s.udp_datagrams_sent
+    );
+}
+
+#[tokio::test]
+async fn the_internet_safe_size_splits_blocks_and_a_declared_size_is_used_at_once() {
+    let pki = Pki::new();
+    let small = |node| {
+        let mut c = fast_config(node);
+        c.udp_payload_bytes = transport::UDP_PAYLOAD_BYTES_MIN;
+        c.udp_payload_bytes_max = transport::UDP_PAYLOAD_BYTES_MIN;
+        c
+    };
+    let mut nodes = pair(&pki, small(1), small(2));
+    assert!(nodes[0].t.wait_connected(2, WAIT).await);
+    let s = send_blocks(&mut nodes, 100).await;
+    assert_eq!(s.udp_payload_bytes, 1200);
+    assert!(
+        s.udp_datagrams_sent >= 400,
+        "4 KiB in 1200-byte packets takes 4 each: {} datagrams for 100 frames",
+        s.udp_datagrams_sent
+    );
+    drop(nodes);
+
+    let jumbo = |node| fast_config(node).with_udp_payload_bytes(4500);
+    let mut nodes = pair(&pki, jumbo(1), jumbo(2));
+    assert!(nodes[0].t.wait_connected(2, WAIT).await);
+    let s = send_blocks(&mut nodes, 100).await;
+    assert_eq!(s.udp_payload_bytes, 4500);
+}
+
+#[tokio::test]
+async fn udp_payload_sizes_outside_what_quic_and_gso_allow_are_refused() {
+    let pki = Pki::new();
+    for (size, max) in [
+        (1199, 1452),
+        (1500, 1452),
+        (1200, transport::UDP_PAYLOAD_BYTES_LIMIT + 1),
+    ] {
+        let mut cfg = fast_config(1);
+        cfg.udp_payload_bytes = size;
+        cfg.udp_payload_bytes_max = max;
+        match Transport::bind(cfg, Security::MutualTls(pki.identity(1)), None) {
+            Err(Error::Config(m)) => assert!(m.contains("udp_payload_bytes"), "{m}"),
+            Err(e) => panic!("({size}, {max}): unexpected error {e}"),
+            Ok(_) => panic!("({size}, {max}) was accepted"),
+        }
+    }
+    // Off loopback the default is QUIC's minimum, discovering up to Ethernet's size.
+    let c = Config::new(1, "10.0.0.1:7100".parse().unwrap());
+    assert_eq!(
+        (c.udp_payload_bytes, c.udp_payload_bytes_max),
+        (1200, transport::UDP_PAYLOAD_BYTES_ETHERNET)
+    );
+}
