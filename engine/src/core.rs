@@ -66,7 +66,7 @@ use crate::config::{BgSpec, EngineConfig};
 use crate::dataio::{DataIo, DataWaiter, IoDone, IoKind};
 use crate::error::{Error, Result};
 use crate::snapshot::{FileSource, Incoming};
-use crate::status::{BgStatus, CoreCounters, PeerStat};
+use crate::status::{BgStatus, CoreCounters, LinkStat, PeerStat};
 use hibernate::Hibernation;
 
 /// Inputs drained per source per loop iteration, at most (keeps one busy source from starving
@@ -100,6 +100,8 @@ pub enum CoreRequest {
         reply: oneshot::Sender<Result<Bytes>>,
     },
     Status(oneshot::Sender<Vec<BgStatus>>),
+    /// This core's connections to its peers.
+    Links(oneshot::Sender<Vec<LinkStat>>),
     /// Take a snapshot of `bg` now; answers with the snapshot index.
     Snapshot {
         bg: GroupId,
@@ -662,6 +664,9 @@ impl Core {
             }
             CoreRequest::Status(reply) => {
                 let _ = reply.send(self.status());
+            }
+            CoreRequest::Links(reply) => {
+                let _ = reply.send(self.links());
             }
             CoreRequest::Snapshot { bg, reply } => self.take_snapshot(bg, Some(reply)),
             CoreRequest::Shutdown => {}
@@ -1820,6 +1825,30 @@ impl Core {
     // ------------------------------------------------------------------
     // Status and shutdown
     // ------------------------------------------------------------------
+
+    fn links(&self) -> Vec<LinkStat> {
+        self.cfg
+            .peers
+            .keys()
+            .filter_map(|&peer| {
+                let p = self.transport.peer_stats(peer)?;
+                Some(LinkStat {
+                    core: self.core,
+                    peer,
+                    connected: p.connected,
+                    frames_sent: p.frames_sent,
+                    frames_received: p.frames_received,
+                    frames_dropped: p.frames_dropped,
+                    bytes_sent: p.bytes_sent,
+                    udp_datagrams_sent: p.udp_datagrams_sent,
+                    udp_datagrams_received: p.udp_datagrams_received,
+                    lost_packets: p.lost_packets,
+                    udp_payload_bytes: p.udp_payload_bytes,
+                    rtt_us: p.rtt_us,
+                })
+            })
+            .collect()
+    }
 
     fn status(&self) -> Vec<BgStatus> {
         self.groups

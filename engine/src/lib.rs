@@ -57,7 +57,7 @@ use tracing::{error, info, warn};
 pub use block::BlockOp;
 pub use config::{BgSpec, EngineConfig};
 pub use error::{Error, ErrorKind, Result};
-pub use status::{BgStatus, CoreStat, PeerStat};
+pub use status::{BgStatus, CoreStat, LinkStat, PeerStat};
 
 use crate::core::{ClientOp, CoreCtx, CoreRequest};
 use crate::status::CoreCounters;
@@ -189,6 +189,20 @@ impl Engine {
             }
         }
         out.sort_by_key(|s| s.bg);
+        out
+    }
+
+    /// Every core's QUIC connection to every peer node, ordered by core then peer.
+    pub async fn links(&self) -> Vec<LinkStat> {
+        let mut out = Vec::new();
+        for tx in &self.cores {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(CoreRequest::Links(reply)).await.is_ok() {
+                if let Ok(v) = rx.await {
+                    out.extend(v);
+                }
+            }
+        }
         out
     }
 

@@ -70,6 +70,51 @@ pub struct CoreStat {
     pub wakes: u64,
 }
 
+/// One core's QUIC connection to a peer node: the transport's counters and QUIC's view of the
+/// path, so an operator can see that packets have the size the network was declared to carry
+/// (`quic_udp_payload_bytes`) and whether any are lost.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct LinkStat {
+    pub core: usize,
+    pub peer: u64,
+    pub connected: bool,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    /// Frames dropped because a queue was full or a write failed (raft resends).
+    pub frames_dropped: u64,
+    pub bytes_sent: u64,
+    /// Of the current connection only (a reconnect starts them again).
+    pub udp_datagrams_sent: u64,
+    pub udp_datagrams_received: u64,
+    pub lost_packets: u64,
+    /// Payload size of the UDP datagrams sent now (0 while disconnected).
+    pub udp_payload_bytes: u16,
+    pub rtt_us: u64,
+}
+
+impl LinkStat {
+    /// One `/raft_stat` line.
+    pub fn raft_stat_text(&self) -> String {
+        format!(
+            "[core {} -> node {}] connected: {} frames_sent: {} frames_received: {} \
+             frames_dropped: {} bytes_sent: {} udp_datagrams_sent: {} udp_datagrams_received: {} \
+             lost_packets: {} udp_payload_bytes: {} rtt_us: {}\n",
+            self.core,
+            self.peer,
+            self.connected,
+            self.frames_sent,
+            self.frames_received,
+            self.frames_dropped,
+            self.bytes_sent,
+            self.udp_datagrams_sent,
+            self.udp_datagrams_received,
+            self.lost_packets,
+            self.udp_payload_bytes,
+            self.rtt_us
+        )
+    }
+}
+
 impl BgStatus {
     /// braft's `/raft_stat` layout, one `key: value` per line.
     pub fn raft_stat_text(&self) -> String {

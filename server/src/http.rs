@@ -77,6 +77,9 @@ async fn handle(mut sock: TcpStream, engine: Arc<Engine>) {
             for c in engine.core_stats() {
                 body.push_str(&c.raft_stat_text());
             }
+            for l in engine.links().await {
+                body.push_str(&l.raft_stat_text());
+            }
             let _ = respond(&mut sock, 200, "text/plain; charset=utf-8", &body).await;
         }
         "/status.json" => {
@@ -86,6 +89,7 @@ async fn handle(mut sock: TcpStream, engine: Arc<Engine>) {
                 "cores": engine.config().cores,
                 "bgs": status,
                 "core_stats": engine.core_stats(),
+                "links": engine.links().await,
             });
             let _ = respond(&mut sock, 200, "application/json", &format!("{doc}\n")).await;
         }
