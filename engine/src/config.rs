@@ -107,8 +107,8 @@ pub struct EngineConfig {
     /// the group with it: no ticks and no heartbeats until activity (see `core::hibernate`).
     /// 0 = never (every group ticks and heartbeats all the time).
     pub hibernate_idle_ms: u64,
-    /// UDP payload size the network between the nodes carries (e.g. 8972 with 9000-byte jumbo
-    /// frames, capped at `transport::UDP_PAYLOAD_BYTES_LIMIT`): QUIC packets use it from the
+    /// UDP payload size the network between the nodes carries (e.g. 6550 on a network with
+    /// jumbo frames; at most `transport::UDP_PAYLOAD_BYTES_LIMIT`): QUIC packets use it from the
     /// start. 0 = by address: the full limit on loopback, else QUIC's 1200 bytes with path MTU
     /// discovery up to Ethernet's 1452.
     pub quic_udp_payload_bytes: u16,

@@ -179,31 +179,32 @@ impl Engine {
 
     /// Status of every block group, ordered by id.
     pub async fn status(&self) -> Vec<BgStatus> {
+        let mut out = self.ask_every_core(CoreRequest::Status).await;
+        out.sort_by_key(|s| s.bg);
+        out
+    }
+
+    /// Sends `request` to every core in turn and concatenates the answers; a core that has
+    /// stopped contributes nothing.
+    async fn ask_every_core<T>(
+        &self,
+        request: impl Fn(oneshot::Sender<Vec<T>>) -> CoreRequest,
+    ) -> Vec<T> {
         let mut out = Vec::new();
         for tx in &self.cores {
             let (reply, rx) = oneshot::channel();
-            if tx.send(CoreRequest::Status(reply)).await.is_ok() {
+            if tx.send(request(reply)).await.is_ok() {
                 if let Ok(v) = rx.await {
                     out.extend(v);
                 }
             }
         }
-        out.sort_by_key(|s| s.bg);
         out
     }
 
     /// Every core's QUIC connection to every peer node, ordered by core then peer.
     pub async fn links(&self) -> Vec<LinkStat> {
-        let mut out = Vec::new();
-        for tx in &self.cores {
-            let (reply, rx) = oneshot::channel();
-            if tx.send(CoreRequest::Links(reply)).await.is_ok() {
-                if let Ok(v) = rx.await {
-                    out.extend(v);
-                }
-            }
-        }
-        out
+        self.ask_every_core(CoreRequest::Links).await
     }
 
     /// Per core: what it sent to its peers and how many of its groups hibernate.

@@ -70,7 +70,7 @@ pub struct Config {
     /// never fall back below it when packets are lost (quinn's `initial_mtu` and `min_mtu`).
     /// Every QUIC packet costs the same bookkeeping, encryption call and acknowledgement work
     /// whatever its size, so a 4 KiB block write costs four packets at the internet-safe 1200
-    /// bytes and one at 6500: on loopback that was most of a replicated write's CPU
+    /// bytes and one at 6550: on loopback that was most of a replicated write's CPU
     /// (docs/bench-nbd.md).
     pub udp_payload_bytes: u16,
     /// Largest UDP payload this endpoint accepts and that path MTU discovery probes for. At most

@@ -96,6 +96,7 @@ pub(crate) async fn serve<R: ExportRegistry>(
             return;
         }
     };
+    let name = export.clone();
     let moved = home.spawn(async move {
         let stream = match TcpStream::from_std(std_stream) {
             Ok(s) => s,
@@ -115,7 +116,10 @@ pub(crate) async fn serve<R: ExportRegistry>(
     });
     // The connection lives until its task ends (the server's shutdown waits for this).
     if let Err(e) = moved.await {
-        warn!("NBD connection task on its core ended abnormally (the core stopped?): {e}");
+        warn!(
+            export = name,
+            "NBD connection task on its core ended abnormally (the core stopped?): {e}"
+        );
     }
 }
 
