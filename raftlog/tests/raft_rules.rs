@@ -941,7 +941,13 @@ fn install_snapshot_keeps_matching_suffix_and_discards_otherwise() {
             snap_term,
             MessageBody::InstallSnapshot { meta: meta.clone() },
         ));
-        let rd = n.ready();
+        let mut rd = n.ready();
+        if let Some(w) = rd.write.take() {
+            // A newer term is stored first; the snapshot waits for it.
+            assert!(rd.snapshot_to_install.is_none(), "term {snap_term}");
+            n.on_write_durable(w.seq);
+            rd = n.ready();
+        }
         assert_eq!(rd.snapshot_to_install.as_ref(), Some(&meta));
         n.on_snapshot_installed(meta.clone());
         assert_eq!(n.first_index(), 4, "term {snap_term}");
@@ -961,6 +967,46 @@ fn install_snapshot_keeps_matching_suffix_and_discards_otherwise() {
                     success: true
                 }));
     }
+}
+
+/// A snapshot that arrives with a newer term is handed to the host only after
+/// the hard state carrying that term is durable: the install makes the
+/// snapshot durable by itself, so installing first could leave a crash with a
+/// snapshot from a term above the stored one. The same holds for any write
+/// still on its way to the disk.
+#[test]
+fn snapshot_from_a_newer_term_waits_until_that_term_is_durable() {
+    let restore = restore_log(1, 0, &[1, 1, 1], &[1, 2, 3]);
+    let mut n = RaftNode::new(GROUP, 2, cfg(), Box::new(SplitMix64(1)), restore).unwrap();
+    let meta = SnapshotMeta {
+        index: 10,
+        term: 3,
+        conf: Configuration::new([1, 2, 3]),
+    };
+    n.step(msg(
+        1,
+        2,
+        3,
+        MessageBody::InstallSnapshot { meta: meta.clone() },
+    ));
+    let rd = n.ready();
+    let w = rd.write.expect("the new term is written");
+    assert_eq!(w.hard_state.map(|h| h.term), Some(3));
+    assert!(
+        rd.snapshot_to_install.is_none(),
+        "installed before its term is durable"
+    );
+    // Nothing else to do until the disk answers; asking again hands out nothing.
+    assert!(!n.has_ready());
+    assert!(n.ready().snapshot_to_install.is_none());
+    n.on_write_durable(w.seq);
+    assert!(n.has_ready());
+    let rd = n.ready();
+    assert_eq!(rd.snapshot_to_install.as_ref(), Some(&meta));
+    assert!(rd.write.is_none());
+    n.on_snapshot_installed(meta.clone());
+    assert_eq!(n.snapshot_meta(), &meta);
+    assert_eq!(n.term(), 3);
 }
 
 /// A leader with node `f` lagging behind a snapshot: (cluster, leader, f).

@@ -179,7 +179,9 @@ pub struct Ready {
     /// `Noop` entries need no action from a block state machine.
     pub committed_entries: Vec<Entry>,
     /// Load this snapshot's data (received by the host's transport), make it
-    /// durable, then call `on_snapshot_installed`.
+    /// durable, then call `on_snapshot_installed`. Handed out only once every
+    /// earlier write is durable (`on_write_durable`), so the term the snapshot
+    /// came with is stored before the snapshot is.
     pub snapshot_to_install: Option<SnapshotMeta>,
     pub events: Vec<Event>,
 }

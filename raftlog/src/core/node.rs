@@ -572,10 +572,18 @@ impl RaftNode {
             || !self.msgs.is_empty()
             || !self.held_msgs.is_empty()
             || !self.events.is_empty()
-            || self.snapshot_to_install.is_some()
+            || self.snapshot_ready_to_install()
             || self.need_broadcast
             || self.read_round_wanted
             || self.applied < self.apply_limit()
+    }
+
+    /// A snapshot to install is handed to the host only once every write made before it is
+    /// durable. The install makes the snapshot durable by itself (data and meta files), while
+    /// the term the snapshot came with travels in a hard-state write: installing first, a crash
+    /// in between would restart the node with a snapshot from a term above its stored term.
+    fn snapshot_ready_to_install(&self) -> bool {
+        self.snapshot_to_install.is_some() && self.inflight_writes.is_empty()
     }
 
     fn apply_limit(&self) -> Index {
@@ -625,7 +633,10 @@ impl RaftNode {
             self.applied = hi;
             self.after_apply(hi);
         }
-        rd.snapshot_to_install = self.snapshot_to_install.take();
+        // After this ready's own write was queued above: that write must be durable too.
+        if self.snapshot_ready_to_install() {
+            rd.snapshot_to_install = self.snapshot_to_install.take();
+        }
         rd.events = std::mem::take(&mut self.events);
         rd
     }
