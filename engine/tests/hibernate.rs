@@ -347,3 +347,70 @@ fn node_restarted_while_groups_hibernate_rejoins() {
     });
     stop(engines);
 }
+
+/// A node that is down does not keep its groups awake: once the survivors have led every group
+/// for a while, all groups hibernate on the two of them (a majority), a write still works and
+/// the group sleeps again; when the node returns it is woken into, catches up, and everything
+/// hibernates on all three.
+#[test]
+fn groups_hibernate_with_a_node_down_and_wake_for_its_return() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let addrs = cluster_addrs(3);
+    let mut engines = start(dir.path(), &addrs, 200);
+    rt.block_on(async {
+        wait_for(&engines, "every group hibernating", all_hibernating).await;
+    });
+    let down = 3;
+    engines[(down - 1) as usize].take().unwrap().shutdown();
+    let bg = 5;
+    rt.block_on(async {
+        wait_for(
+            &engines,
+            "every group hibernating on the two running nodes",
+            all_hibernating,
+        )
+        .await;
+        let e = engine(&engines, 1).bg(bg).unwrap();
+        e.write(0, pattern(7, 8192)).await.unwrap();
+        let s = wait_for(
+            &engines,
+            "every group hibernating again after the write",
+            all_hibernating,
+        )
+        .await;
+        assert!(s.iter().flatten().any(|b| b.bg == bg && b.hibernating));
+        let (msgs, _, _) = traffic_over_a_second(&engines).await;
+        assert_eq!(msgs, 0, "raft messages while every group sleeps");
+    });
+    engines[(down - 1) as usize] =
+        Some(Engine::start(config(dir.path(), down, &addrs, 200)).unwrap());
+    rt.block_on(async {
+        let s = wait_for(
+            &engines,
+            "every group led and hibernating on all three nodes",
+            |s| {
+                all_hibernating(s)
+                    && s.iter().flatten().filter(|b| b.node == down).count() == BGS as usize
+            },
+        )
+        .await;
+        // The returned node applied every group's log up to its leader's commit, the write
+        // made while it was down included.
+        for b in s.iter().flatten().filter(|b| b.node == down) {
+            let leader = s
+                .iter()
+                .flatten()
+                .find(|x| x.bg == b.bg && x.state == "LEADER")
+                .unwrap();
+            assert_eq!(
+                b.known_applied_index, leader.last_committed_index,
+                "bg {}",
+                b.bg
+            );
+        }
+        let e = engine(&engines, down).bg(bg).unwrap();
+        assert!(e.read(0, 8192).await.unwrap() == pattern(7, 8192));
+    });
+    stop(engines);
+}

@@ -1958,6 +1958,39 @@ fn quiescent_once_followers_acknowledged_the_settled_commit() {
     assert_eq!(quiescent_all(&c), vec![Some((last + 1, term)); 3]);
 }
 
+/// A leader may leave out members the host knows are down
+/// (`quiescent_without`): a follower cut off while an entry was proposed keeps
+/// `quiescent()` from holding, but not `quiescent_without` that follower, as
+/// long as the leader and the rest are a majority of the voters; the other
+/// follower must still match, and the result is the point it matches at.
+#[test]
+fn quiescent_without_absent_members_needs_a_live_majority() {
+    let mut c = Cluster::new(3, cfg(), 122);
+    let l = c.elect();
+    let fs = followers(&c, l);
+    c.isolate(fs[0]);
+    c.propose(l, "x");
+    c.ticks(3);
+    let last = c.node(l).last_index();
+    let term = c.node(l).term();
+    assert_eq!(c.node(l).commit_index(), last);
+    assert_eq!(c.node(l).quiescent(), None, "node {} lags", fs[0]);
+    let absent: BTreeSet<NodeId> = [fs[0]].into();
+    assert_eq!(c.node(l).quiescent_without(&absent), Some((last, term)));
+    assert_eq!(c.node(fs[1]).quiescent(), Some((last, term)));
+    // Leaving out the follower that does match changes nothing; leaving out
+    // both leaves the leader alone, not a majority.
+    let other: BTreeSet<NodeId> = [fs[1]].into();
+    assert_eq!(
+        c.node(l).quiescent_without(&other),
+        None,
+        "node {} lags",
+        fs[0]
+    );
+    let both: BTreeSet<NodeId> = fs.iter().copied().collect();
+    assert_eq!(c.node(l).quiescent_without(&both), None, "no majority");
+}
+
 /// A follower that lags (cut off while an entry was proposed), a pending
 /// read and a transfer each keep the leader from being quiescent.
 #[test]

@@ -40,8 +40,13 @@
 //! election timeout minus the drift margin from a round the follower acknowledged, has run out by
 //! then, exactly as if the follower had been ticking.
 //!
-//! A group with a dead or lagging follower never hibernates (the leader cannot get its `Ack`),
-//! which keeps the failure handling of degraded groups the ordinary ticking one.
+//! # Degraded groups
+//! A follower on a node that is silent (nothing heard for an election timeout) is left out: the
+//! leader hibernates the group with the `Ack`s of the others if they and the leader are a
+//! majority of the voters ([`RaftNode::quiescent_without`]). When the node is heard from again,
+//! the leaders of its groups wake and heartbeat it, and it catches up by ordinary replication.
+//! A follower that is alive but lagging still keeps its group awake (no `Ack` at a different
+//! log), as does a group without a majority of live voters.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -130,6 +135,15 @@ impl Hibernation {
 
     fn enabled(&self) -> bool {
         self.idle_ticks > 0
+    }
+
+    /// Peers nothing was heard from for an election timeout.
+    fn silent_peers(&self) -> BTreeSet<NodeId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.silent)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Whether the core ticks `bg` (it does not while the group hibernates or asks to).
@@ -255,6 +269,9 @@ impl Core {
         let mut timed_out = Vec::new();
         let mut asleep = 0;
         let busy: BTreeSet<GroupId> = self.busy_groups();
+        // Members on silent nodes are left out: a group with a dead follower sleeps too, as long
+        // as the rest are a majority. `heard_from` wakes it when the node comes back.
+        let silent = self.hib.silent_peers();
         for (bg, g) in self.groups.iter_mut() {
             let Some(s) = self.hib.groups.get_mut(bg) else {
                 continue;
@@ -275,7 +292,11 @@ impl Core {
                         && g.proposals.is_empty()
                         && g.sending.is_empty()
                         && !busy.contains(bg);
-                    let at = if idle { g.raft.quiescent() } else { None };
+                    let at = if idle {
+                        g.raft.quiescent_without(&silent)
+                    } else {
+                        None
+                    };
                     let Some((index, log_term)) = at else {
                         *idle_ticks = 0;
                         continue;
@@ -297,7 +318,7 @@ impl Core {
                         .chain(&conf.voters_outgoing)
                         .chain(&conf.learners)
                         .copied()
-                        .filter(|n| *n != self.me)
+                        .filter(|n| *n != self.me && !silent.contains(n))
                         .collect();
                     for f in &waiting {
                         sleeps.entry(*f).or_default().push(at);
@@ -406,10 +427,11 @@ impl Core {
                     }
                     // Anything that happened since the ask woke the group (state `Awake`), so
                     // the leader is still settled at `at`; checked anyway, it is cheap.
+                    let silent = self.hib.silent_peers();
                     let g = self.groups.get_mut(&at.group).expect("group exists");
                     if g.raft.role() == Role::Leader
                         && g.raft.term() == at.term
-                        && g.raft.quiescent() == Some((at.index, at.log_term))
+                        && g.raft.quiescent_without(&silent) == Some((at.index, at.log_term))
                     {
                         self.hib.groups.insert(at.group, Sleep::Asleep);
                         debug!(bg = at.group, index = at.index, "hibernating");

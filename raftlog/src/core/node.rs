@@ -808,6 +808,15 @@ impl RaftNode {
     /// index too). A leader and its followers that report the same
     /// `(index, term)` hold identical, fully committed and applied logs.
     pub fn quiescent(&self) -> Option<(Index, Term)> {
+        self.quiescent_without(&BTreeSet::new())
+    }
+
+    /// [`quiescent`](Self::quiescent), for a leader that leaves out the
+    /// members in `absent` (the host knows their nodes are down): they need
+    /// not match, as long as the leader and the members it does count are a
+    /// majority of the voters. The absent ones catch up by ordinary
+    /// replication once the host wakes the group for their return.
+    pub fn quiescent_without(&self, absent: &BTreeSet<NodeId>) -> Option<(Index, Term)> {
         if self.has_ready() || !self.inflight_writes.is_empty() || self.installing.is_some() {
             return None;
         }
@@ -825,9 +834,16 @@ impl RaftNode {
                     && self.conf_change.is_none()
                     && !self.conf_forced
                     && self
+                        .conf()
+                        .voters
+                        .iter()
+                        .filter(|v| !absent.contains(v))
+                        .count()
+                        > self.conf().voters.len() / 2
+                    && self
                         .progress
                         .iter()
-                        .filter(|(id, _)| **id != self.id)
+                        .filter(|(id, _)| **id != self.id && !absent.contains(id))
                         .all(|(_, p)| {
                             p.state == ProgressState::Replicate
                                 && p.match_index == last
