@@ -153,6 +153,22 @@ fn pattern(seed: u8, len: usize) -> Bytes {
     )
 }
 
+/// `node` applied every group's log up to that group's leader's commit.
+fn assert_caught_up(s: &[Vec<BgStatus>], node: u64) {
+    for b in s.iter().flatten().filter(|b| b.node == node) {
+        let leader = s
+            .iter()
+            .flatten()
+            .find(|x| x.bg == b.bg && x.state == "LEADER")
+            .unwrap();
+        assert_eq!(
+            b.known_applied_index, leader.last_committed_index,
+            "bg {}",
+            b.bg
+        );
+    }
+}
+
 fn engine(engines: &[Option<Engine>], node: u64) -> &Engine {
     engines[(node - 1) as usize].as_ref().expect("running")
 }
@@ -328,18 +344,7 @@ fn node_restarted_while_groups_hibernate_rejoins() {
         )
         .await;
         // The restarted node holds every group's log up to its leader's commit.
-        for b in s.iter().flatten().filter(|b| b.node == node) {
-            let leader = s
-                .iter()
-                .flatten()
-                .find(|x| x.bg == b.bg && x.state == "LEADER")
-                .unwrap();
-            assert_eq!(
-                b.known_applied_index, leader.last_committed_index,
-                "bg {}",
-                b.bg
-            );
-        }
+        assert_caught_up(&s, node);
         let e = engine(&engines, node).bg(bg).unwrap();
         assert!(e.read(0, 8192).await.unwrap() == pattern(1, 8192));
         e.write(8192, pattern(2, 4096)).await.unwrap();
@@ -397,18 +402,7 @@ fn groups_hibernate_with_a_node_down_and_wake_for_its_return() {
         .await;
         // The returned node applied every group's log up to its leader's commit, the write
         // made while it was down included.
-        for b in s.iter().flatten().filter(|b| b.node == down) {
-            let leader = s
-                .iter()
-                .flatten()
-                .find(|x| x.bg == b.bg && x.state == "LEADER")
-                .unwrap();
-            assert_eq!(
-                b.known_applied_index, leader.last_committed_index,
-                "bg {}",
-                b.bg
-            );
-        }
+        assert_caught_up(&s, down);
         let e = engine(&engines, down).bg(bg).unwrap();
         assert!(e.read(0, 8192).await.unwrap() == pattern(7, 8192));
     });
