@@ -27,13 +27,11 @@
 //! to stop submitting. A buffered write goes to the kernel in pieces of at most
 //! [`BUFFERED_WRITE_SQE_BYTES_MAX`], one after the other (the short-write continuation).
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::ptr::NonNull;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -41,7 +39,7 @@ use io_uring::{opcode, types, IoUring};
 
 /// Offset, length and memory alignment of every O_DIRECT request (covers every logical block
 /// size up to 4 KiB, so no per-device query is needed).
-pub const DIRECT_ALIGN: u64 = 4096;
+pub const DIRECT_ALIGN: u64 = raftlog::wal::DIRECT_ALIGN as u64;
 
 /// Bytes of one buffered (page-cache) write, at most. ext4 (large folios, Linux 6.16+) gives a
 /// buffered write a page-cache folio as large as the write, up to 2 MiB, and every later 4 KiB
@@ -64,57 +62,8 @@ pub enum DataIoBackend {
     Sync,
 }
 
-/// A zeroed heap buffer aligned to [`DIRECT_ALIGN`] (O_DIRECT needs aligned memory).
-pub struct AlignedBuf {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the buffer is plain owned memory, like a Vec<u8>.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    /// `len` must be a positive multiple of [`DIRECT_ALIGN`].
-    pub fn zeroed(len: usize) -> AlignedBuf {
-        assert!(
-            len > 0 && (len as u64).is_multiple_of(DIRECT_ALIGN),
-            "aligned buffer of {len} bytes"
-        );
-        let layout = Self::layout(len);
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(ptr) else {
-            std::alloc::handle_alloc_error(layout)
-        };
-        AlignedBuf { ptr, len }
-    }
-
-    fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len, DIRECT_ALIGN as usize).expect("valid aligned layout")
-    }
-}
-
-impl std::ops::Deref for AlignedBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: `ptr` points to `len` initialised (zeroed, then written) bytes we own.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl std::ops::DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and `&mut self` makes the access exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with the same layout.
-        unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
-    }
-}
+/// Zeroed, 4096-aligned heap memory for O_DIRECT requests: the WAL's batch buffer type.
+pub use raftlog::wal::AlignedBuf;
 
 /// The memory of a request. Its heap address is stable while the request is in flight (the
 /// kernel reads or fills it then).

@@ -1,6 +1,7 @@
-//! Batch buffers aligned for `O_DIRECT`: records are encoded straight into
+//! Buffers aligned for `O_DIRECT`: the WAL encodes records straight into
 //! memory that the kernel can DMA from, so a batch is never copied again
-//! between encoding and the disk.
+//! between encoding and the disk; the engine reads and writes data-file
+//! blocks through them (`AlignedBuf::zeroed`).
 
 use std::ops::{Deref, DerefMut};
 
@@ -24,6 +25,20 @@ pub struct AlignedBuf {
 }
 
 impl AlignedBuf {
+    /// A buffer of `len` zero bytes, allocated exactly (the data-file I/O of
+    /// the engine reads and writes whole blocks through these). `len` must
+    /// be a positive multiple of [`DIRECT_ALIGN`].
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        assert!(
+            len > 0 && len.is_multiple_of(DIRECT_ALIGN),
+            "aligned buffer of {len} bytes"
+        );
+        AlignedBuf {
+            blocks: vec![Block([0; DIRECT_ALIGN]); len / DIRECT_ALIGN],
+            len,
+        }
+    }
+
     fn capacity(&self) -> usize {
         self.blocks.len() * DIRECT_ALIGN
     }

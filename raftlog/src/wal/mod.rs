@@ -104,12 +104,12 @@ mod io;
 mod recovery;
 mod segment;
 
+pub use buf::{AlignedBuf, DIRECT_ALIGN};
 pub use handle::{Durable, WalHandle, WalOp};
 pub use io::{probed_ring, IoBackend};
 #[doc(hidden)]
 pub use io::{PowerLossReport, PowerLossSim};
 
-use buf::{AlignedBuf, DIRECT_ALIGN};
 use format::{RecordHeader, ENTRY_ROW_LEN};
 use handle::{Reply, Shared};
 use index::{group_at, Cache, EntryLoc, GroupIndex};
