@@ -8,6 +8,9 @@
 //!
 //! The child is this same test binary, re-executed with `CHILD_ENV` set.
 
+#[path = "support/payload.rs"]
+mod payload;
+
 use std::cell::RefCell;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -33,14 +36,13 @@ fn cfg(dir: &str) -> WalConfig {
     c
 }
 
-/// The payload of entry `index` of `group`: its length and bytes depend on
-/// both, so a misplaced or torn entry cannot pass for the right one.
+/// The payload of entry `index` of `group`, of a length that depends on both.
 fn payload(group: u64, index: u64) -> Bytes {
-    let len = 16 + ((group * 31 + index * 17) % 3000) as usize;
-    let mut v = vec![(group * 7 + index) as u8; len];
-    v[..8].copy_from_slice(&group.to_le_bytes());
-    v[8..16].copy_from_slice(&index.to_le_bytes());
-    Bytes::from(v)
+    payload::tagged(
+        group,
+        index,
+        16 + ((group * 31 + index * 17) % 3000) as usize,
+    )
 }
 
 fn entry(group: u64, index: u64) -> Entry {

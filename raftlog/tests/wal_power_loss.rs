@@ -14,6 +14,8 @@
 
 #[path = "support/logs.rs"]
 mod logs;
+#[path = "support/payload.rs"]
+mod payload;
 
 use std::cell::RefCell;
 use std::path::Path;
@@ -29,14 +31,13 @@ use raftlog::wal::{self, PowerLossReport, PowerLossSim, Wal, WalConfig};
 const GROUPS: u64 = 6;
 const SESSIONS: u64 = 3;
 
-/// Entry `index` of `group`: length and bytes depend on both (some entries
-/// span several sectors), so a torn or misplaced entry cannot pass.
+/// Entry `index` of `group`: some entries span several sectors.
 fn payload(group: u64, index: u64) -> Bytes {
-    let len = 16 + ((group * 131 + index * 977) % 6000) as usize;
-    let mut v = vec![(group * 7 + index) as u8; len];
-    v[..8].copy_from_slice(&group.to_le_bytes());
-    v[8..16].copy_from_slice(&index.to_le_bytes());
-    Bytes::from(v)
+    payload::tagged(
+        group,
+        index,
+        16 + ((group * 131 + index * 977) % 6000) as usize,
+    )
 }
 
 fn cfg(dir: &Path, direct: bool) -> WalConfig {
