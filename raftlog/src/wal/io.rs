@@ -24,6 +24,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use crate::core::{RandomSource, SplitMix64};
 use crate::wal::buf::AlignedBuf;
 
 /// Which backend to use.
@@ -46,6 +47,16 @@ pub enum SyncMode {
     Fdatasync,
     /// `RWF_DSYNC` on the write itself (used with `O_DIRECT` files).
     Dsync,
+}
+
+impl SyncMode {
+    /// The `RWF_*` flags of the write itself.
+    fn rw_flags(self) -> libc::c_int {
+        match self {
+            SyncMode::Dsync => libc::RWF_DSYNC,
+            SyncMode::None | SyncMode::Fdatasync => 0,
+        }
+    }
 }
 
 /// One batch: `buf` goes to `file` at `offset`, durably as `sync` says.
@@ -260,13 +271,9 @@ impl UringIo {
         let fd = types::Fd(job.file.as_raw_fd());
         let rest = &job.buf[slot.written..];
         let ud = (i as u64) << 1;
-        let rw_flags = match job.sync {
-            SyncMode::Dsync => libc::RWF_DSYNC,
-            SyncMode::None | SyncMode::Fdatasync => 0,
-        };
         let mut write = opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
             .offset(job.offset + slot.written as u64)
-            .rw_flags(rw_flags)
+            .rw_flags(job.sync.rw_flags())
             .build()
             .user_data(ud);
         let mut sqes = Vec::with_capacity(2);
@@ -459,10 +466,7 @@ impl Drop for FallbackIo {
 
 fn write_and_sync(job: &Job) -> Result<(), (&'static str, io::Error)> {
     let fd = job.file.as_raw_fd();
-    let flags = match job.sync {
-        SyncMode::Dsync => libc::RWF_DSYNC,
-        SyncMode::None | SyncMode::Fdatasync => 0,
-    };
+    let flags = job.sync.rw_flags();
     let mut done = 0usize;
     while done < job.buf.len() {
         let iov = libc::iovec {
@@ -524,7 +528,7 @@ pub struct PowerLossReport {
 pub struct SimIo {
     efd: OwnedFd,
     sim: PowerLossSim,
-    rng: u64,
+    rng: SplitMix64,
     pending: Vec<Job>,
     done: VecDeque<Done>,
     completed: u64,
@@ -535,7 +539,7 @@ impl SimIo {
     fn new(sim: PowerLossSim) -> io::Result<SimIo> {
         Ok(SimIo {
             efd: eventfd()?,
-            rng: sim.seed ^ 0x9E37_79B9_7F4A_7C15,
+            rng: SplitMix64(sim.seed ^ 0x9E37_79B9_7F4A_7C15),
             sim,
             pending: Vec::new(),
             done: VecDeque::new(),
@@ -544,13 +548,9 @@ impl SimIo {
         })
     }
 
-    /// splitmix64: small, seeded, good enough to pick fates.
+    /// Seeded, good enough to pick fates.
     fn next(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.rng.next_u64()
     }
 
     fn shuffle_pending(&mut self) {
