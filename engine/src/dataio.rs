@@ -62,6 +62,8 @@ pub enum DataIoBackend {
     Sync,
 }
 
+/// `fallocate(2)` on a file (the WAL's, shared with the NBD file backend).
+pub use raftlog::wal::fallocate;
 /// Zeroed, 4096-aligned heap memory for O_DIRECT requests: the WAL's batch buffer type.
 pub use raftlog::wal::AlignedBuf;
 
@@ -294,20 +296,6 @@ fn perform(req: &mut IoReq) -> io::Result<()> {
         }
         IoKind::Read => req.file.read_exact_at(req.buf.as_mut_slice(), req.offset),
         IoKind::Fallocate { mode, len } => fallocate(&req.file, mode, req.offset, len),
-    }
-}
-
-pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
-    let offset = libc::off_t::try_from(offset).map_err(|_| einval())?;
-    let len = libc::off_t::try_from(len).map_err(|_| einval())?;
-    // SAFETY: the descriptor is owned by `file`, which outlives the call; fallocate reads no
-    // memory of ours.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

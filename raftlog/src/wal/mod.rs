@@ -109,6 +109,7 @@ pub use handle::{Durable, WalHandle, WalOp};
 pub use io::{probed_ring, IoBackend};
 #[doc(hidden)]
 pub use io::{PowerLossReport, PowerLossSim};
+pub use segment::fallocate;
 
 use format::{RecordHeader, ENTRY_ROW_LEN};
 use handle::{Reply, Shared};

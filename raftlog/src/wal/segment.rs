@@ -51,6 +51,23 @@ pub fn sync_dir(dir: &File, path: &Path) -> Result<(), Error> {
         .map_err(|e| io_err("fsync directory", path, 0, e))
 }
 
+/// `fallocate(2)` of `len` bytes at `offset` with `mode` (`0` allocates; the
+/// `FALLOC_FL_*` flags punch holes or zero ranges). Offsets beyond `off_t`
+/// are `EINVAL`.
+pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    let offset = libc::off_t::try_from(offset).map_err(|_| einval())?;
+    let len = libc::off_t::try_from(len).map_err(|_| einval())?;
+    // SAFETY: the descriptor is owned by `file`, which outlives the call; fallocate reads no
+    // memory of ours.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Creates segment `seq` with `bytes` preallocated, durably (file and
 /// directory entry). On failure (ENOSPC included) the partial file is
 /// removed, so nothing on disk changes.
@@ -67,16 +84,7 @@ pub fn create(dir_path: &Path, dir: &File, seq: u64, bytes: u64) -> Result<(File
         // Preallocating means a batch's fdatasync does not also have to
         // persist a file size change, and ENOSPC shows up here, before any
         // record is written, instead of in the middle of a batch.
-        // SAFETY: plain syscall on an open descriptor.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, bytes as libc::off_t) };
-        if r != 0 {
-            return Err(io_err(
-                "fallocate",
-                &path,
-                bytes,
-                io::Error::last_os_error(),
-            ));
-        }
+        fallocate(&file, 0, 0, bytes).map_err(|e| io_err("fallocate", &path, bytes, e))?;
         file.sync_all()
             .map_err(|e| io_err("fsync new segment", &path, 0, e))?;
         sync_dir(dir, dir_path)
@@ -254,9 +262,7 @@ fn zero_fill(path: &Path, bytes: u64, cancel: &AtomicBool) -> Result<(), Error> 
     let bytes = bytes.next_multiple_of(DIRECT_ALIGN as u64);
     // Allocating first makes ENOSPC show up at once instead of after
     // writing zeros up to the last free block.
-    // SAFETY: plain syscall on an open descriptor.
-    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, bytes as libc::off_t) } != 0 {
-        let e = io::Error::last_os_error();
+    if let Err(e) = fallocate(&file, 0, 0, bytes) {
         drop(file);
         let _ = std::fs::remove_file(path);
         return Err(io_err("fallocate", path, bytes, e));
