@@ -208,6 +208,13 @@ impl EngineConfig {
                 self.apply_queue_bytes_max, self.entry_data_bytes_max
             ));
         }
+        if self.snapshot_log_bytes_max < self.entry_data_bytes_max {
+            return bad(format!(
+                "snapshot_log_bytes_max {} must hold one entry of entry_data_bytes_max {} \
+                 (a smaller threshold would snapshot after every write)",
+                self.snapshot_log_bytes_max, self.entry_data_bytes_max
+            ));
+        }
         if self.quic_listen.port() as usize + self.cores > 65536 {
             return bad(format!(
                 "quic_listen port {} + {} cores exceeds 65535",

@@ -131,6 +131,9 @@ pub struct RunArgs {
     /// snapshots its largest groups.
     #[arg(long)]
     pub log_memory_bytes_max: Option<usize>,
+    /// A group snapshots itself once its log since the last snapshot is this large.
+    #[arg(long)]
+    pub snapshot_log_bytes_max: Option<usize>,
     /// Open the data files with O_DIRECT (see docs/server.md).
     #[arg(long)]
     pub data_direct_io: Option<bool>,
@@ -199,6 +202,7 @@ impl RunArgs {
             snapshot_keep_entries => raft.snapshot_keep_entries,
             snapshot_keep_bytes_max => raft.snapshot_keep_bytes_max,
             log_memory_bytes_max => raft.log_memory_bytes_max,
+            snapshot_log_bytes_max => raft.snapshot_log_bytes_max,
             data_direct_io => data_direct_io, pin_cores => pin_cores,
             quic_udp_payload_bytes => quic_udp_payload_bytes,
             hibernate_idle_ms => raft.hibernate_idle_ms);

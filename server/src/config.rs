@@ -38,6 +38,7 @@
 //! snapshot_keep_entries = 1024
 //! snapshot_keep_bytes_max = 16777216   # per group, on top of the entry count
 //! log_memory_bytes_max = 1073741824    # per core: in-memory raft logs of its groups
+//! snapshot_log_bytes_max = 67108864    # per group: log since the last snapshot that triggers one
 //! snapshot_bytes_per_sec_max = 209715200
 //! hibernate_idle_ms = 2000          # idle groups stop ticking and heartbeating; 0 = never
 //! ```
@@ -93,6 +94,8 @@ pub struct RaftSettings {
     pub snapshot_keep_entries: u64,
     pub snapshot_keep_bytes_max: usize,
     pub log_memory_bytes_max: usize,
+    /// A group snapshots itself once this much log accumulated since its last snapshot.
+    pub snapshot_log_bytes_max: usize,
     pub snapshot_bytes_per_sec_max: u64,
     /// Idle groups stop ticking and heartbeating after this long (0 = never).
     pub hibernate_idle_ms: u64,
@@ -115,6 +118,7 @@ impl Default for RaftSettings {
             snapshot_keep_entries: 1024,
             snapshot_keep_bytes_max: 16 << 20,
             log_memory_bytes_max: 1 << 30,
+            snapshot_log_bytes_max: 64 << 20,
             snapshot_bytes_per_sec_max: 200 << 20,
             hibernate_idle_ms: 2_000,
         }
@@ -232,6 +236,7 @@ impl ServerConfig {
         c.snapshot_keep_entries = r.snapshot_keep_entries;
         c.snapshot_keep_bytes_max = r.snapshot_keep_bytes_max;
         c.log_memory_bytes_max = r.log_memory_bytes_max;
+        c.snapshot_log_bytes_max = r.snapshot_log_bytes_max;
         c.snapshot_bytes_per_sec_max = r.snapshot_bytes_per_sec_max;
         c.hibernate_idle_ms = r.hibernate_idle_ms;
         c.validate().map_err(|e| Error::Config {
@@ -316,5 +321,25 @@ mod tests {
         }
         c.quic_udp_payload_bytes = 0;
         assert_eq!(c.engine_config().unwrap().quic_udp_payload_bytes, 0);
+    }
+
+    #[test]
+    fn snapshot_log_bytes_max_reaches_the_engine_and_tiny_values_name_the_key() {
+        let mut c: ServerConfig = toml::from_str(
+            "node_id = 1\ninsecure_loopback = true\n[raft]\nsnapshot_log_bytes_max = 536870912",
+        )
+        .unwrap();
+        assert_eq!(c.engine_config().unwrap().snapshot_log_bytes_max, 512 << 20);
+        assert_eq!(
+            c.engine_config()
+                .unwrap()
+                .raft_config()
+                .snapshot_log_bytes_max,
+            512 << 20,
+            "the raft core is the one that suggests snapshots"
+        );
+        c.raft.snapshot_log_bytes_max = 0;
+        let e = c.engine_config().unwrap_err().to_string();
+        assert!(e.contains("snapshot_log_bytes_max"), "{e}");
     }
 }

@@ -1146,7 +1146,17 @@ impl Inner {
                 }
             }
             match recv.read_chunk(max.min(1 << 20), true).await {
-                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+                Ok(Some(chunk)) => {
+                    // One allocation per frame: reserve the rest of the frame whose length
+                    // prefix has arrived (bounded by `frame_bytes_max`, checked by the decoder
+                    // above), instead of growing the buffer chunk by chunk.
+                    if buf.len() >= wire::FRAME_LEN_BYTES {
+                        let len = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes"));
+                        let want = wire::FRAME_LEN_BYTES + (len as usize).min(max);
+                        buf.reserve(want.saturating_sub(buf.len()).max(chunk.bytes.len()));
+                    }
+                    buf.extend_from_slice(&chunk.bytes)
+                }
                 Ok(None) => {
                     if !buf.is_empty() {
                         self.protocol_violation(&peer, &conn, "frame stream ended inside a frame");
@@ -1163,7 +1173,9 @@ impl Inner {
     async fn write_loop(self: Arc<Self>, peer: Arc<Peer>) {
         let mut link_rx = peer.link.subscribe();
         let mut stream: Option<(usize, SendStream)> = None;
-        let mut batch = BytesMut::new();
+        // Headers and payloads of the frames to write, as chunks quinn takes over without a copy
+        // (a raft frame's payload is written once, by its encoder).
+        let mut batch: Vec<Bytes> = Vec::new();
         loop {
             let link = match peer.live_link() {
                 Some(l) => l,
@@ -1202,7 +1214,7 @@ impl Inner {
                 };
             }
             let (_, send) = stream.as_mut().expect("stream just ensured");
-            match send.write_all(&batch).await {
+            match send.write_all_chunks(&mut batch).await {
                 Ok(()) => {
                     peer.counters
                         .frames_sent
@@ -1452,26 +1464,32 @@ async fn open_frame_stream(conn: &Connection) -> std::result::Result<SendStream,
     Ok(s)
 }
 
-/// Moves queued frames into `batch`, control lane first, until `flush_bytes_max` (at least one frame).
-fn take_batch(peer: &Peer, flush_bytes_max: usize, batch: &mut BytesMut) -> (u64, usize) {
+/// Moves queued frames into `batch` (a header chunk and a payload chunk each), control lane first,
+/// until `flush_bytes_max` (at least one frame); returns the frames and their wire bytes.
+fn take_batch(peer: &Peer, flush_bytes_max: usize, batch: &mut Vec<Bytes>) -> (u64, usize) {
     let mut q = peer.queue.lock().expect("queue lock");
     let mut frames = 0u64;
+    let mut bytes = 0usize;
     let q = &mut *q;
     for (lane, lane_bytes) in [
         (&mut q.control, &mut q.control_bytes),
         (&mut q.data, &mut q.data_bytes),
     ] {
         while let Some(f) = lane.front() {
-            if frames > 0 && batch.len() + f.wire_len() > flush_bytes_max {
-                return (frames, batch.len());
+            if frames > 0 && bytes + f.wire_len() > flush_bytes_max {
+                return (frames, bytes);
             }
             let f = lane.pop_front().expect("front exists");
             *lane_bytes -= f.wire_len();
-            f.encode_into(batch);
+            bytes += f.wire_len();
+            batch.push(Bytes::copy_from_slice(&f.header()));
+            if !f.payload.is_empty() {
+                batch.push(f.payload);
+            }
             frames += 1;
         }
     }
-    (frames, batch.len())
+    (frames, bytes)
 }
 
 #[cfg(test)]
@@ -1514,9 +1532,12 @@ mod tests {
             q.control_bytes += hb.wire_len();
             q.control.push_back(hb);
         }
-        let mut batch = BytesMut::new();
-        let (frames, bytes) = take_batch(&peer, 350, &mut batch);
+        let mut chunks = Vec::new();
+        let (frames, bytes) = take_batch(&peer, 350, &mut chunks);
         assert_eq!((frames, bytes), (3, 312));
+        let mut batch = BytesMut::new();
+        chunks.iter().for_each(|c| batch.extend_from_slice(c));
+        assert_eq!(batch.len(), bytes);
         let first = wire::decode_frame(&mut batch, 1 << 20).unwrap().unwrap();
         assert_eq!(first.kind, 100, "control lane first");
         assert_eq!(
@@ -1530,7 +1551,6 @@ mod tests {
         assert_eq!((q.control_bytes, q.data_bytes), (0, 8 * 104));
         drop(q);
         // A frame larger than the flush limit still goes out alone rather than getting stuck.
-        let mut batch = BytesMut::new();
-        assert_eq!(take_batch(&peer, 10, &mut batch).0, 1);
+        assert_eq!(take_batch(&peer, 10, &mut Vec::new()).0, 1);
     }
 }

@@ -95,10 +95,18 @@ impl Frame {
 
     pub fn encode_into(&self, buf: &mut BytesMut) {
         buf.reserve(self.wire_len());
-        buf.put_u32_le(self.body_len() as u32);
-        buf.put_u8(self.kind);
-        buf.put_u64_le(self.group);
+        buf.put_slice(&self.header());
         buf.put_slice(&self.payload);
+    }
+
+    /// The bytes that precede the payload on the wire (length prefix, kind, group), so that a
+    /// sender can hand the payload to the stream as it is instead of copying it behind them.
+    pub fn header(&self) -> [u8; FRAME_LEN_BYTES + FRAME_HEADER_BYTES] {
+        let mut h = [0u8; FRAME_LEN_BYTES + FRAME_HEADER_BYTES];
+        h[..4].copy_from_slice(&(self.body_len() as u32).to_le_bytes());
+        h[4] = self.kind;
+        h[5..].copy_from_slice(&self.group.to_le_bytes());
+        h
     }
 }
 
