@@ -74,6 +74,10 @@ use hibernate::Hibernation;
 const DRAIN_BATCH_MAX: usize = 1024;
 /// Payload bytes of one raft frame, at most (below the transport's 16 MiB frame limit).
 const FRAME_PAYLOAD_BYTES_MAX: usize = 8 << 20;
+/// A snapshot writes the data file's dirty pages back this many file bytes at a time before its
+/// fdatasync (`DataFile::sync_in_ranges`). Measured on the 1-replica bench (256 MiB BG, 256 MiB
+/// snapshot_log_bytes_max): same IOPS as one fdatasync, p99.9 9.1-9.6 ms instead of 15.5-18.7 ms.
+const SNAPSHOT_WRITEBACK_RANGE_BYTES: u64 = 8 << 20;
 /// Rounds of (drain dirty groups, submit data I/O, reap completions) per flush, at most; more
 /// completions are picked up by the next loop iteration.
 const FLUSH_IO_ROUNDS_MAX: usize = 4;
@@ -1602,7 +1606,7 @@ impl Core {
         let epoch = *lock_epoch(&lock);
         let tx = self.internal_tx.clone();
         let job = tokio::task::spawn_blocking(move || -> Result<Option<SnapshotMeta>> {
-            file?.sync()?;
+            file?.sync_in_ranges(SNAPSHOT_WRITEBACK_RANGE_BYTES)?;
             let Some(m) = meta else { return Ok(None) };
             let e = lock_epoch(&lock);
             if *e != epoch {

@@ -62,6 +62,7 @@ pub struct RunArgs {
     /// TOML config file (keys: see docs/server.md).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// This node's id (> 0, unique in the cluster; required here or in the file).
     #[arg(long)]
     pub node_id: Option<u64>,
     /// Directory for the WAL, data and meta files of this node.
@@ -94,18 +95,22 @@ pub struct RunArgs {
     /// No TLS (self-signed, nothing verified): only for a local cluster on loopback.
     #[arg(long)]
     pub insecure_loopback: bool,
+    /// Raft tick period (default 50).
     #[arg(long)]
     pub tick_ms: Option<u64>,
+    /// Election timeout; each node waits a random 1-2x of it (default 1000).
     #[arg(long)]
     pub election_timeout_ms: Option<u64>,
-    /// Heartbeat period = election timeout / this factor.
+    /// Heartbeat period = election timeout / this factor (default 10).
     #[arg(long)]
     pub heartbeat_factor: Option<u64>,
+    /// Log entries in one AppendEntries, at most (default 256).
     #[arg(long)]
     pub max_entries_per_message: Option<usize>,
+    /// Entry bytes in one AppendEntries, at most (default 1048576).
     #[arg(long)]
     pub max_bytes_per_message: Option<usize>,
-    /// WAL segment file size.
+    /// WAL segment file size (default 67108864).
     #[arg(long)]
     pub segment_size_bytes: Option<u64>,
     /// fdatasync the WAL (false = benchmarks only, acknowledged writes are NOT durable).
@@ -117,8 +122,10 @@ pub struct RunArgs {
     /// Zero-fill the next WAL segment in the background (direct I/O only).
     #[arg(long)]
     pub wal_segment_zero_fill: Option<bool>,
+    /// Every group snapshots itself this often (default 3600; also on --snapshot-log-bytes-max).
     #[arg(long)]
     pub snapshot_interval_s: Option<u64>,
+    /// Bytes of one InstallSnapshot chunk, each with its own crc (default 131072).
     #[arg(long)]
     pub snapshot_chunk_bytes: Option<usize>,
     /// Log entries kept below a snapshot for followers that lag a little.
@@ -131,7 +138,8 @@ pub struct RunArgs {
     /// snapshots its largest groups.
     #[arg(long)]
     pub log_memory_bytes_max: Option<usize>,
-    /// A group snapshots itself once its log since the last snapshot is this large.
+    /// A group snapshots itself once its log since the last snapshot is this large (default
+    /// 268435456; see docs/server.md for the trade-off).
     #[arg(long)]
     pub snapshot_log_bytes_max: Option<usize>,
     /// Open the data files with O_DIRECT (see docs/server.md).
@@ -172,6 +180,7 @@ pub struct DevArgs {
     /// Core threads per node.
     #[arg(long, default_value_t = 1)]
     pub cores: usize,
+    /// Size of the block group bg0 when it is first created.
     #[arg(long, default_value_t = BG_SIZE_BYTES_DEFAULT)]
     pub bg_size_bytes: u64,
 }
