@@ -82,6 +82,9 @@ struct Row {
     /// WAL cells: CPU time (user + system) of the runtime thread — writer
     /// and appenders — per append, in microseconds.
     cpu_us_per_append: f64,
+    /// WAL cells: mean time of a batch on the disk, from handing its write
+    /// to io_uring to reaping the completion, in microseconds.
+    disk_us_per_batch: f64,
 }
 
 /// CPU time (user + system) of the calling thread.
@@ -196,13 +199,13 @@ fn progress(r: &Row, json: bool) {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| mode | entry | appenders | appends/s | MB/s | fsyncs/s | mean batch | max in flight | cpu us/append | p50 us | p99 us | p99.9 us |"
+        "| mode | entry | appenders | appends/s | MB/s | fsyncs/s | mean batch | max in flight | disk us/batch | cpu us/append | p50 us | p99 us | p99.9 us |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let wal = r.mode.starts_with("wal");
         println!(
-            "| {} | {} | {} | {:.0} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |",
             r.mode,
             if r.entry_bytes >= 1024 {
                 format!("{} KiB", r.entry_bytes / 1024)
@@ -216,6 +219,11 @@ fn print_table(rows: &[Row]) {
             r.mean_batch,
             if wal {
                 r.max_in_flight.to_string()
+            } else {
+                "-".into()
+            },
+            if wal {
+                format!("{:.0}", r.disk_us_per_batch)
             } else {
                 "-".into()
             },
@@ -261,6 +269,7 @@ fn row(
         p999_us: h.value_at_quantile(0.999),
         max_in_flight: 0,
         cpu_us_per_append: 0.0,
+        disk_us_per_batch: 0.0,
     }
 }
 
@@ -305,9 +314,10 @@ fn wal_cell(dir: &Path, size: usize, n: usize, s: &WalSetup) -> Res<Row> {
     let count = Rc::new(RefCell::new(0u64));
     let stop = Rc::new(std::cell::Cell::new(false));
     let cpu = RefCell::new(Duration::ZERO);
-    let (secs, fsyncs, max_in_flight) = local.block_on(&rt, async {
+    let (secs, fsyncs, (max_in_flight, disk_us)) = local.block_on(&rt, async {
         let writer = tokio::task::spawn_local(wal::run(w.clone()));
-        let fs0 = w.borrow().status().fsyncs;
+        let st0 = w.borrow().status();
+        let fs0 = st0.fsyncs;
         let t0 = Instant::now();
         let cpu0 = thread_cpu();
         let mut tasks = Vec::new();
@@ -355,13 +365,16 @@ fn wal_cell(dir: &Path, size: usize, n: usize, s: &WalSetup) -> Res<Row> {
         *cpu.borrow_mut() = thread_cpu() - cpu0;
         let st = w.borrow().status();
         let fsyncs = st.fsyncs - fs0;
+        let disk_us = (st.batch_disk_us - st0.batch_disk_us) as f64
+            / (st.batches - st0.batches).max(1) as f64;
         h.shutdown();
         writer.await.expect("writer").expect("wal writer");
-        (secs, fsyncs, st.batches_in_flight_seen_max)
+        (secs, fsyncs, (st.batches_in_flight_seen_max, disk_us))
     });
     let c = *count.borrow();
     let mut r = row("wal", size, n, c, fsyncs, secs, &hist_all.borrow());
     r.max_in_flight = max_in_flight;
+    r.disk_us_per_batch = disk_us;
     r.cpu_us_per_append = cpu.borrow().as_secs_f64() * 1e6 / c.max(1) as f64;
     if backend != "io_uring" {
         r.mode = format!("wal ({backend})");

@@ -759,6 +759,9 @@ fn batches_in_flight(backend: IoBackend) {
     assert!(st.batches_in_flight_seen_max <= 4, "{st:?}");
     assert_eq!(st.batches_in_flight, 0);
     assert!(st.fsyncs < 64 * 20, "no group commit: {st:?}");
+    // Every batch spent some time on the disk, and not more than the whole run.
+    assert!(st.batches > 0 && st.batch_disk_us > 0, "{st:?}");
+    assert!(st.batch_disk_us / st.batches < 10_000_000, "{st:?}");
     drop(local);
     drop(rt);
     Rc::try_unwrap(w)

@@ -265,6 +265,10 @@ pub struct WalStatus {
     pub purged_segments: u64,
     /// Segments started on a file zero-filled in the background.
     pub zero_filled_segments: u64,
+    /// Sum over written batches of the time from handing the write to the I/O backend to
+    /// reaping its completion, in microseconds (divide by `batches` for the mean): the disk's
+    /// latency as the writer sees it, including the wait for the writer to notice.
+    pub batch_disk_us: u64,
     /// Torn tails cut at open: (file, offset).
     pub truncated_at_open: Vec<(PathBuf, u64)>,
     /// Why the store failed, if it did.
@@ -294,6 +298,8 @@ struct Batch {
     end_lsn: u64,
     /// Segments below this are unneeded once this batch is durable.
     purge_below: u64,
+    /// When it was handed to the I/O backend.
+    submitted_at: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -308,6 +314,8 @@ struct Stats {
     rewritten_bytes: u64,
     purged_segments: u64,
     zero_filled_segments: u64,
+    /// Sum over written batches of the time from submission to the completion being reaped.
+    batch_disk_us: u64,
 }
 
 /// The WAL of one core. See the module docs.
@@ -451,6 +459,7 @@ impl Wal {
             rewritten_bytes: self.stats.rewritten_bytes,
             purged_segments: self.stats.purged_segments,
             zero_filled_segments: self.stats.zero_filled_segments,
+            batch_disk_us: self.stats.batch_disk_us,
             truncated_at_open: self.truncated_at_open.clone(),
             failed: self.failed.clone(),
         }
@@ -921,6 +930,7 @@ impl Wal {
             };
             let path = seg.path.clone();
             let offset = b.offset;
+            b.submitted_at = Some(std::time::Instant::now());
             self.inflight.push_back(b);
             self.stats.inflight_seen_max = self.stats.inflight_seen_max.max(self.inflight.len());
             if self.cfg.inject_eio_after_batches == Some(self.stats.submitted) {
@@ -961,6 +971,9 @@ impl Wal {
             self.stats.fsyncs += self.cfg.raft_sync as u64;
             if let Some(b) = self.inflight.iter_mut().find(|b| b.id == done.job.id) {
                 b.done = true;
+                if let Some(t) = b.submitted_at {
+                    self.stats.batch_disk_us += t.elapsed().as_micros() as u64;
+                }
             }
             while self.inflight.front().is_some_and(|b| b.done) {
                 let b = self.inflight.pop_front().expect("checked");
