@@ -20,7 +20,8 @@
 //!
 //! # Data-file I/O
 //! Committed entries go to the group's `block::Applier`; `pump` starts the applies that may
-//! start (no overlap with one in flight, log order) on the core's data ring (`dataio`), and
+//! start (no overlap with one in flight, log order) on the core's data ring (`dataio`), or
+//! writes buffered ones right away on this thread while that cannot stall it (`inline`), and
 //! `reap_data` handles completions: a finished apply answers its client and may advance the
 //! group's applied index, which releases reads (also submitted to the ring) and bounds
 //! snapshots. A received snapshot is installed off the thread once the group's applies drained
@@ -39,6 +40,7 @@
 //! a write is acknowledged only after it is committed, i.e. in the WAL of a majority, fsynced.
 
 mod hibernate;
+mod inline;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -68,6 +70,7 @@ use crate::error::{Error, Result};
 use crate::snapshot::{FileSource, Incoming};
 use crate::status::{BgStatus, CoreCounters, LinkStat, PeerStat};
 use hibernate::Hibernation;
+use inline::InlineApplies;
 
 /// Inputs drained per source per loop iteration, at most (keeps one busy source from starving
 /// the others and bounds the work between two flushes).
@@ -266,6 +269,8 @@ struct Core {
     apply_queued_bytes: u64,
     /// Which groups hibernate, and the peers' liveness ([`hibernate`]).
     hib: Hibernation,
+    /// Whether buffered applies may be written on this thread now ([`inline`]).
+    inline: InlineApplies,
     counters: Arc<CoreCounters>,
 }
 
@@ -462,6 +467,10 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>
         io_blocked: BTreeSet::new(),
         apply_queued_bytes: 0,
         hib,
+        inline: InlineApplies::new(
+            cfg.inline_applies && !cfg.data_direct_io,
+            cfg.inline_apply_us_max,
+        ),
         counters,
     };
     info!(
@@ -470,6 +479,7 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>
         addr = %c.transport.local_addr(),
         data_io = c.dio.name(),
         data_direct_io = cfg.data_direct_io,
+        inline_applies = cfg.inline_applies && !cfg.data_direct_io,
         "core started"
     );
     Ok((
@@ -1011,6 +1021,20 @@ impl Core {
     fn on_tick(&mut self) -> Result<()> {
         // Before the groups tick: hibernation judges idleness on the state the last flush left.
         self.hibernate_tick();
+        self.inline.check_dirty();
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        self.counters
+            .inline_applies_active
+            .store(self.inline.active(Instant::now()), relaxed);
+        self.counters
+            .applies_inline
+            .store(self.inline.applied, relaxed);
+        self.counters
+            .inline_slow_writes
+            .store(self.inline.slow_writes, relaxed);
+        self.counters
+            .inline_dirty_refusals
+            .store(self.inline.dirty_refusals, relaxed);
         let interval = Duration::from_secs(self.cfg.snapshot_interval_s);
         let mut due = Vec::new();
         for (bg, g) in self.groups.iter_mut() {
@@ -1307,9 +1331,13 @@ impl Core {
     }
 
     /// Starts the group's applies that may start (see `block::Applier`), while the core has
-    /// data-I/O slots.
+    /// data-I/O slots. Buffered writes are written right here when [`inline`] allows it.
     fn pump(&mut self, bg: GroupId) -> Result<()> {
         let mut sync_done = Vec::new();
+        let now = Instant::now();
+        let mut inline = self.inline.allowed(now);
+        // Taken before this call's first inline write, read again only after a slow one.
+        let mut switches_before = None;
         loop {
             let Some(g) = self.groups.get_mut(&bg) else {
                 return Ok(());
@@ -1326,6 +1354,18 @@ impl Core {
             if let BlockOp::Write { data, .. } = &op {
                 self.apply_queued_bytes -= data.len() as u64;
             }
+            if inline && matches!(op, BlockOp::Write { .. }) && !g.data.direct() {
+                let before = *switches_before.get_or_insert_with(inline::voluntary_switches);
+                let t0 = Instant::now();
+                g.data.apply_sync(&op)?;
+                let t1 = Instant::now();
+                self.inline
+                    .record(t1 - t0, t1, || inline::voluntary_switches() > before);
+                inline = self.inline.allowed(t1);
+                // Completed before the next `next()`, so an overlapping op may start at once.
+                sync_done.push((index, g.applier.complete(index)));
+                continue;
+            }
             self.next_id += 1;
             let token = self.next_id;
             match g.data.apply_req(token, &op) {
@@ -1340,15 +1380,15 @@ impl Core {
                     // An unaligned O_DIRECT write: read-modify-write now, in order (nothing
                     // overlapping is in flight).
                     g.data.apply_sync(&op)?;
-                    sync_done.push(index);
+                    sync_done.push((index, g.applier.complete(index)));
                 }
             }
         }
-        for index in sync_done {
-            let g = self.groups.get_mut(&bg).expect("group exists");
-            let term = g.applier.complete(index);
-            self.entry_applied(bg, index, term);
+        if !sync_done.is_empty() {
             self.dirty.insert(bg);
+        }
+        for (index, term) in sync_done {
+            self.entry_applied(bg, index, term);
         }
         Ok(())
     }

@@ -68,6 +68,17 @@ pub struct CoreStat {
     pub groups_hibernating: u64,
     /// Hibernating groups woken (by a request, a raft message, or a silent leader node).
     pub wakes: u64,
+    /// Buffered applies go on the core thread now (`inline_applies`; off with too many dirty
+    /// pages on the machine or after a slow inline write).
+    pub inline_applies_active: bool,
+    /// Buffered applies written on the core thread instead of the data ring.
+    pub applies_inline: u64,
+    /// Inline writes slower than `inline_apply_us_max` (each sends applies back to the ring for
+    /// a few seconds).
+    pub inline_slow_writes: u64,
+    /// Times inline applies stopped because the machine's dirty pages reached the background
+    /// writeback threshold.
+    pub inline_dirty_refusals: u64,
 }
 
 /// One core's QUIC connection to a peer node: the transport's counters and QUIC's view of the
@@ -163,7 +174,8 @@ impl CoreStat {
     pub fn raft_stat_text(&self) -> String {
         format!(
             "[core {}] raft_messages_sent: {} frames_sent: {} bytes_sent: {} pings_sent: {} \
-             groups: {} groups_hibernating: {} wakes: {}\n",
+             groups: {} groups_hibernating: {} wakes: {} inline_applies_active: {} applies_inline: {} \
+             inline_slow_writes: {} inline_dirty_refusals: {}\n",
             self.core,
             self.raft_messages_sent,
             self.frames_sent,
@@ -171,7 +183,11 @@ impl CoreStat {
             self.pings_sent,
             self.groups,
             self.groups_hibernating,
-            self.wakes
+            self.wakes,
+            self.inline_applies_active,
+            self.applies_inline,
+            self.inline_slow_writes,
+            self.inline_dirty_refusals
         )
     }
 }
@@ -187,6 +203,10 @@ pub(crate) struct CoreCounters {
     pub groups: AtomicU64,
     pub groups_hibernating: AtomicU64,
     pub wakes: AtomicU64,
+    pub inline_applies_active: std::sync::atomic::AtomicBool,
+    pub applies_inline: AtomicU64,
+    pub inline_slow_writes: AtomicU64,
+    pub inline_dirty_refusals: AtomicU64,
 }
 
 impl CoreCounters {
@@ -201,6 +221,10 @@ impl CoreCounters {
             groups: get(&self.groups),
             groups_hibernating: get(&self.groups_hibernating),
             wakes: get(&self.wakes),
+            inline_applies_active: self.inline_applies_active.load(Ordering::Relaxed),
+            applies_inline: get(&self.applies_inline),
+            inline_slow_writes: get(&self.inline_slow_writes),
+            inline_dirty_refusals: get(&self.inline_dirty_refusals),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! One-node engines (the group's only member is itself): applies run concurrently on the
-//! core's io_uring, yet overlapping writes take effect in log order, reads see every applied
+//! core's io_uring (or inline on the core thread), yet overlapping writes take effect in log
+//! order, reads see every applied
 //! write, buffered and O_DIRECT alike; and a node that crashed at any step of a snapshot
 //! install comes back with a consistent data file and snapshot index.
 
@@ -51,11 +52,16 @@ fn rt() -> tokio::runtime::Runtime {
 /// 300 writes (aligned and not, many overlapping), zeroes and trims, all in flight at once:
 /// the volume must end as if they were applied one by one in submission order, and reads
 /// issued in the middle of the stream must see at least everything acknowledged before them.
+///
+/// Buffered writes run both inline on the core thread (the default) and on the data ring;
+/// the status counters must say which happened.
 #[test]
 fn concurrent_overlapping_applies_take_effect_in_log_order() {
-    for direct in [false, true] {
+    for (direct, inline) in [(false, true), (false, false), (true, true)] {
         let dir = tempfile::tempdir().unwrap();
-        let e = Engine::start(config(dir.path(), direct)).unwrap();
+        let mut cfg = config(dir.path(), direct);
+        cfg.inline_applies = inline;
+        let e = Engine::start(cfg).unwrap();
         let rt = rt();
         rt.block_on(async {
             wait_leader(&e).await;
@@ -100,6 +106,19 @@ fn concurrent_overlapping_applies_take_effect_in_log_order() {
             // Read-your-writes for an unaligned write followed at once by its read.
             h.write(12345, pattern(1000, 777)).await.unwrap();
             assert_eq!(h.read(12345, 777).await.unwrap(), pattern(1000, 777));
+            // The counters are published every tick (10 ms here).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let st = &e.core_stats()[0];
+            if direct || !inline {
+                assert_eq!(
+                    st.applies_inline, 0,
+                    "direct {direct} inline {inline}: {st:?}"
+                );
+                assert!(!st.inline_applies_active, "{st:?}");
+            } else {
+                // 240 writes; a few may have gone to the ring during a backoff.
+                assert!(st.applies_inline > 100, "{st:?}");
+            }
         });
         e.shutdown();
     }

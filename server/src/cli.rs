@@ -145,6 +145,14 @@ pub struct RunArgs {
     /// Open the data files with O_DIRECT (see docs/server.md).
     #[arg(long)]
     pub data_direct_io: Option<bool>,
+    /// Write buffered applies on the core thread while the machine's dirty pages are below the
+    /// background writeback threshold (default true; false = always through io_uring).
+    #[arg(long)]
+    pub inline_applies: Option<bool>,
+    /// An inline apply that blocked longer than this sends applies to io_uring for 5 s
+    /// (default 2000).
+    #[arg(long)]
+    pub inline_apply_us_max: Option<u64>,
     /// Idle groups stop ticking and heartbeating after this long (0 = never).
     #[arg(long)]
     pub hibernate_idle_ms: Option<u64>,
@@ -213,6 +221,7 @@ impl RunArgs {
             log_memory_bytes_max => raft.log_memory_bytes_max,
             snapshot_log_bytes_max => raft.snapshot_log_bytes_max,
             data_direct_io => data_direct_io, pin_cores => pin_cores,
+            inline_applies => inline_applies, inline_apply_us_max => inline_apply_us_max,
             quic_udp_payload_bytes => quic_udp_payload_bytes,
             hibernate_idle_ms => raft.hibernate_idle_ms);
         if let Some(d) = &self.tls_dir {

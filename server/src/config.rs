@@ -11,6 +11,8 @@
 //! tls_dir = "certs/node1"           # node.pem, node.key, ca.pem (bd-server issue-cert)
 //! insecure_loopback = false         # no TLS: local dev cluster on loopback only
 //! data_direct_io = false            # O_DIRECT data files (docs/bench-nbd.md)
+//! inline_applies = true             # buffered applies on the core thread while safe
+//! inline_apply_us_max = 2000        # a write that blocked longer sends applies to io_uring
 //! pin_cores = true                  # core thread N runs on CPU N only
 //! quic_udp_payload_bytes = 0        # 0 = by address (6550 on loopback, else 1200..1452)
 //!
@@ -140,6 +142,10 @@ pub struct ServerConfig {
     pub insecure_loopback: bool,
     /// Open the data files with O_DIRECT (the engine's `data_direct_io`).
     pub data_direct_io: bool,
+    /// Buffered applies on the core thread while that is safe (the engine's `inline_applies`).
+    pub inline_applies: bool,
+    /// An inline apply that blocked this long sends applies back to io_uring for a while.
+    pub inline_apply_us_max: u64,
     /// Pin core thread N to CPU N (the engine's `pin_cores`); off when several nodes share a
     /// machine, or they all crowd onto the first CPUs.
     pub pin_cores: bool,
@@ -162,6 +168,8 @@ impl Default for ServerConfig {
             tls_dir: None,
             insecure_loopback: false,
             data_direct_io: engine::config::DATA_DIRECT_IO_DEFAULT,
+            inline_applies: true,
+            inline_apply_us_max: 2_000,
             pin_cores: true,
             quic_udp_payload_bytes: 0,
             peers: Vec::new(),
@@ -205,6 +213,8 @@ impl ServerConfig {
         }
         c.tls_dir = self.tls_dir.clone();
         c.data_direct_io = self.data_direct_io;
+        c.inline_applies = self.inline_applies;
+        c.inline_apply_us_max = self.inline_apply_us_max;
         c.pin_cores = self.pin_cores;
         c.quic_udp_payload_bytes = self.quic_udp_payload_bytes;
         for p in &self.peers {
@@ -341,5 +351,39 @@ mod tests {
         c.raft.snapshot_log_bytes_max = 0;
         let e = c.engine_config().unwrap_err().to_string();
         assert!(e.contains("snapshot_log_bytes_max"), "{e}");
+    }
+
+    #[test]
+    fn inline_applies_reach_the_engine_from_the_file_and_the_flags() {
+        let c: ServerConfig = toml::from_str("node_id = 1\ninsecure_loopback = true").unwrap();
+        let e = c.engine_config().unwrap();
+        assert!(e.inline_applies, "on unless asked otherwise");
+        assert_eq!(e.inline_apply_us_max, 2_000);
+        let c: ServerConfig = toml::from_str(
+            "node_id = 1\ninsecure_loopback = true\ninline_applies = false\ninline_apply_us_max = 500",
+        )
+        .unwrap();
+        let e = c.engine_config().unwrap();
+        assert!(!e.inline_applies);
+        assert_eq!(e.inline_apply_us_max, 500);
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from([
+            "bd-server",
+            "run",
+            "--node-id",
+            "1",
+            "--insecure-loopback",
+            "--inline-applies",
+            "false",
+            "--inline-apply-us-max",
+            "700",
+        ])
+        .unwrap();
+        let crate::cli::Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        let e = run.resolve().unwrap().engine_config().unwrap();
+        assert!(!e.inline_applies);
+        assert_eq!(e.inline_apply_us_max, 700);
     }
 }
