@@ -79,6 +79,14 @@ pub struct CoreStat {
     /// Times inline applies stopped because the machine's dirty pages reached the background
     /// writeback threshold.
     pub inline_dirty_refusals: u64,
+    /// The core's WAL (refreshed every tick): durable batches written, entries and bytes
+    /// appended, the summed time batches spent on the disk (divide by `wal_batches` for the
+    /// mean write latency the WAL sees), segment files.
+    pub wal_batches: u64,
+    pub wal_appended_entries: u64,
+    pub wal_appended_bytes: u64,
+    pub wal_batch_disk_us: u64,
+    pub wal_segments: u64,
 }
 
 /// One core's QUIC connection to a peer node: the transport's counters and QUIC's view of the
@@ -175,7 +183,9 @@ impl CoreStat {
         format!(
             "[core {}] raft_messages_sent: {} frames_sent: {} bytes_sent: {} pings_sent: {} \
              groups: {} groups_hibernating: {} wakes: {} inline_applies_active: {} applies_inline: {} \
-             inline_slow_writes: {} inline_dirty_refusals: {}\n",
+             inline_slow_writes: {} inline_dirty_refusals: {} wal_batches: {} \
+             wal_appended_entries: {} wal_appended_bytes: {} wal_batch_disk_us: {} \
+             wal_segments: {}\n",
             self.core,
             self.raft_messages_sent,
             self.frames_sent,
@@ -187,7 +197,12 @@ impl CoreStat {
             self.inline_applies_active,
             self.applies_inline,
             self.inline_slow_writes,
-            self.inline_dirty_refusals
+            self.inline_dirty_refusals,
+            self.wal_batches,
+            self.wal_appended_entries,
+            self.wal_appended_bytes,
+            self.wal_batch_disk_us,
+            self.wal_segments
         )
     }
 }
@@ -207,6 +222,11 @@ pub(crate) struct CoreCounters {
     pub applies_inline: AtomicU64,
     pub inline_slow_writes: AtomicU64,
     pub inline_dirty_refusals: AtomicU64,
+    pub wal_batches: AtomicU64,
+    pub wal_appended_entries: AtomicU64,
+    pub wal_appended_bytes: AtomicU64,
+    pub wal_batch_disk_us: AtomicU64,
+    pub wal_segments: AtomicU64,
 }
 
 impl CoreCounters {
@@ -225,6 +245,21 @@ impl CoreCounters {
             applies_inline: get(&self.applies_inline),
             inline_slow_writes: get(&self.inline_slow_writes),
             inline_dirty_refusals: get(&self.inline_dirty_refusals),
+            wal_batches: get(&self.wal_batches),
+            wal_appended_entries: get(&self.wal_appended_entries),
+            wal_appended_bytes: get(&self.wal_appended_bytes),
+            wal_batch_disk_us: get(&self.wal_batch_disk_us),
+            wal_segments: get(&self.wal_segments),
         }
+    }
+
+    /// Copies the WAL's counters (on the core thread, every tick).
+    pub fn publish_wal(&self, st: &raftlog::wal::WalStatus) {
+        let set = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        set(&self.wal_batches, st.batches);
+        set(&self.wal_appended_entries, st.appended_entries);
+        set(&self.wal_appended_bytes, st.appended_bytes);
+        set(&self.wal_batch_disk_us, st.batch_disk_us);
+        set(&self.wal_segments, st.segments as u64);
     }
 }

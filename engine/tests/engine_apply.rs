@@ -109,6 +109,13 @@ fn concurrent_overlapping_applies_take_effect_in_log_order() {
             // The counters are published every tick (10 ms here).
             tokio::time::sleep(Duration::from_millis(50)).await;
             let st = &e.core_stats()[0];
+            // The WAL's counters reach the status too: every write became at least one entry.
+            assert!(st.wal_appended_entries >= 300, "{st:?}");
+            assert!(
+                st.wal_batches > 0 && st.wal_batches <= st.wal_appended_entries,
+                "{st:?}"
+            );
+            assert!(st.wal_batch_disk_us > 0 && st.wal_segments > 0, "{st:?}");
             if direct || !inline {
                 assert_eq!(
                     st.applies_inline, 0,
