@@ -15,7 +15,7 @@ use bytes::Bytes;
 use logs::with_logs;
 use raftlog::core::types::{Entry, EntryKind, HardState};
 use raftlog::storage::LogStore;
-use raftlog::wal::format::{self, Decoded, RecordKind};
+use raftlog::wal::format::{self, Decoded, RecordKind, SegFormat};
 use raftlog::wal::{self, IoBackend, Wal, WalConfig, WalOp};
 use raftlog::Error;
 
@@ -51,13 +51,21 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 /// kind), up to the first zero or bad one.
 fn records(path: &Path) -> Vec<(usize, usize, RecordKind)> {
     let d = std::fs::read(path).unwrap();
+    let seq = seq_of(path);
+    let fmt = SegFormat::detect(&d, seq).unwrap_or(SegFormat::current(seq));
     let mut out = Vec::new();
     let mut off = 0;
-    while let Decoded::Record { header, len, .. } = format::decode_at(&d, off) {
+    while let Decoded::Record { header, len, .. } = format::decode_at(&d, off, fmt) {
         out.push((off, len, header.kind()));
         off += len;
     }
     out
+}
+
+/// The sequence number in a segment file's name.
+fn seq_of(path: &Path) -> u64 {
+    let name = path.file_name().unwrap().to_str().unwrap();
+    name.strip_suffix(".wal").unwrap().parse().unwrap()
 }
 
 /// End of the last valid record of a segment (direct-I/O padding included).
@@ -562,11 +570,24 @@ fn synth_segment(
     recs: &[Rec],
     sealed: bool,
 ) -> (PathBuf, Vec<u64>) {
+    synth_segment_as(dir, SegFormat::current(seq), start_hole, recs, sealed)
+}
+
+/// [`synth_segment`] in format `fmt` (version 3 or 4).
+fn synth_segment_as(
+    dir: &Path,
+    fmt: SegFormat,
+    start_hole: bool,
+    recs: &[Rec],
+    sealed: bool,
+) -> (PathBuf, Vec<u64>) {
     use raftlog::wal::format::RecordHeader;
+    let seq = fmt.seq;
     let mut buf = Vec::new();
-    format::encode(
+    format::encode_as(
         &mut buf,
         &RecordHeader::segment_start(seq).in_batch(0, 0, WINDOW),
+        fmt,
         |_| {},
     );
     if start_hole {
@@ -580,7 +601,7 @@ fn synth_segment(
         let e = &ents(r.index, r.index, 1, 100)[0];
         let h =
             RecordHeader::entries(1, (r.index, 1), (r.index, 1)).in_batch(r.batch, r.acked, WINDOW);
-        format::encode(&mut buf, &h, |b| {
+        format::encode_as(&mut buf, &h, fmt, |b| {
             format::encode_entry(b, 1, e.kind, &e.data, crc32fast::hash(&e.data))
         });
         if r.hole {
@@ -589,9 +610,10 @@ fn synth_segment(
         last_batch = r.batch;
     }
     if sealed {
-        format::encode(
+        format::encode_as(
             &mut buf,
             &RecordHeader::seal(seq).in_batch(last_batch, 0, WINDOW),
+            fmt,
             |_| {},
         );
     }
@@ -892,4 +914,188 @@ fn segments_zero_filled_in_the_background_are_used_and_leftovers_removed() {
     assert!(!logs.contains("WARN"), "{logs}");
     assert_eq!(w.entries(1, 1, idx + 1).unwrap().len() as u64, idx);
     assert_eq!(w.entries(1, 1, idx + 1).unwrap(), ents(1, idx, 1, 3000));
+}
+
+/// A purged segment file reused as segment 3 whose start record was never
+/// written (a crash right after the rename): it still holds segment 1's
+/// records, which do not verify as segment 3's, so recovery removes it as an
+/// empty trailing segment instead of reading old entries back.
+#[test]
+fn recycled_file_without_its_new_start_record_is_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (seg1, _) = synth_segment(tmp.path(), 1, false, &[rec(1, 1, 1), rec(2, 2, 2)], true);
+    synth_segment(tmp.path(), 2, false, &[rec(3, 1, 1)], true);
+    let seg3 = tmp.path().join(format!("{:020}.wal", 3));
+    std::fs::copy(&seg1, &seg3).unwrap();
+    let (w, logs) = with_logs(|| Wal::open(cfg(tmp.path())));
+    let mut w = w.unwrap();
+    assert!(logs.contains("without a valid start record"), "{logs}");
+    assert_eq!(w.status().truncated_at_open, vec![(seg3, 0)]);
+    assert_eq!(w.group_state(1).unwrap().last_index, 3);
+    assert_eq!(w.entries(1, 1, 4).unwrap().len(), 3);
+}
+
+/// The last segment, reused from a purged file: after this life's records it
+/// still holds the earlier life's (valid under their own sequence number).
+/// They are a torn tail here, cut with a warning, never corruption and never
+/// entries.
+#[test]
+fn records_of_a_recycled_files_earlier_life_end_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    synth_segment(tmp.path(), 1, false, &[rec(1, 1, 1)], true);
+    // Segment 2's earlier life as segment 7: more, later-batch records.
+    let old = tempfile::tempdir().unwrap();
+    let (old7, _) = synth_segment(
+        old.path(),
+        7,
+        false,
+        &[rec(90, 1, 1), rec(91, 2, 2), rec(92, 3, 3), rec(93, 4, 4)],
+        true,
+    );
+    let (seg2, offs) = synth_segment(tmp.path(), 2, false, &[rec(2, 1, 1)], false);
+    let mut bytes = std::fs::read(&old7).unwrap();
+    let new = std::fs::read(&seg2).unwrap();
+    let end = data_end(&seg2);
+    bytes[..end].copy_from_slice(&new[..end]);
+    std::fs::write(&seg2, &bytes).unwrap();
+    let (w, logs) = with_logs(|| Wal::open(cfg(tmp.path())));
+    let mut w = w.unwrap();
+    assert!(
+        logs.contains("truncating the torn or zero-filled tail"),
+        "{logs}"
+    );
+    assert!(logs.contains("valid_records_after_hole=0"), "{logs}");
+    assert_eq!(
+        w.status().truncated_at_open,
+        vec![(seg2, offs[0] + (end as u64 - offs[0]))]
+    );
+    assert_eq!(w.group_state(1).unwrap().last_index, 2);
+    assert_eq!(w.entries(1, 1, 3).unwrap(), ents(1, 2, 1, 100));
+}
+
+/// Segments written by format version 3 (no sequence number in the crc) are
+/// still read, a torn tail of one included, and new segments are version 4.
+#[test]
+fn version_3_segments_are_still_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v3 = |seq| SegFormat { seq, v4: false };
+    synth_segment_as(
+        tmp.path(),
+        v3(1),
+        false,
+        &[rec(1, 1, 1), rec(2, 2, 2)],
+        true,
+    );
+    let (seg2, offs) = synth_segment_as(
+        tmp.path(),
+        v3(2),
+        false,
+        &[rec(3, 1, 1), hole(4, 2, 1)],
+        false,
+    );
+    let (w, logs) = with_logs(|| Wal::open(cfg(tmp.path())));
+    let mut w = w.unwrap();
+    assert!(logs.contains("WARN"), "{logs}");
+    assert_eq!(w.status().truncated_at_open, vec![(seg2.clone(), offs[1])]);
+    assert_eq!(w.entries(1, 1, 4).unwrap(), ents(1, 3, 1, 100));
+    w.append(1, &ents(4, 4, 1, 100)).unwrap();
+    w.sync().unwrap();
+    drop(w);
+    let segs = segments(tmp.path());
+    let newest = segs.last().unwrap();
+    let d = std::fs::read(newest).unwrap();
+    assert_eq!(
+        SegFormat::detect(&d, seq_of(newest)),
+        Some(SegFormat::current(seq_of(newest)))
+    );
+    let mut w = Wal::open(cfg(tmp.path())).unwrap();
+    assert_eq!(w.entries(1, 1, 5).unwrap(), ents(1, 4, 1, 100));
+}
+
+/// Purged segments become free files that later segments reuse (no new file
+/// to preallocate or zero-fill); at open, free files of another size and
+/// those over `segments_recycle_max` are deleted. Every entry written
+/// through reused files reads back after a crash (no seal) and a reopen.
+#[test]
+fn purged_segments_are_reused_and_read_back_after_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.segments_soft_max = 4;
+    c.segments_recycle_max = 3;
+    let mut w = Wal::open(c.clone()).unwrap();
+    let mut last = 0;
+    // One group that compacts behind itself: the cold-group rewrite moves
+    // it forward and old segments are purged, again and again.
+    for round in 0..60u64 {
+        let lo = last + 1;
+        last += 10;
+        w.append(1, &ents(lo, last, 1, 4000)).unwrap();
+        w.compact(1, last - 2, 1).unwrap();
+        w.sync().unwrap();
+        assert!(w.status().free_segments <= 3, "round {round}");
+    }
+    let st = w.status();
+    assert!(st.purged_segments > 0 && st.recycled_segments > 0, "{st:?}");
+    let free_files = || {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_str()
+                    .unwrap()
+                    .ends_with(".walfree")
+            })
+            .count()
+    };
+    assert_eq!(free_files(), st.free_segments);
+    w.close_unsealed();
+    // Next to the pool: a free file of another size, one named after a
+    // segment still to come, and two more of the right size (together more
+    // than the limit).
+    let short = tmp.path().join(format!("free-{:020}.walfree", 2));
+    std::fs::write(&short, b"short").unwrap();
+    let future = tmp.path().join(format!("free-{:020}.walfree", 9999));
+    std::fs::File::create(&future)
+        .unwrap()
+        .set_len(c.log_segment_bytes_max)
+        .unwrap();
+    for seq in [0u64, 1] {
+        let f = std::fs::File::create(tmp.path().join(format!("free-{seq:020}.walfree"))).unwrap();
+        f.set_len(c.log_segment_bytes_max).unwrap();
+    }
+    let (w, logs) = with_logs(|| Wal::open(c.clone()));
+    let mut w = w.unwrap();
+    assert!(!logs.contains("ERROR"), "{logs}");
+    assert!(!short.exists(), "a free file of another size is deleted");
+    assert!(
+        !future.exists(),
+        "a free file named after a future segment is deleted"
+    );
+    // The new first segment took one; the rest are capped by the limit.
+    let kept = (st.free_segments + 2).min(3) - 1;
+    assert_eq!(w.status().free_segments, kept, "{:?}", w.status());
+    assert_eq!(free_files(), kept);
+    let gs = w.group_state(1).unwrap();
+    assert_eq!(gs.last_index, last);
+    assert_eq!(
+        w.entries(1, last - 1, last + 1).unwrap(),
+        ents(last - 1, last, 1, 4000)
+    );
+    // And on through more reuse, then a clean close and open.
+    for _ in 0..20u64 {
+        let lo = last + 1;
+        last += 10;
+        w.append(1, &ents(lo, last, 1, 4000)).unwrap();
+        w.compact(1, last - 2, 1).unwrap();
+        w.sync().unwrap();
+    }
+    assert!(w.status().recycled_segments > 0);
+    w.close().unwrap();
+    let mut w = Wal::open(c).unwrap();
+    assert_eq!(
+        w.entries(1, last - 1, last + 1).unwrap(),
+        ents(last - 1, last, 1, 4000)
+    );
 }

@@ -18,7 +18,14 @@
 //! ```
 //!
 //! The crc32 covers everything from `header_len` to the end of the payload,
-//! so a record is either entirely valid or rejected. The per-entry data crc
+//! so a record is either entirely valid or rejected. From format version 4
+//! on (magic [`MAGIC`]) the crc also covers the segment's sequence number,
+//! which is not stored in the record: segment files are recycled (a purged
+//! file becomes a later segment, see `segment`), and a record left over from
+//! a file's previous life then never verifies in its new one, so recovery
+//! sees the end of the log where the new records end. Versions 2 and 3
+//! (magic [`MAGIC_V3`], crc without the sequence number) are still read; a
+//! segment holds records of one kind only, that of its start record. The per-entry data crc
 //! lets a single entry be read back (for replication) and verified without
 //! reading its whole record. The 8-byte alignment lets recovery scan forward
 //! past a bad record to tell a torn tail (nothing valid follows) from
@@ -49,10 +56,17 @@ use rkyv::rancor;
 use crate::core::types::{EntryKind, GroupId, HardState, Index, Term};
 use crate::wal::buf::EncodeBuf;
 
-pub const MAGIC: u32 = 0xBD0A_11E7;
-/// Bumped on any incompatible change of the record layout. Version 3 added
-/// the `Pad` record kind (direct I/O); version 2 files are still read.
-pub const FORMAT_VERSION: u16 = 3;
+/// Records of format version 4: the crc covers the segment's sequence number.
+pub const MAGIC: u32 = 0xBD0A_11E8;
+/// Records of format versions 2 and 3 (read, never written).
+pub const MAGIC_V3: u32 = 0xBD0A_11E7;
+/// Bumped on any incompatible change of the record layout. Version 4 mixed
+/// the segment's sequence number into the crc (recycled segment files);
+/// version 3 added the `Pad` record kind (direct I/O); version 2 and 3
+/// files are still read.
+pub const FORMAT_VERSION: u16 = 4;
+/// Newest version written with [`MAGIC_V3`].
+const FORMAT_VERSION_V3: u16 = 3;
 /// Oldest version recovery reads.
 pub const FORMAT_VERSION_READ_MIN: u16 = 2;
 /// Largest `batches_in_flight_max` a writer may use (and recovery accepts
@@ -244,9 +258,88 @@ pub fn entries_payload_len(data_lens: impl Iterator<Item = usize>) -> usize {
     data_lens.map(|l| ENTRY_ROW_LEN + l).sum()
 }
 
-/// Appends one record to `buf`; `payload` writes the payload bytes. Returns
-/// the offset of the payload within `buf`.
-pub fn encode<B: EncodeBuf>(buf: &mut B, h: &RecordHeader, payload: impl FnOnce(&mut B)) -> usize {
+/// Which records a segment holds: its sequence number, and whether they are
+/// of format 4 (crc over the sequence number too) or older.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegFormat {
+    pub seq: u64,
+    pub v4: bool,
+}
+
+impl SegFormat {
+    /// What this writer writes into segment `seq`.
+    pub fn current(seq: u64) -> SegFormat {
+        SegFormat { seq, v4: true }
+    }
+
+    fn magic(&self) -> u32 {
+        if self.v4 {
+            MAGIC
+        } else {
+            MAGIC_V3
+        }
+    }
+
+    fn crc(&self, body: &[u8]) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        if self.v4 {
+            h.update(&self.seq.to_le_bytes());
+        }
+        h.update(body);
+        h.finalize()
+    }
+
+    fn versions(&self) -> std::ops::RangeInclusive<u16> {
+        if self.v4 {
+            FORMAT_VERSION..=FORMAT_VERSION
+        } else {
+            FORMAT_VERSION_READ_MIN..=FORMAT_VERSION_V3
+        }
+    }
+
+    /// The format of segment `seq` as its first record shows, if that is a
+    /// valid start record of either format.
+    pub fn detect(data: &[u8], seq: u64) -> Option<SegFormat> {
+        [true, false].into_iter().find_map(|v4| {
+            let f = SegFormat { seq, v4 };
+            match decode_at(data, 0, f) {
+                Decoded::Record { header, .. } if header.kind == RecordKind::SegmentStart as u8 => {
+                    Some(f)
+                }
+                _ => None,
+            }
+        })
+    }
+}
+
+/// Appends one record of segment `seq` (format [`FORMAT_VERSION`]) to `buf`;
+/// `payload` writes the payload bytes. Returns the offset of the payload
+/// within `buf`.
+pub fn encode<B: EncodeBuf>(
+    buf: &mut B,
+    h: &RecordHeader,
+    seq: u64,
+    payload: impl FnOnce(&mut B),
+) -> usize {
+    encode_as(buf, h, SegFormat::current(seq), payload)
+}
+
+/// [`encode`] in the given format (an older one only to seal a segment
+/// written by an older version, and in tests).
+#[doc(hidden)]
+pub fn encode_as<B: EncodeBuf>(
+    buf: &mut B,
+    h: &RecordHeader,
+    fmt: SegFormat,
+    payload: impl FnOnce(&mut B),
+) -> usize {
+    let mut h = *h;
+    h.version = if fmt.v4 {
+        FORMAT_VERSION
+    } else {
+        FORMAT_VERSION_V3
+    };
+    let h = &h;
     let start = buf.len();
     debug_assert_eq!(start % ALIGN, 0, "records start aligned");
     buf.extend_from_slice(&[0u8; PREFIX_LEN]);
@@ -260,10 +353,10 @@ pub fn encode<B: EncodeBuf>(buf: &mut B, h: &RecordHeader, payload: impl FnOnce(
         payload_len <= PAYLOAD_BYTES_MAX,
         "record payload over the format limit"
     );
-    buf[start..start + 4].copy_from_slice(&MAGIC.to_le_bytes());
+    buf[start..start + 4].copy_from_slice(&fmt.magic().to_le_bytes());
     buf[start + 8..start + 12].copy_from_slice(&(hb.len() as u32).to_le_bytes());
     buf[start + 12..start + 16].copy_from_slice(&(payload_len as u32).to_le_bytes());
-    let crc = crc32fast::hash(&buf[start + 8..]);
+    let crc = fmt.crc(&buf[start + 8..]);
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     buf.resize(start + pad(buf.len() - start), 0);
     payload_start - start
@@ -284,7 +377,7 @@ pub fn pad_len(end: u64, align: u64) -> u64 {
 /// Appends `Pad` records (as header `h`, with its batch stamps) filling
 /// exactly `len` bytes, a result of [`pad_len`]. One record when it fits
 /// the format's payload limit, which any sane `align` does.
-pub fn encode_pad<B: EncodeBuf>(buf: &mut B, h: &RecordHeader, len: usize) {
+pub fn encode_pad<B: EncodeBuf>(buf: &mut B, h: &RecordHeader, seq: u64, len: usize) {
     debug_assert_eq!(h.kind, RecordKind::Pad as u8);
     if len == 0 {
         return;
@@ -295,7 +388,7 @@ pub fn encode_pad<B: EncodeBuf>(buf: &mut B, h: &RecordHeader, len: usize) {
         "bad pad length {len}"
     );
     let start = buf.len();
-    encode(buf, h, |b| {
+    encode(buf, h, seq, |b| {
         let n = b.len();
         b.resize(n + payload, 0)
     });
@@ -330,8 +423,9 @@ pub enum Decoded<'a> {
     Bad(String),
 }
 
-/// Decodes the record at `off` of `buf` (a whole segment), verifying the crc.
-pub fn decode_at(buf: &[u8], off: usize) -> Decoded<'_> {
+/// Decodes the record at `off` of `buf` (a whole segment of format `fmt`),
+/// verifying the crc.
+pub fn decode_at(buf: &[u8], off: usize, fmt: SegFormat) -> Decoded<'_> {
     let rest = &buf[off.min(buf.len())..];
     if rest.len() < PREFIX_LEN {
         return if rest.iter().all(|b| *b == 0) {
@@ -344,8 +438,12 @@ pub fn decode_at(buf: &[u8], off: usize) -> Decoded<'_> {
     if rest[..PREFIX_LEN].iter().all(|b| *b == 0) {
         return Decoded::Zero;
     }
-    if u32_at(0) != MAGIC {
-        return Decoded::Bad(format!("bad magic {:#010x}", u32_at(0)));
+    if u32_at(0) != fmt.magic() {
+        return Decoded::Bad(format!(
+            "bad magic {:#010x} (expected {:#010x})",
+            u32_at(0),
+            fmt.magic()
+        ));
     }
     let hl = u32_at(8) as usize;
     let pl = u32_at(12) as usize;
@@ -359,11 +457,16 @@ pub fn decode_at(buf: &[u8], off: usize) -> Decoded<'_> {
         ));
     }
     let body = &rest[8..PREFIX_LEN + hl + pl];
-    let crc = crc32fast::hash(body);
+    let crc = fmt.crc(body);
     if crc != u32_at(4) {
         return Decoded::Bad(format!(
-            "crc mismatch (stored {:#010x}, computed {crc:#010x})",
-            u32_at(4)
+            "crc mismatch (stored {:#010x}, computed {crc:#010x}{})",
+            u32_at(4),
+            if fmt.v4 {
+                "; or a record of an earlier use of this recycled file"
+            } else {
+                ""
+            }
         ));
     }
     // rkyv needs aligned bytes; the header sits at an 8-aligned file offset
@@ -377,8 +480,12 @@ pub fn decode_at(buf: &[u8], off: usize) -> Decoded<'_> {
         },
         Err(e) => return Decoded::Bad(format!("header does not validate: {e}")),
     };
-    if !(FORMAT_VERSION_READ_MIN..=FORMAT_VERSION).contains(&header.version) {
-        return Decoded::Bad(format!("unsupported format version {}", header.version));
+    if !fmt.versions().contains(&header.version) {
+        return Decoded::Bad(format!(
+            "unsupported format version {} for magic {:#010x}",
+            header.version,
+            fmt.magic()
+        ));
     }
     if RecordKind::from_u8(header.kind).is_none() {
         return Decoded::Bad(format!("unknown record kind {}", header.kind));
@@ -463,11 +570,17 @@ pub fn parse_entries(h: &RecordHeader, payload: &[u8]) -> Result<Vec<EntryRow>, 
 mod tests {
     use super::*;
 
+    const F: SegFormat = SegFormat { seq: 7, v4: true };
+
     fn sample() -> Vec<u8> {
+        sample_as(F)
+    }
+
+    fn sample_as(f: SegFormat) -> Vec<u8> {
         let mut buf = Vec::new();
-        encode(&mut buf, &RecordHeader::segment_start(7), |_| {});
+        encode_as(&mut buf, &RecordHeader::segment_start(7), f, |_| {});
         let h = RecordHeader::entries(3, (10, 2), (11, 2));
-        encode(&mut buf, &h, |b| {
+        encode_as(&mut buf, &h, f, |b| {
             encode_entry(b, 2, EntryKind::Normal, b"hello", crc32fast::hash(b"hello"));
             encode_entry(b, 2, EntryKind::Noop, b"", 0);
         });
@@ -477,14 +590,14 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let buf = sample();
-        let Decoded::Record { header, len, .. } = decode_at(&buf, 0) else {
+        let Decoded::Record { header, len, .. } = decode_at(&buf, 0, F) else {
             panic!("first record must decode")
         };
         assert_eq!(header, RecordHeader::segment_start(7));
         assert_eq!(len % ALIGN, 0);
         let Decoded::Record {
             header, payload, ..
-        } = decode_at(&buf, len)
+        } = decode_at(&buf, len, F)
         else {
             panic!("second record must decode")
         };
@@ -492,13 +605,13 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert_eq!(&payload[rows[0].data_off..rows[0].data_off + 5], b"hello");
         assert_eq!(rows[1].kind, EntryKind::Noop);
-        assert!(matches!(decode_at(&buf, buf.len()), Decoded::Zero));
+        assert!(matches!(decode_at(&buf, buf.len(), F), Decoded::Zero));
     }
 
     #[test]
     fn any_flipped_bit_is_detected() {
         let buf = sample();
-        let Decoded::Record { len: first, .. } = decode_at(&buf, 0) else {
+        let Decoded::Record { len: first, .. } = decode_at(&buf, 0, F) else {
             panic!()
         };
         // Flip each byte of the second record's prefix+header+payload.
@@ -506,7 +619,7 @@ mod tests {
         for i in first..end {
             let mut b = buf.clone();
             b[i] ^= 0x40;
-            match decode_at(&b, first) {
+            match decode_at(&b, first, F) {
                 Decoded::Record { .. } => {
                     // Only the alignment padding is not covered.
                     assert!(
@@ -530,11 +643,11 @@ mod tests {
             let mut buf = vec![0xeeu8; start as usize];
             let n = pad_len(start, 4096);
             let h = RecordHeader::pad().in_batch(3, 2, 4);
-            encode_pad(&mut buf, &h, n as usize);
+            encode_pad(&mut buf, &h, 7, n as usize);
             assert_eq!(buf.len() as u64, start + n);
             assert_eq!(buf.len() % 4096, 0, "start {start}");
             if n > 0 {
-                match decode_at(&buf, start as usize) {
+                match decode_at(&buf, start as usize, F) {
                     Decoded::Record { header, len, .. } => {
                         assert_eq!(header, h);
                         assert_eq!(len as u64, n);
@@ -549,15 +662,52 @@ mod tests {
     fn truncated_record_is_bad() {
         let buf = sample();
         assert!(matches!(
-            decode_at(&buf[..buf.len() - 9], 0),
+            decode_at(&buf[..buf.len() - 9], 0, F),
             Decoded::Record { .. }
         ));
-        let Decoded::Record { len, .. } = decode_at(&buf, 0) else {
+        let Decoded::Record { len, .. } = decode_at(&buf, 0, F) else {
             panic!()
         };
         assert!(matches!(
-            decode_at(&buf[..buf.len() - 9], len),
+            decode_at(&buf[..buf.len() - 9], len, F),
             Decoded::Bad(_)
         ));
+    }
+
+    #[test]
+    fn a_record_verifies_only_in_its_own_segment_and_format() {
+        let buf = sample();
+        let Decoded::Record { len, .. } = decode_at(&buf, 0, F) else {
+            panic!()
+        };
+        // The same bytes read as segment 8 (the file recycled): the crc fails.
+        let other = SegFormat { seq: 8, v4: true };
+        match decode_at(&buf, len, other) {
+            Decoded::Bad(why) => assert!(why.contains("crc mismatch"), "{why}"),
+            d => panic!("a record of segment 7 decoded in segment 8: {d:?}"),
+        }
+        // Neither format reads the other's records.
+        let v3 = SegFormat { seq: 7, v4: false };
+        assert!(matches!(decode_at(&buf, 0, v3), Decoded::Bad(_)));
+        let old = sample_as(v3);
+        assert!(matches!(decode_at(&old, 0, F), Decoded::Bad(_)));
+        let Decoded::Record { header, len, .. } = decode_at(&old, 0, v3) else {
+            panic!("a version 3 record must still decode")
+        };
+        assert_eq!(header.version, 3);
+        // Format 3 has no sequence number in its crc.
+        let v3_other = SegFormat { seq: 99, v4: false };
+        assert!(matches!(
+            decode_at(&old, len, v3_other),
+            Decoded::Record { .. }
+        ));
+        assert_eq!(SegFormat::detect(&buf, 7), Some(F));
+        assert_eq!(SegFormat::detect(&old, 7), Some(v3));
+        assert_eq!(SegFormat::detect(&buf, 8), None);
+        assert_eq!(
+            SegFormat::detect(&buf[len..], 7),
+            None,
+            "not a start record"
+        );
     }
 }

@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use crate::core::types::{GroupId, HardState};
 use crate::error::Error;
-use crate::wal::format::{self, Decoded, RecordHeader, RecordKind, ALIGN, MAGIC, PREFIX_LEN};
+use crate::wal::format::{self, Decoded, RecordHeader, RecordKind, SegFormat, ALIGN, PREFIX_LEN};
 use crate::wal::index::{group_at, EntryLoc, GroupIndex};
 use crate::wal::segment::{self, io_err};
 
@@ -46,6 +46,10 @@ pub struct Segment {
     pub wfile: Arc<File>,
     /// Bytes the file occupies (preallocated length for the active one).
     pub len: u64,
+    /// Written with format version 4 (sequence number in every crc), so the
+    /// file may be recycled once purged: records of its old life cannot
+    /// verify in a new one.
+    pub v4: bool,
 }
 
 pub struct Recovered {
@@ -95,11 +99,15 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
     while let Some(&seq) = seqs.last() {
         let path = dir_path.join(segment::file_name(seq));
         let data = std::fs::read(&path).map_err(|e| io_err("read segment", &path, 0, e))?;
-        // No valid start record, and nothing after it that could not have
-        // been in flight with the start record's batch: nothing of this
-        // file was ever acknowledged.
-        let empty = !matches!(format::decode_at(&data, 0), Decoded::Record { .. })
-            && check_tail_hole(&data, 0, None).is_ok();
+        // No valid start record, and nothing after it (in either format)
+        // that could not have been in flight with the start record's batch:
+        // nothing of this file was ever acknowledged. A recycled file whose
+        // start record was not written yet looks like this too: its old
+        // records carry another sequence number and do not verify.
+        let empty = SegFormat::detect(&data, seq).is_none()
+            && [true, false]
+                .into_iter()
+                .all(|v4| check_tail_hole(&data, 0, None, SegFormat { seq, v4 }).is_ok());
         if !empty {
             break;
         }
@@ -123,7 +131,8 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
         let is_last = i + 1 == seqs.len();
         let path = dir_path.join(segment::file_name(seq));
         let data = std::fs::read(&path).map_err(|e| io_err("read segment", &path, 0, e))?;
-        let (end, sealed, bad, last) = replay_segment(&path, seq, &data, &mut out.groups)?;
+        let fmt = SegFormat::detect(&data, seq).unwrap_or(SegFormat::current(seq));
+        let (end, sealed, bad, last) = replay_segment(&path, fmt, &data, &mut out.groups)?;
         if !sealed {
             let (off, reason) = bad.expect("an unsealed segment stops at a bad or zero record");
             if !is_last {
@@ -133,7 +142,7 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
                     format!("{reason}; the segment has no seal record but later segments exist"),
                 ));
             }
-            let after = match check_tail_hole(&data, off, last) {
+            let after = match check_tail_hole(&data, off, last, fmt) {
                 Ok(n) => n,
                 Err(why) => {
                     return Err(corrupt(&path, off as u64, format!("{reason}; {why}")));
@@ -154,7 +163,7 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
                 end > 0,
                 "segments without a valid start record were removed above"
             );
-            seal_at(&path, seq, end as u64)?;
+            seal_at(&path, fmt, end as u64)?;
         }
         let file = OpenOptions::new()
             .read(true)
@@ -173,6 +182,7 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
                 wfile: file.clone(),
                 file,
                 len,
+                v4: fmt.v4,
             },
         );
     }
@@ -187,14 +197,15 @@ type SegmentEnd = (usize, bool, Option<(usize, String)>, Option<(u64, u16)>);
 /// Replays one segment.
 fn replay_segment(
     path: &Path,
-    seq: u64,
+    fmt: SegFormat,
     data: &[u8],
     groups: &mut BTreeMap<GroupId, GroupIndex>,
 ) -> Result<SegmentEnd, Error> {
+    let seq = fmt.seq;
     let mut off = 0usize;
     let mut last = None;
     loop {
-        match format::decode_at(data, off) {
+        match format::decode_at(data, off, fmt) {
             Decoded::Record {
                 header,
                 payload_off,
@@ -329,11 +340,16 @@ fn apply(
 /// (batch, window) of the last valid record before the hole, if any.
 /// Returns how many valid records follow, or why one of them proves
 /// corruption.
-fn check_tail_hole(data: &[u8], off: usize, before: Option<(u64, u16)>) -> Result<usize, String> {
+fn check_tail_hole(
+    data: &[u8],
+    off: usize,
+    before: Option<(u64, u16)>,
+    fmt: SegFormat,
+) -> Result<usize, String> {
     let mut n = 0;
     let mut at = off;
-    while let Some(next) = find_valid_after(data, at) {
-        let Decoded::Record { header: h, len, .. } = format::decode_at(data, next) else {
+    while let Some(next) = find_valid_after(data, at, fmt) {
+        let Decoded::Record { header: h, len, .. } = format::decode_at(data, next, fmt) else {
             unreachable!("find_valid_after returns valid records")
         };
         let (lo, max_batch, max_acked) = match before {
@@ -358,13 +374,18 @@ fn check_tail_hole(data: &[u8], off: usize, before: Option<(u64, u16)>) -> Resul
     Ok(n)
 }
 
-/// Offset of the first valid record after `off`, if any.
-pub fn find_valid_after(data: &[u8], off: usize) -> Option<usize> {
-    let magic = MAGIC.to_le_bytes();
+/// Offset of the first valid record (of format `fmt`) after `off`, if any.
+pub fn find_valid_after(data: &[u8], off: usize, fmt: SegFormat) -> Option<usize> {
+    let magic = if fmt.v4 {
+        format::MAGIC
+    } else {
+        format::MAGIC_V3
+    }
+    .to_le_bytes();
     let mut o = (off / ALIGN + 1) * ALIGN;
     while o + PREFIX_LEN <= data.len() {
         if data[o..o + 4] == magic {
-            if let Decoded::Record { .. } = format::decode_at(data, o) {
+            if let Decoded::Record { .. } = format::decode_at(data, o, fmt) {
                 return Some(o);
             }
         }
@@ -373,8 +394,10 @@ pub fn find_valid_after(data: &[u8], off: usize) -> Option<usize> {
     None
 }
 
-/// Cuts the file at `end` and writes a seal record there, durably.
-fn seal_at(path: &Path, seq: u64, end: u64) -> Result<(), Error> {
+/// Cuts the file at `end` and writes a seal record there (in the segment's
+/// own format), durably.
+fn seal_at(path: &Path, fmt: SegFormat, end: u64) -> Result<(), Error> {
+    let seq = fmt.seq;
     let file = OpenOptions::new()
         .write(true)
         .open(path)
@@ -384,7 +407,7 @@ fn seal_at(path: &Path, seq: u64, end: u64) -> Result<(), Error> {
     let mut buf = Vec::new();
     // Batch numbers of a sealed tail are never checked again.
     let seal = RecordHeader::seal(seq).in_batch(u64::MAX, 0, 1);
-    format::encode(&mut buf, &seal, |_| {});
+    format::encode_as(&mut buf, &seal, fmt, |_| {});
     file.write_all_at(&buf, end)
         .map_err(|e| io_err("write seal", path, end, e))?;
     file.sync_all()

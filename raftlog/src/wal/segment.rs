@@ -20,6 +20,70 @@ pub fn file_name(seq: u64) -> String {
     format!("{seq:020}{SUFFIX}")
 }
 
+/// A purged segment kept for reuse (see [`take_free`]): not a segment name,
+/// so recovery ignores it.
+pub const FREE_SUFFIX: &str = ".walfree";
+
+/// `free-00000000000000000042.walfree`: segment 42's file, purged and kept
+/// for reuse.
+pub fn free_name(seq: u64) -> String {
+    format!("free-{seq:020}{FREE_SUFFIX}")
+}
+
+pub fn parse_free_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("free-")?.strip_suffix(FREE_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Moves the file of purged segment `seq` into the free pool; returns its
+/// new path. The caller syncs the directory (as for a deletion).
+pub fn make_free(dir_path: &Path, path: &Path, seq: u64) -> io::Result<PathBuf> {
+    let to = dir_path.join(free_name(seq));
+    std::fs::rename(path, &to)?;
+    Ok(to)
+}
+
+/// Reuses a free file as segment `seq`, durably renamed. Every block of it
+/// was written in its earlier life, so a direct write into it is a plain
+/// overwrite (no unwritten extent to convert, no journal commit) without
+/// the zero-fill's extra writes; the old records left in it cannot verify
+/// as records of `seq` (the sequence number is in every record's crc), so
+/// recovery sees the end of the log where this life's records end. `None`
+/// (with a warning, the file removed) if it cannot be reused.
+pub fn take_free(dir_path: &Path, dir: &File, free: &Path, seq: u64) -> Option<(File, PathBuf)> {
+    let path = dir_path.join(file_name(seq));
+    if let Err(e) = std::fs::rename(free, &path) {
+        tracing::warn!(path = %free.display(), error = %e, "wal: cannot reuse a free segment file; removing it");
+        let _ = std::fs::remove_file(free);
+        return None;
+    }
+    // A crash before this sync leaves either name: a free file (reused
+    // later) or a trailing segment without a valid start record (removed by
+    // recovery).
+    if let Err(e) = sync_dir(dir, dir_path) {
+        tracing::warn!(error = %e, "wal: fsync of the directory after reusing a free segment file failed");
+        let _ = std::fs::remove_file(&path);
+        return None;
+    }
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)
+    {
+        Ok(f) => Some((f, path)),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "wal: cannot open a reused segment file; removing it");
+            let _ = std::fs::remove_file(&path);
+            let _ = sync_dir(dir, dir_path);
+            None
+        }
+    }
+}
+
 pub fn parse_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(SUFFIX)?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -315,6 +379,15 @@ mod tests {
         let c = Preparer::spawn(tmp.path(), 64 << 10);
         drop(c);
         assert!(!tmp.path().join(PREPARED_NAME).exists());
+    }
+
+    #[test]
+    fn free_names_round_trip_and_are_not_segment_names() {
+        assert_eq!(free_name(42), "free-00000000000000000042.walfree");
+        assert_eq!(parse_free_name(&free_name(42)), Some(42));
+        assert_eq!(parse_name(&free_name(42)), None);
+        assert_eq!(parse_free_name(&file_name(42)), None);
+        assert_eq!(parse_free_name("free-42.walfree"), None);
     }
 
     #[test]
