@@ -43,9 +43,15 @@ const EXPORT_QEMU: &str = "disk";
 #[derive(Args, Debug)]
 pub struct NbdArgs {
     /// Directory for the data (default: a temporary directory under the current directory,
-    /// removed afterwards).
+    /// removed afterwards). Each target runs in its own subdirectory (`qemu-nbd`, `1rep`,
+    /// `3rep`), emptied first so every run starts from fresh stores; once the target is done
+    /// only its logs are kept there (see `--keep-data`).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// With `--dir`: keep each target's data files (WAL, data, raw image; several GB) instead
+    /// of only its logs.
+    #[arg(long)]
+    keep_data: bool,
     /// Seconds per timed cell (randwrite and randread, for each target).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
@@ -177,7 +183,7 @@ pub fn run(a: NbdArgs) -> Res<()> {
     let mut qemu_opts = String::new();
     for t in &a.targets {
         let dir = root.join(t);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        fresh_dir(&dir)?;
         let mut servers = Servers::default();
         let uri = match t.as_str() {
             "qemu-nbd" => {
@@ -228,6 +234,9 @@ pub fn run(a: NbdArgs) -> Res<()> {
             rows.push(row);
         }
         servers.stop();
+        if !a.keep_data {
+            drop_data(&dir)?;
+        }
     }
     let load_after = loadavg();
     let iops = |rows: &[Row], t: &str, rw: &str| {
@@ -276,6 +285,48 @@ pub fn run(a: NbdArgs) -> Res<()> {
         }
     }
     println!("{}", ratio_line(w1, w3, rd));
+    Ok(())
+}
+
+/// Marks a directory this benchmark made for one target, so a later run may empty it.
+const TARGET_MARK: &str = ".bd-bench-nbd-target";
+
+/// An empty directory for one target: made with a mark, or emptied if a previous run made it.
+/// A non-empty directory without the mark is someone else's and is refused.
+fn fresh_dir(dir: &Path) -> Res<()> {
+    let non_empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+    if non_empty {
+        if !dir.join(TARGET_MARK).exists() {
+            return Err(format!(
+                "{} is not empty and was not made by bd-bench nbd; refusing to delete it \
+                 (choose another --dir)",
+                dir.display()
+            ));
+        }
+        std::fs::remove_dir_all(dir).map_err(|e| format!("emptying {}: {e}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::write(dir.join(TARGET_MARK), b"")
+        .map_err(|e| format!("{}: {e}", dir.join(TARGET_MARK).display()))
+}
+
+/// Removes everything in a finished target's directory but its logs (and the mark).
+fn drop_data(dir: &Path) -> Res<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for e in entries {
+        let e = e.map_err(|e| format!("{}: {e}", dir.display()))?;
+        let p = e.path();
+        let keep = p.extension().is_some_and(|x| x == "log") || e.file_name() == TARGET_MARK;
+        if keep {
+            continue;
+        }
+        let r = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.map_err(|e| format!("removing {}: {e}", p.display()))?;
+    }
     Ok(())
 }
 
@@ -744,6 +795,28 @@ pub fn parse_fio_json(text: &str, dir: &str) -> Res<FioResult> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_dirs_start_empty_and_keep_only_logs() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path().join("3rep");
+        fresh_dir(&t).unwrap();
+        std::fs::create_dir_all(t.join("node1/core-0")).unwrap();
+        std::fs::write(t.join("node1/core-0/bg-0.data"), b"data").unwrap();
+        std::fs::write(t.join("node1.log"), b"log").unwrap();
+        drop_data(&t).unwrap();
+        assert!(t.join("node1.log").exists() && !t.join("node1").exists());
+        // A second run empties it, logs too.
+        fresh_dir(&t).unwrap();
+        assert!(!t.join("node1.log").exists() && t.join(TARGET_MARK).exists());
+        // Someone else's directory is never emptied.
+        let other = d.path().join("mine");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("precious"), b"x").unwrap();
+        let e = fresh_dir(&other).unwrap_err();
+        assert!(e.contains("refusing") && e.contains("mine"), "{e}");
+        assert!(other.join("precious").exists());
+    }
 
     #[test]
     fn settle_syncs_a_directory_and_names_a_missing_one() {

@@ -87,6 +87,11 @@ pub struct CoreStat {
     pub wal_appended_bytes: u64,
     pub wal_batch_disk_us: u64,
     pub wal_segments: u64,
+    /// Segments started on a purged segment's file, on a zero-filled one, and purged files
+    /// waiting for reuse (docs/wal.md).
+    pub wal_recycled_segments: u64,
+    pub wal_zero_filled_segments: u64,
+    pub wal_free_segments: u64,
 }
 
 /// One core's QUIC connection to a peer node: the transport's counters and QUIC's view of the
@@ -185,7 +190,8 @@ impl CoreStat {
              groups: {} groups_hibernating: {} wakes: {} inline_applies_active: {} applies_inline: {} \
              inline_slow_writes: {} inline_dirty_refusals: {} wal_batches: {} \
              wal_appended_entries: {} wal_appended_bytes: {} wal_batch_disk_us: {} \
-             wal_segments: {}\n",
+             wal_segments: {} wal_recycled_segments: {} wal_zero_filled_segments: {} \
+             wal_free_segments: {}\n",
             self.core,
             self.raft_messages_sent,
             self.frames_sent,
@@ -202,7 +208,10 @@ impl CoreStat {
             self.wal_appended_entries,
             self.wal_appended_bytes,
             self.wal_batch_disk_us,
-            self.wal_segments
+            self.wal_segments,
+            self.wal_recycled_segments,
+            self.wal_zero_filled_segments,
+            self.wal_free_segments
         )
     }
 }
@@ -227,6 +236,9 @@ pub(crate) struct CoreCounters {
     pub wal_appended_bytes: AtomicU64,
     pub wal_batch_disk_us: AtomicU64,
     pub wal_segments: AtomicU64,
+    pub wal_recycled_segments: AtomicU64,
+    pub wal_zero_filled_segments: AtomicU64,
+    pub wal_free_segments: AtomicU64,
 }
 
 impl CoreCounters {
@@ -250,6 +262,9 @@ impl CoreCounters {
             wal_appended_bytes: get(&self.wal_appended_bytes),
             wal_batch_disk_us: get(&self.wal_batch_disk_us),
             wal_segments: get(&self.wal_segments),
+            wal_recycled_segments: get(&self.wal_recycled_segments),
+            wal_zero_filled_segments: get(&self.wal_zero_filled_segments),
+            wal_free_segments: get(&self.wal_free_segments),
         }
     }
 
@@ -261,5 +276,8 @@ impl CoreCounters {
         set(&self.wal_appended_bytes, st.appended_bytes);
         set(&self.wal_batch_disk_us, st.batch_disk_us);
         set(&self.wal_segments, st.segments as u64);
+        set(&self.wal_recycled_segments, st.recycled_segments);
+        set(&self.wal_zero_filled_segments, st.zero_filled_segments);
+        set(&self.wal_free_segments, st.free_segments as u64);
     }
 }
