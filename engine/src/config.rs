@@ -139,7 +139,7 @@ impl EngineConfig {
             snapshot_keep_entries: 1024,
             snapshot_keep_bytes_max: 16 << 20,
             log_memory_bytes_max: 1 << 30,
-            snapshot_log_bytes_max: 64 << 20,
+            snapshot_log_bytes_max: 256 << 20,
             snapshot_interval_s: 3600,
             snapshot_chunk_bytes: 128 << 10,
             snapshot_bytes_per_sec_max: 200 << 20,

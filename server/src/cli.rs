@@ -139,7 +139,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub log_memory_bytes_max: Option<usize>,
     /// A group snapshots itself once its log since the last snapshot is this large (default
-    /// 67108864; see docs/server.md for the trade-off).
+    /// 268435456; see docs/server.md for the trade-off).
     #[arg(long)]
     pub snapshot_log_bytes_max: Option<usize>,
     /// Open the data files with O_DIRECT (see docs/server.md).

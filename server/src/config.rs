@@ -40,7 +40,7 @@
 //! snapshot_keep_entries = 1024
 //! snapshot_keep_bytes_max = 16777216   # per group, on top of the entry count
 //! log_memory_bytes_max = 1073741824    # per core: in-memory raft logs of its groups
-//! snapshot_log_bytes_max = 67108864    # per group: log since the last snapshot that triggers one
+//! snapshot_log_bytes_max = 268435456   # per group: log since the last snapshot that triggers one
 //! snapshot_bytes_per_sec_max = 209715200
 //! hibernate_idle_ms = 2000          # idle groups stop ticking and heartbeating; 0 = never
 //! ```
@@ -120,7 +120,7 @@ impl Default for RaftSettings {
             snapshot_keep_entries: 1024,
             snapshot_keep_bytes_max: 16 << 20,
             log_memory_bytes_max: 1 << 30,
-            snapshot_log_bytes_max: 64 << 20,
+            snapshot_log_bytes_max: 256 << 20,
             snapshot_bytes_per_sec_max: 200 << 20,
             hibernate_idle_ms: 2_000,
         }

@@ -72,7 +72,7 @@ fn assert_commits(c: &Cluster, via: usize, check: usize, blocks: std::ops::Range
 
 #[test]
 fn killed_follower_catches_up_by_log_not_snapshot() {
-    // Default snapshot settings (interval 3600 s, log limit 64 MiB): nobody takes a snapshot,
+    // Default snapshot settings (interval 3600 s, log limit 256 MiB): nobody takes a snapshot,
     // so the leader's log holds everything the follower misses.
     let mut c = Cluster::start(&[]);
     let l = c.leader();

@@ -5,8 +5,8 @@
 //! EOPNOTSUPP; checked on kernel 6.18), so io_uring hands every buffered apply to an io-wq worker
 //! thread: a queue hand-off and a wake-up there, a completion and usually a wake-up back. A
 //! 4 KiB page-cache write itself is a few microseconds. On the 3-replica benchmark, where the
-//! three servers and the client share two CPUs, writing buffered applies inline took about 15%
-//! less CPU and gave about 15% more write IOPS (docs/bench-nbd.md).
+//! three servers and the client share two CPUs, writing buffered applies inline took 14-19%
+//! less server CPU per replicated write (docs/bench-nbd.md).
 //!
 //! # The risk, and the rules
 //! A buffered write can sleep. The kernel throttles writers (`balance_dirty_pages`, pauses of
