@@ -78,8 +78,9 @@ const DRAIN_BATCH_MAX: usize = 1024;
 /// Payload bytes of one raft frame, at most (below the transport's 16 MiB frame limit).
 const FRAME_PAYLOAD_BYTES_MAX: usize = 8 << 20;
 /// A snapshot writes the data file's dirty pages back this many file bytes at a time before its
-/// fdatasync (`DataFile::sync_in_ranges`). Measured on the 1-replica bench (256 MiB BG, 256 MiB
-/// snapshot_log_bytes_max): same IOPS as one fdatasync, p99.9 9.1-9.6 ms instead of 15.5-18.7 ms.
+/// fdatasync (`DataFile::sync_in_ranges`). Measured against one plain fdatasync (3 pairs, 256 MiB
+/// BG and snapshot_log_bytes_max, docs/bench-nbd.md): 1 replica p99.9 6.3 ms instead of 13.3 ms
+/// at the same IOPS; 3 replicas unchanged.
 const SNAPSHOT_WRITEBACK_RANGE_BYTES: u64 = 8 << 20;
 /// Rounds of (drain dirty groups, submit data I/O, reap completions) per flush, at most; more
 /// completions are picked up by the next loop iteration.

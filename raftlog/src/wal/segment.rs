@@ -60,11 +60,18 @@ pub fn take_free(dir_path: &Path, dir: &File, free: &Path, seq: u64) -> Option<(
         let _ = std::fs::remove_file(free);
         return None;
     }
-    // A crash before this sync leaves either name: a free file (reused
-    // later) or a trailing segment without a valid start record (removed by
-    // recovery).
+    // A crash before the directory sync leaves either name: a free file
+    // (reused later) or a trailing segment without a valid start record
+    // (removed by recovery).
+    adopt(dir_path, dir, path, "reused segment file")
+}
+
+/// Makes the rename of a prepared file to segment `path` durable and opens
+/// it. On failure the file is removed (with a warning naming `what`), so the
+/// caller can create the segment the plain way under the same name.
+fn adopt(dir_path: &Path, dir: &File, path: PathBuf, what: &str) -> Option<(File, PathBuf)> {
     if let Err(e) = sync_dir(dir, dir_path) {
-        tracing::warn!(error = %e, "wal: fsync of the directory after reusing a free segment file failed");
+        tracing::warn!(file = what, error = %e, "wal: fsync of the directory after taking a prepared segment failed; removing it");
         let _ = std::fs::remove_file(&path);
         return None;
     }
@@ -76,7 +83,7 @@ pub fn take_free(dir_path: &Path, dir: &File, free: &Path, seq: u64) -> Option<(
     {
         Ok(f) => Some((f, path)),
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "wal: cannot open a reused segment file; removing it");
+            tracing::warn!(file = what, path = %path.display(), error = %e, "wal: cannot open a prepared segment; removing it");
             let _ = std::fs::remove_file(&path);
             let _ = sync_dir(dir, dir_path);
             None
@@ -255,24 +262,7 @@ impl Preparer {
         // The directory sync makes the new name durable; a crash before it
         // leaves either name, both harmless (a trailing all-zero segment is
         // removed by recovery, the other name is deleted at open).
-        if let Err(e) = sync_dir(dir, dir_path) {
-            tracing::warn!(error = %e, "wal: fsync of the directory after taking the zero-filled segment failed");
-            return None;
-        }
-        match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
-        {
-            Ok(f) => Some((f, path)),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "wal: cannot open the zero-filled segment");
-                let _ = std::fs::remove_file(&path);
-                let _ = sync_dir(dir, dir_path);
-                None
-            }
-        }
+        adopt(dir_path, dir, path, "zero-filled segment")
     }
 
     /// Still zero-filling, or done and not yet taken.
