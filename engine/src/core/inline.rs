@@ -58,6 +58,13 @@ impl InlineApplies {
             slow_writes: 0,
             dirty_refusals: 0,
         };
+        if enabled && read_dirty_state().is_none() {
+            // Without the kernel's dirty-page figures the first rule can never pass.
+            tracing::warn!(
+                "inline applies stay off: cannot read /proc/vmstat, /proc/meminfo or \
+                 /proc/sys/vm/dirty_background_*; every apply goes through io_uring"
+            );
+        }
         s.check_dirty();
         s
     }
