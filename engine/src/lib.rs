@@ -15,9 +15,10 @@
 //! leader: `RaftNode::propose` (one entry per `entry_data_bytes_max`); follower: forwarded to the
 //! leader's same core over QUIC ([`codec`]) → `ready()` → WAL append (group commit with every
 //! other BG of the core) and AppendEntries to the followers (one frame per peer per flush) →
-//! committed on a majority's fsynced WAL → applied to the data file (a write on the core's
-//! io_uring, [`dataio`]; overlapping applies in log order, `block::Applier`) → the reply once
-//! that apply completed.
+//! committed on a majority's fsynced WAL → applied to the data file (a buffered `pwrite` on the
+//! core thread while the machine's dirty pages are low, `core/inline.rs`, else a write on the
+//! core's io_uring, [`dataio`]; overlapping applies in log order, `block::Applier`) → the reply
+//! once that apply completed.
 //!
 //! # Read path
 //! [`BgHandle::read`] → the owning core → leader: `lease_read` (ReadIndex when the lease is not
