@@ -102,6 +102,7 @@ fn sigkill_at_random_moments_loses_no_acknowledged_entry() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0xbd03);
     let mut acked = vec![0u64; GROUPS as usize];
     let mut total_acks = 0;
+    let mut free_seen = 0;
     for round in 0..6 {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
@@ -145,6 +146,9 @@ fn sigkill_at_random_moments_loses_no_acknowledged_entry() {
             acked[g as usize] = acked[g as usize].max(i);
         }
         let mut w = Wal::open(cfg(&dir)).expect("recovery after SIGKILL");
+        // Purged files the child left for reuse (the next child starts its
+        // segments on them, so later kills tear reused files too).
+        free_seen += w.status().free_segments;
         for g in 0..GROUPS {
             let st = w.group_state(g).unwrap_or_default();
             assert!(
@@ -173,5 +177,8 @@ fn sigkill_at_random_moments_loses_no_acknowledged_entry() {
             w.close_unsealed();
         }
     }
-    eprintln!("{total_acks} acknowledged appends over 6 SIGKILLs, all recovered");
+    eprintln!(
+        "{total_acks} acknowledged appends over 6 SIGKILLs, all recovered; free segment files seen at reopen: {free_seen}"
+    );
+    assert!(free_seen > 0, "no round purged a segment for reuse");
 }
