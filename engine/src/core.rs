@@ -346,13 +346,6 @@ pub(crate) async fn run(ctx: CoreCtx) -> Result<()> {
                 }
             }
             c.flush().await?;
-            // Submit the batch this flush queued, and reap finished ones, now rather than when
-            // the writer task is next polled: the runtime looks at I/O readiness only between
-            // tasks, so a busy core noticed WAL completions hundreds of microseconds late.
-            wal_rc
-                .borrow_mut()
-                .drive()
-                .map_err(|source| Error::Wal { core, source })?;
         }
     }
     .await;
