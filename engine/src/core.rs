@@ -126,7 +126,7 @@ enum Internal {
         bg: GroupId,
         peer: NodeId,
         msg: Message,
-        result: std::result::Result<(), String>,
+        result: std::result::Result<transport::SnapshotSent, String>,
     },
     /// The off-thread part of a snapshot save finished: the data file is fdatasynced through
     /// `index` and, when `meta` is set, that meta file is durable too (`None` also when an
@@ -629,8 +629,15 @@ impl Core {
                 };
                 g.sending.remove(&peer);
                 match result {
-                    Ok(()) => {
-                        info!(bg, peer, "snapshot streamed; sending InstallSnapshot");
+                    Ok(sent) => {
+                        info!(
+                            bg,
+                            peer,
+                            bytes_sent = sent.bytes_sent,
+                            zero_bytes = sent.zero_bytes,
+                            attempts = sent.attempts,
+                            "snapshot streamed; sending InstallSnapshot"
+                        );
                         self.outbox.entry(peer).or_default().1.push(msg);
                     }
                     Err(reason) => {
@@ -1758,7 +1765,6 @@ impl Core {
             let result = transport
                 .send_snapshot(peer, bg, meta.index, size, &mut src)
                 .await
-                .map(|_| ())
                 .map_err(|e| e.to_string());
             let _ = tx.send(Internal::SnapshotSent {
                 bg,

@@ -25,19 +25,48 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use raftlog::core::{GroupId, NodeId};
-use transport::{SnapshotOffer, SnapshotReceiver, SnapshotSink, SnapshotSource};
+use transport::{Run, SnapshotOffer, SnapshotReceiver, SnapshotSink, SnapshotSource};
 
 use crate::block::incoming_path;
 
 /// Bytes between fdatasyncs of an incoming snapshot (the resume granularity).
 const SYNC_EVERY_BYTES: u64 = 16 << 20;
 
-/// Reads a data file for `send_snapshot`.
+/// Reads a data file for `send_snapshot`. Its holes (never written, trimmed, or preallocated and
+/// unwritten: `SEEK_DATA` treats them alike) travel as zero runs, so a mostly empty volume costs
+/// about its data, not its size.
 pub struct FileSource(pub File);
 
 impl SnapshotSource for FileSource {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.0.read_exact_at(buf, offset)
+    }
+
+    fn run_at(&mut self, offset: u64) -> io::Result<Run> {
+        use std::os::fd::AsRawFd;
+        let fd = self.0.as_raw_fd();
+        let at = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let seek = |whence| {
+            // SAFETY: lseek on a descriptor `self.0` keeps open; the file offset it moves is
+            // not used by the positional reads.
+            let r = unsafe { libc::lseek(fd, at, whence) };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as u64)
+            }
+        };
+        match seek(libc::SEEK_DATA) {
+            // Only zeros from here to the end of the file.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(Run::Zeros(u64::MAX)),
+            // A filesystem without hole reporting: everything is data.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Run::Data(u64::MAX)),
+            Err(e) => Err(e),
+            Ok(data) if data > offset => Ok(Run::Zeros(data - offset)),
+            Ok(_) => Ok(Run::Data(
+                seek(libc::SEEK_HOLE)?.saturating_sub(offset).max(1),
+            )),
+        }
     }
 }
 
@@ -191,6 +220,17 @@ struct Sink {
 }
 
 impl Sink {
+    /// Everything before `end` has arrived; fdatasync every `SYNC_EVERY_BYTES`.
+    fn advance(&mut self, end: u64) -> io::Result<()> {
+        self.written = end;
+        if self.written - self.durable >= SYNC_EVERY_BYTES {
+            self.file.sync_data()?;
+            self.durable = self.written;
+            self.record(false);
+        }
+        Ok(())
+    }
+
     fn record(&self, complete: bool) {
         let mut st = self.incoming.lock();
         if let Some(t) = st.get_mut(&self.group) {
@@ -208,18 +248,20 @@ impl SnapshotSink for Sink {
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        // Holes of a sparse source arrive as zeroes; skipping all-zero chunks keeps the copy
-        // sparse too (the file was created at full length, so they read as zero).
+        // All-zero chunks are skipped like zero runs (below), keeping the copy sparse.
         if data.iter().any(|b| *b != 0) {
             self.file.write_all_at(data, offset)?;
         }
-        self.written = offset + data.len() as u64;
-        if self.written - self.durable >= SYNC_EVERY_BYTES {
-            self.file.sync_data()?;
-            self.durable = self.written;
-            self.record(false);
-        }
-        Ok(())
+        self.advance(offset + data.len() as u64)
+    }
+
+    /// Nothing to write: the file was created at full length, so a range nothing was written to
+    /// reads as zero. After a resume, bytes an earlier attempt wrote past the durable offset may
+    /// still be there; they are that same group's data file at a moment after the snapshot
+    /// index too, and replaying the log from the snapshot index makes every byte right (the same
+    /// argument as for the fuzzy copy itself, see `block`).
+    fn write_zeros(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.advance(offset + len)
     }
 
     fn finish(&mut self) -> io::Result<()> {
@@ -233,5 +275,80 @@ impl SnapshotSink for Sink {
             "snapshot download complete"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads `len` bytes of `src` the way the transport does: zero runs as zeros, data runs
+    /// through `read_at`; returns the bytes and how many came from zero runs.
+    fn stream(src: &mut FileSource, len: u64) -> (Vec<u8>, u64) {
+        let mut out = Vec::new();
+        let mut zeros = 0;
+        let mut at = 0u64;
+        while at < len {
+            match src.run_at(at).unwrap() {
+                Run::Zeros(n) => {
+                    let n = n.min(len - at);
+                    out.resize(out.len() + n as usize, 0);
+                    zeros += n;
+                    at += n;
+                }
+                Run::Data(n) => {
+                    let n = n.min(len - at).min(1 << 20);
+                    let mut buf = vec![0u8; n as usize];
+                    src.read_at(at, &mut buf).unwrap();
+                    out.extend_from_slice(&buf);
+                    at += n;
+                }
+            }
+        }
+        (out, zeros)
+    }
+
+    #[test]
+    fn file_source_reports_holes_and_streams_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let f = File::create(&path).unwrap();
+        let len = 8u64 << 20;
+        f.set_len(len).unwrap();
+        f.write_all_at(&[7u8; 4096], 1 << 20).unwrap();
+        f.write_all_at(&[9u8; 100], (5 << 20) + 10).unwrap();
+        let want = std::fs::read(&path).unwrap();
+        let mut src = FileSource(File::open(&path).unwrap());
+        assert_eq!(src.run_at(0).unwrap(), Run::Zeros(1 << 20));
+        assert!(matches!(src.run_at(1 << 20).unwrap(), Run::Data(n) if n >= 4096));
+        assert_eq!(src.run_at(6 << 20).unwrap(), Run::Zeros(u64::MAX));
+        let (got, zeros) = stream(&mut src, len);
+        assert!(got == want, "streamed bytes differ from the file");
+        // Everything but the two written blocks (and whatever the filesystem allocates around
+        // them) travels as zero runs.
+        assert!(
+            zeros >= len - (1 << 20),
+            "only {zeros} of {len} bytes as zero runs"
+        );
+    }
+
+    /// Data files are preallocated (fallocate: unwritten extents); never written, they read as
+    /// zeros and are holes to `SEEK_DATA` as well (unless their pages were read into the cache).
+    #[test]
+    fn a_preallocated_never_written_range_is_a_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        crate::dataio::fallocate(&f, 0, 0, 4 << 20).unwrap();
+        f.write_all_at(&[5u8; 4096], 1 << 20).unwrap();
+        let mut src = FileSource(f);
+        assert_eq!(src.run_at(0).unwrap(), Run::Zeros(1 << 20));
+        assert_eq!(src.run_at((1 << 20) + 4096).unwrap(), Run::Zeros(u64::MAX));
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, PeerName, Result};
-use crate::snapshot::{SnapshotOffer, SnapshotReceiver, SnapshotSent, SnapshotSource};
+use crate::snapshot::{Run, SnapshotOffer, SnapshotReceiver, SnapshotSent, SnapshotSource};
 use crate::throttle::TokenBucket;
 use crate::tls::{self, Security};
 use crate::wire::{self, code, Frame};
@@ -623,6 +623,7 @@ impl Transport {
             attempts: 0,
             start_offsets: Vec::new(),
             bytes_sent: 0,
+            zero_bytes: 0,
         };
         let mut buf = vec![0u8; inner.cfg.snapshot_chunk_bytes];
         let mut backoff = inner.cfg.reconnect_backoff_min;
@@ -1331,6 +1332,18 @@ impl Inner {
                     h.offset
                 )));
             }
+            if h.zeros {
+                if len == 0 || h.crc != 0 || offset + h.len as u64 > offer.total_len {
+                    return Err(Violation(format!(
+                        "bad zero run of {len} bytes at {offset} (crc field {:#010x}, snapshot length {})",
+                        h.crc, offer.total_len
+                    )));
+                }
+                sink.write_zeros(offset, h.len as u64)
+                    .map_err(|e| Violation(format!("sink zero write at {offset}: {e}")))?;
+                offset += h.len as u64;
+                continue;
+            }
             if len == 0 || len > self.cfg.snapshot_chunk_bytes_max {
                 return Err(Violation(format!(
                     "chunk of {len} bytes (snapshot_chunk_bytes_max {})",
@@ -1407,16 +1420,34 @@ impl Inner {
             }
         }
         sent.start_offsets.push(offset);
+        let source_err = |offset, source| {
+            Fatal(Error::SnapshotSource {
+                group: offer.group,
+                offset,
+                source,
+            })
+        };
         while offset < offer.total_len {
-            let len = (offer.total_len - offset).min(buf.len() as u64) as usize;
+            let left = offer.total_len - offset;
+            let data = match source.run_at(offset).map_err(|e| source_err(offset, e))? {
+                Run::Zeros(n) if n > 0 => {
+                    let n = n.min(left).min(wire::ZERO_RUN_BYTES_MAX as u64) as u32;
+                    let header = wire::ChunkHeader::zero_run(offset, n);
+                    send.write_all(&header.encode())
+                        .await
+                        .map_err(|e| retry(&e))?;
+                    sent.zero_bytes += n as u64;
+                    offset += n as u64;
+                    continue;
+                }
+                Run::Zeros(_) => left,
+                Run::Data(n) => n.max(1),
+            };
+            let len = left.min(data).min(buf.len() as u64) as usize;
             let chunk = &mut buf[..len];
-            source.read_at(offset, chunk).map_err(|source| {
-                Fatal(Error::SnapshotSource {
-                    group: offer.group,
-                    offset,
-                    source,
-                })
-            })?;
+            source
+                .read_at(offset, chunk)
+                .map_err(|e| source_err(offset, e))?;
             let wait = self
                 .throttle
                 .lock()

@@ -40,7 +40,9 @@
 //! receiver's [`SnapshotReceiver`] opens a [`SnapshotSink`] and answers with the sink's durable offset, and
 //! the sender streams chunks `offset | len | crc32 | bytes` of `snapshot_chunk_bytes` from its
 //! [`SnapshotSource`], paced by a token bucket (`snapshot_bytes_per_sec_max`, shared by all transfers of
-//! the endpoint). The receiver checks each chunk (contiguous offset, size, crc) before writing it to the sink;
+//! the endpoint). Where the source reports a run of zeros (a hole of a sparse data file,
+//! [`SnapshotSource::run_at`]) a header `offset | len with the high bit set | 0` stands for the whole run,
+//! with no payload and no throttle cost. The receiver checks each chunk (contiguous offset, size, crc) before writing it to the sink;
 //! a bad chunk resets the stream (not the connection). If the stream or connection breaks, the sender
 //! waits for the connection to return and re-offers; the receiver answers with its new durable offset and
 //! the transfer continues from there. The send completes when the sink's `finish` succeeded.
@@ -69,7 +71,9 @@ pub use endpoint::{
     UDP_PAYLOAD_BYTES_LIMIT, UDP_PAYLOAD_BYTES_MIN,
 };
 pub use error::{Error, PeerName, Result};
-pub use snapshot::{SnapshotOffer, SnapshotReceiver, SnapshotSent, SnapshotSink, SnapshotSource};
+pub use snapshot::{
+    Run, SnapshotOffer, SnapshotReceiver, SnapshotSent, SnapshotSink, SnapshotSource,
+};
 pub use tls::{init_ca, issue_cert, NodeIdentity, Security};
 pub use wire::Frame;
 

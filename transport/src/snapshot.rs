@@ -14,6 +14,23 @@ use crate::{GroupId, NodeId};
 pub trait SnapshotSource: Send {
     /// Fills `buf` with the bytes at `offset..offset + buf.len()`; the range is always within `total_len`.
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// What starts at `offset`: data, or a run of bytes known to be zero (a hole of a sparse file),
+    /// each with its length (it may run past `total_len`; the sender stops there). Zero runs travel
+    /// as a header without payload. The default knows of no holes.
+    fn run_at(&mut self, offset: u64) -> io::Result<Run> {
+        let _ = offset;
+        Ok(Run::Data(u64::MAX))
+    }
+}
+
+/// A stretch of a snapshot source (see [`SnapshotSource::run_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Run {
+    /// This many bytes (or more) that may hold anything.
+    Data(u64),
+    /// This many bytes that are all zero.
+    Zeros(u64),
 }
 
 impl SnapshotSource for Bytes {
@@ -64,6 +81,20 @@ pub trait SnapshotSink: Send {
     fn durable_offset(&self) -> u64;
     /// Stores `data` at `offset`. Offsets arrive contiguously from `durable_offset`, each chunk crc-checked.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Stores `len` zero bytes at `offset` (a zero run of the source), in the same contiguous order
+    /// as [`SnapshotSink::write_at`]. The default writes them through `write_at` in pieces of at
+    /// most 1 MiB; a sink over a sparse file can do less.
+    fn write_zeros(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        const PIECE: u64 = 1 << 20;
+        let zeros = vec![0u8; len.min(PIECE) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(PIECE);
+            self.write_at(at, &zeros[..n as usize])?;
+            at += n;
+        }
+        Ok(())
+    }
     /// All `total_len` bytes have arrived: make them durable and hand the snapshot to the application.
     /// The sender's `send_snapshot` succeeds only after this returned `Ok`.
     fn finish(&mut self) -> io::Result<()>;
@@ -78,4 +109,6 @@ pub struct SnapshotSent {
     pub start_offsets: Vec<u64>,
     /// Payload bytes written to the network over all attempts.
     pub bytes_sent: u64,
+    /// Bytes sent as zero runs (a header each, no payload) over all attempts.
+    pub zero_bytes: u64,
 }

@@ -18,8 +18,9 @@ use crate::{GroupId, NodeId};
 /// ALPN token: a peer speaking another protocol (or another version) fails the TLS handshake.
 pub const ALPN: &[u8] = b"bd-transport/1";
 pub const HELLO_MAGIC: u32 = 0x4244_5431;
-/// Version 2 added the incarnation to the hello.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 2 added the incarnation to the hello; version 3 zero-run chunks in snapshot streams
+/// ([`ChunkHeader::zeros`]).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// magic u32 + version u16: read and checked first, so a peer of another version gets a precise error
 /// rather than a short read.
 pub const HELLO_HEAD_BYTES: usize = 6;
@@ -275,12 +276,21 @@ pub fn decode_snapshot_reply(raw: &[u8; SNAPSHOT_REPLY_BYTES]) -> Result<(u8, u6
     ))
 }
 
-/// Header of one snapshot chunk; `crc` is crc32 (IEEE, as crc32fast computes it) of the chunk bytes.
+/// The high bit of a chunk header's length field: a zero run (see [`ChunkHeader::zeros`]).
+const ZERO_RUN_FLAG: u32 = 1 << 31;
+/// Longest zero run one chunk header stands for.
+pub const ZERO_RUN_BYTES_MAX: u32 = ZERO_RUN_FLAG - 1;
+
+/// Header of one snapshot chunk: `offset u64 | len u32 | crc u32`. A data chunk's `len` bytes
+/// follow it and `crc` is their crc32 (IEEE, as crc32fast computes it). A zero run (the high bit
+/// of the length field set) stands for `len` zero bytes and carries none: a hole of the source
+/// costs a header instead of its size in crc work, network bytes and throttle budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkHeader {
     pub offset: u64,
     pub len: u32,
     pub crc: u32,
+    pub zeros: bool,
 }
 
 impl ChunkHeader {
@@ -289,22 +299,41 @@ impl ChunkHeader {
             offset,
             len: bytes.len() as u32,
             crc: crc32fast::hash(bytes),
+            zeros: false,
+        }
+    }
+
+    /// `len` zero bytes at `offset` (at most [`ZERO_RUN_BYTES_MAX`]).
+    pub fn zero_run(offset: u64, len: u32) -> ChunkHeader {
+        assert!(len <= ZERO_RUN_BYTES_MAX, "zero run of {len} bytes");
+        ChunkHeader {
+            offset,
+            len,
+            crc: 0,
+            zeros: true,
         }
     }
 
     pub fn encode(&self) -> [u8; CHUNK_HEADER_BYTES] {
         let mut out = [0u8; CHUNK_HEADER_BYTES];
         out[..8].copy_from_slice(&self.offset.to_le_bytes());
-        out[8..12].copy_from_slice(&self.len.to_le_bytes());
+        let len = if self.zeros {
+            self.len | ZERO_RUN_FLAG
+        } else {
+            self.len
+        };
+        out[8..12].copy_from_slice(&len.to_le_bytes());
         out[12..].copy_from_slice(&self.crc.to_le_bytes());
         out
     }
 
     pub fn decode(raw: &[u8; CHUNK_HEADER_BYTES]) -> ChunkHeader {
+        let len = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
         ChunkHeader {
             offset: u64::from_le_bytes(raw[..8].try_into().expect("8 bytes")),
-            len: u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes")),
+            len: len & !ZERO_RUN_FLAG,
             crc: u32::from_le_bytes(raw[12..].try_into().expect("4 bytes")),
+            zeros: len & ZERO_RUN_FLAG != 0,
         }
     }
 }
@@ -362,6 +391,10 @@ mod tests {
         bad[4] = 9;
         let err = Hello::decode(&bad).unwrap_err();
         assert!(err.0.contains("unsupported protocol version 9"), "{err}");
+        // Version 2 (no zero runs in snapshot streams) is refused too.
+        bad[4] = 2;
+        let err = Hello::decode(&bad).unwrap_err();
+        assert!(err.0.contains("unsupported protocol version 2"), "{err}");
         assert!(check_hello_head(&bad[..HELLO_HEAD_BYTES]).is_err());
         assert_eq!(check_hello_head(&h.encode()[..HELLO_HEAD_BYTES]), Ok(()));
         // A version-1 hello (14 bytes) is refused by its version, and by its length.
@@ -383,6 +416,9 @@ mod tests {
     fn chunk_header_and_offer_round_trip() {
         let h = ChunkHeader::for_bytes(1 << 40, b"abc");
         assert_eq!(ChunkHeader::decode(&h.encode()), h);
+        let z = ChunkHeader::zero_run(7, ZERO_RUN_BYTES_MAX);
+        assert_eq!(ChunkHeader::decode(&z.encode()), z);
+        assert!(!ChunkHeader::decode(&h.encode()).zeros);
         assert_eq!(h.crc, crc32fast::hash(b"abc"));
         let o = SnapshotOfferWire {
             group: 7,

@@ -43,6 +43,68 @@ async fn transfer_of_a_few_mib_arrives_byte_identical() {
     assert!(part.data == data, "snapshot bytes differ");
 }
 
+/// A source with holes: data islands between runs of zeros it reports through `run_at`.
+struct Sparse {
+    data: Bytes,
+    holes: Vec<std::ops::Range<u64>>,
+}
+
+impl transport::SnapshotSource for Sparse {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let o = offset as usize;
+        buf.copy_from_slice(&self.data[o..o + buf.len()]);
+        Ok(())
+    }
+
+    fn run_at(&mut self, offset: u64) -> std::io::Result<transport::Run> {
+        for h in &self.holes {
+            if h.contains(&offset) {
+                return Ok(transport::Run::Zeros(h.end - offset));
+            }
+            if h.start > offset {
+                return Ok(transport::Run::Data(h.start - offset));
+            }
+        }
+        Ok(transport::Run::Data(u64::MAX))
+    }
+}
+
+#[tokio::test]
+async fn holes_of_a_sparse_source_travel_as_zero_runs() {
+    let pki = Pki::new();
+    let nodes = mesh(&pki, &[1, 2]);
+    let total = 16u64 << 20;
+    // Holes at the start, in the middle (one not chunk-aligned, one longer than a chunk) and at
+    // the end; data islands between them.
+    let holes = vec![
+        0..(3 << 20),
+        (5 << 20) + 777..(9 << 20),
+        (9 << 20) + 4096..(9 << 20) + 8192,
+        (12 << 20)..total,
+    ];
+    let mut bytes = random_bytes(total as usize).to_vec();
+    for h in &holes {
+        bytes[h.start as usize..h.end as usize].fill(0);
+    }
+    let data = Bytes::from(bytes);
+    let mut source = Sparse {
+        data: data.clone(),
+        holes: holes.clone(),
+    };
+    let sent = nodes[0]
+        .t
+        .send_snapshot(2, 8, 1, total, &mut source)
+        .await
+        .unwrap();
+    let hole_bytes: u64 = holes.iter().map(|h| h.end - h.start).sum();
+    assert_eq!(sent.zero_bytes, hole_bytes, "{sent:?}");
+    assert_eq!(sent.bytes_sent, total - hole_bytes, "{sent:?}");
+    let part = nodes[1].snaps.get(1, 8, 1).unwrap();
+    let part = part.lock().unwrap();
+    assert!(part.finished);
+    assert!(part.data == data, "snapshot bytes differ");
+}
+
 #[tokio::test]
 async fn interrupted_transfer_resumes_from_the_receivers_offset() {
     let pki = Pki::new();
@@ -194,12 +256,24 @@ async fn corrupt_or_misplaced_chunks_reset_the_stream_and_nothing_else() {
         len: 64 << 20,
         ..good
     };
-    for (snapshot_id, header) in [(1u64, bad_crc), (2, misplaced), (3, oversized)] {
+    // Zero runs: one with a crc (a zero run carries none), one past the end of the snapshot.
+    let zero_with_crc = wire::ChunkHeader {
+        crc: 1,
+        ..wire::ChunkHeader::zero_run(0, 4096)
+    };
+    let zero_past_end = wire::ChunkHeader::zero_run(0, wire::ZERO_RUN_BYTES_MAX);
+    for (snapshot_id, header, total_len) in [
+        (1u64, bad_crc, 1 << 30),
+        (2, misplaced, 1 << 30),
+        (3, oversized, 1 << 30),
+        (4, zero_with_crc, 1 << 30),
+        (5, zero_past_end, 1 << 20),
+    ] {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let offer = wire::SnapshotOfferWire {
             group: 1,
             snapshot_id,
-            total_len: 1 << 30,
+            total_len,
         };
         let mut msg = vec![wire::STREAM_SNAPSHOT];
         msg.extend_from_slice(&offer.encode());
