@@ -2,7 +2,7 @@
 //! their block state machines, and runs them on one pinned thread per core.
 //!
 //! # What it owns
-//! - `cores` threads, each with a tokio `current_thread` runtime ([`core`]), one WAL
+//! - `cores` threads, each with a tokio `current_thread` runtime (`core`), one WAL
 //!   (`data_dir/core-N/wal`, [`raftlog::wal`]), one QUIC endpoint (core-0 port + N), and the BGs
 //!   with `id % cores == N`: their [`raftlog::core::RaftNode`]s and data files
 //!   (`data_dir/core-N/bg-<id>.data`, meta in `bg-<id>.meta`, see [`block`]).

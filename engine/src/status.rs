@@ -39,7 +39,7 @@ pub struct BgStatus {
     pub last_snapshot_index: Index,
     pub last_snapshot_term: Term,
     pub readonly: bool,
-    /// IDLE, DOWNLOADING done/total, or SENDING to [peers].
+    /// IDLE, DOWNLOADING done/total, or SENDING to \[peers\].
     pub snapshot_status: String,
     pub size_bytes: u64,
     /// Client requests executing on this node as leader.

@@ -9,7 +9,8 @@
 //!   local 3-process cluster.
 //!
 //! # Data flow
-//! Write: NBD connection task → [`backend::BgBackend::write`] → engine core queue → raft (leader;
+//! Write: NBD connection task → `BgBackend::write` ([`backend::BgBackend`], a
+//! [`nbd::BlockBackend`]) → engine core queue → raft (leader;
 //! a follower's core forwards to the leader over QUIC) → WAL fsync on a majority → apply to the
 //! data file on the leader → NBD reply. Read: the same path to the leader, which answers after a
 //! lease/ReadIndex check once its state machine applied the read index. The engine's crate docs

@@ -5,7 +5,7 @@
 //!
 //! # What it owns
 //! A directory of segment files `NNNNNNNNNNNNNNNNNNNN.wal` (see
-//! [`format`] for the record layout), the index of every group's live
+//! [`format`](mod@format) for the record layout), the index of every group's live
 //! entries, hard state and compaction point, a bounded cache of recent
 //! entries, and the core's io_uring (or the fallback I/O threads).
 //!
@@ -47,7 +47,7 @@
 //! every block was written before: a purged segment's file kept for reuse
 //! (`segments_recycle_max`, renamed `free-N.walfree`; the sequence number is
 //! in every record's crc, so its old records end the log instead of passing
-//! as new ones, see [`format`]), else one a thread zero-filled in the
+//! as new ones, see [`format`](mod@format)), else one a thread zero-filled in the
 //! background (`segment_zero_fill`, see `segment::Preparer`), else a plain
 //! preallocated one. Reuse saves the zero-fill's extra write of every
 //! segment: on the 3-replica benchmark, where three WALs share one disk,
