@@ -295,11 +295,6 @@ impl DataFile {
         self.size
     }
 
-    /// Whether the file is open with O_DIRECT (`data_direct_io`).
-    pub fn direct(&self) -> bool {
-        self.direct
-    }
-
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -436,15 +431,10 @@ impl DataFile {
     /// `pwrite`, or with O_DIRECT a read-modify-write of the whole blocks the range touches.
     fn write_sync(&self, offset: u64, data: &[u8]) -> Result<()> {
         if !self.direct {
-            // In bounded pieces, as the ring does (`dataio::BUFFERED_WRITE_SQE_BYTES_MAX`).
-            let piece = crate::dataio::BUFFERED_WRITE_SQE_BYTES_MAX;
-            for (i, chunk) in data.chunks(piece).enumerate() {
-                let at = offset + (i * piece) as u64;
-                self.file
-                    .write_all_at(chunk, at)
-                    .map_err(|e| self.err("pwrite", at, e))?;
-            }
-            return Ok(());
+            return self
+                .file
+                .write_all_at(data, offset)
+                .map_err(|e| self.err("pwrite", offset, e));
         }
         if data.is_empty() {
             return Ok(());

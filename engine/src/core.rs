@@ -65,7 +65,7 @@ use crate::codec::{
     KIND_FORWARD_REQUEST, KIND_FORWARD_RESPONSE, KIND_HIBERNATE, KIND_RAFT,
 };
 use crate::config::{BgSpec, EngineConfig};
-use crate::dataio::{DataIo, DataWaiter, IoDone, IoKind};
+use crate::dataio::{self, DataIo, DataWaiter, IoDone, IoKind};
 use crate::error::{Error, Result};
 use crate::snapshot::{FileSource, Incoming};
 use crate::status::{BgStatus, CoreCounters, LinkStat, PeerStat};
@@ -1363,21 +1363,23 @@ impl Core {
             if let BlockOp::Write { data, .. } = &op {
                 self.apply_queued_bytes -= data.len() as u64;
             }
-            if inline && matches!(op, BlockOp::Write { .. }) && !g.data.direct() {
-                let before = *switches_before.get_or_insert_with(inline::voluntary_switches);
-                let t0 = Instant::now();
-                g.data.apply_sync(&op)?;
-                let t1 = Instant::now();
-                self.inline
-                    .record(t1 - t0, t1, || inline::voluntary_switches() > before);
-                inline = self.inline.allowed(t1);
-                // Completed before the next `next()`, so an overlapping op may start at once.
-                sync_done.push((index, g.applier.complete(index)));
-                continue;
-            }
             self.next_id += 1;
             let token = self.next_id;
             match g.data.apply_req(token, &op) {
+                // A write (buffered: inline applies are off with `data_direct_io`): the request
+                // the ring would get, performed right here the way the synchronous backend does
+                // (in bounded pieces).
+                Some(mut req) if inline && matches!(req.kind, IoKind::Write) => {
+                    let before = *switches_before.get_or_insert_with(inline::voluntary_switches);
+                    let t0 = Instant::now();
+                    dataio::perform(&mut req).map_err(|e| g.data.err("pwrite", req.offset, e))?;
+                    let t1 = Instant::now();
+                    self.inline
+                        .record(t1 - t0, t1, || inline::voluntary_switches() > before);
+                    inline = self.inline.allowed(t1);
+                    // Completed before the next `next()`, so an overlapping op may start at once.
+                    sync_done.push((index, g.applier.complete(index)));
+                }
                 Some(req) => {
                     self.io_tokens.insert(token, IoWhat::Apply { bg, index });
                     self.dio.submit(req).map_err(|source| Error::DataIo {

@@ -281,8 +281,8 @@ impl Ring {
     }
 }
 
-/// The synchronous backend: the whole request now.
-fn perform(req: &mut IoReq) -> io::Result<()> {
+/// The synchronous backend: the whole request now (also the core's inline applies).
+pub(crate) fn perform(req: &mut IoReq) -> io::Result<()> {
     match req.kind {
         IoKind::Write => {
             let mut done = 0;
