@@ -1031,19 +1031,7 @@ impl Core {
         // Before the groups tick: hibernation judges idleness on the state the last flush left.
         self.hibernate_tick();
         self.inline.check_dirty();
-        let relaxed = std::sync::atomic::Ordering::Relaxed;
-        self.counters
-            .inline_applies_active
-            .store(self.inline.active(Instant::now()), relaxed);
-        self.counters
-            .applies_inline
-            .store(self.inline.applied, relaxed);
-        self.counters
-            .inline_slow_writes
-            .store(self.inline.slow_writes, relaxed);
-        self.counters
-            .inline_dirty_refusals
-            .store(self.inline.dirty_refusals, relaxed);
+        self.inline.publish(&self.counters, Instant::now());
         let interval = Duration::from_secs(self.cfg.snapshot_interval_s);
         let mut due = Vec::new();
         for (bg, g) in self.groups.iter_mut() {

@@ -28,6 +28,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::status::CoreCounters;
+
 /// How long applies stay on the ring after an inline write was slow.
 pub(crate) const INLINE_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -42,9 +44,9 @@ pub(crate) struct InlineApplies {
     /// The last dirty-page check found the machine below its background threshold.
     dirty_ok: bool,
     /// Writes applied inline, slow ones seen, and checks that found too many dirty pages.
-    pub applied: u64,
-    pub slow_writes: u64,
-    pub dirty_refusals: u64,
+    applied: u64,
+    slow_writes: u64,
+    dirty_refusals: u64,
 }
 
 impl InlineApplies {
@@ -58,27 +60,42 @@ impl InlineApplies {
             slow_writes: 0,
             dirty_refusals: 0,
         };
-        if enabled && read_dirty_state().is_none() {
-            // Without the kernel's dirty-page figures the first rule can never pass.
-            tracing::warn!(
-                "inline applies stay off: cannot read /proc/vmstat, /proc/meminfo or \
-                 /proc/sys/vm/dirty_background_*; every apply goes through io_uring"
-            );
+        if enabled {
+            let state = read_dirty_state();
+            if state.is_none() {
+                // Without the kernel's dirty-page figures the first rule can never pass.
+                tracing::warn!(
+                    "inline applies stay off: cannot read /proc/vmstat, /proc/meminfo or \
+                     /proc/sys/vm/dirty_background_*; every apply goes through io_uring"
+                );
+            }
+            s.set_dirty(state);
         }
-        s.check_dirty();
         s
     }
 
     /// Re-reads the machine's dirty-page state (once per tick: a few KiB of /proc text).
     pub(crate) fn check_dirty(&mut self) {
-        if !self.enabled {
-            return;
+        if self.enabled {
+            self.set_dirty(read_dirty_state());
         }
-        let ok = read_dirty_state().is_some_and(|d| d.below_background());
+    }
+
+    fn set_dirty(&mut self, state: Option<DirtyState>) {
+        let ok = state.is_some_and(|d| d.below_background());
         if self.dirty_ok && !ok {
             self.dirty_refusals += 1;
         }
         self.dirty_ok = ok;
+    }
+
+    /// Copies the state and counters to the status page's (on the core thread, every tick).
+    pub(crate) fn publish(&self, c: &CoreCounters, now: Instant) {
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        c.inline_applies_active.store(self.active(now), relaxed);
+        c.applies_inline.store(self.applied, relaxed);
+        c.inline_slow_writes.store(self.slow_writes, relaxed);
+        c.inline_dirty_refusals.store(self.dirty_refusals, relaxed);
     }
 
     /// Whether the next buffered apply may be written on this thread.
