@@ -272,7 +272,8 @@ impl SegFormat {
         SegFormat { seq, v4: true }
     }
 
-    fn magic(&self) -> u32 {
+    /// The magic every record of this segment starts with.
+    pub fn magic(&self) -> u32 {
         if self.v4 {
             MAGIC
         } else {

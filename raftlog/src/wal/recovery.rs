@@ -376,12 +376,7 @@ fn check_tail_hole(
 
 /// Offset of the first valid record (of format `fmt`) after `off`, if any.
 pub fn find_valid_after(data: &[u8], off: usize, fmt: SegFormat) -> Option<usize> {
-    let magic = if fmt.v4 {
-        format::MAGIC
-    } else {
-        format::MAGIC_V3
-    }
-    .to_le_bytes();
+    let magic = fmt.magic().to_le_bytes();
     let mut o = (off / ALIGN + 1) * ALIGN;
     while o + PREFIX_LEN <= data.len() {
         if data[o..o + 4] == magic {
