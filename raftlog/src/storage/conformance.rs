@@ -434,11 +434,16 @@ impl Rng {
 /// A seeded random mix of every operation on several groups, synced and
 /// restarted at random points, must match the model at every step.
 pub fn randomized_against_model<H: Harness>(h: &mut H) {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    randomized_against_model_seeded(h, 0x9e37_79b9_7f4a_7c15, 600);
+}
+
+/// [`randomized_against_model`] with another seed and number of steps.
+pub fn randomized_against_model_seeded<H: Harness>(h: &mut H, seed: u64, steps: u64) {
+    let mut rng = Rng(seed | 1);
     let mut s = h.open_fresh();
     let mut model = MemStore::new();
     let groups = [1u64, 2, 3, 5, 8];
-    for step in 0..600 {
+    for step in 0..steps {
         let g = groups[rng.below(groups.len() as u64) as usize];
         let st = model.group_state(g).unwrap_or_default();
         let op = rng.below(20);

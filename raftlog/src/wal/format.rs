@@ -46,6 +46,13 @@
 //! `Pad` record up to that boundary, so the file holds no gap that is not a
 //! valid record (a zero gap would look like a lost batch to recovery).
 //!
+//! A `Compact` record of version 5 carries a 16-byte payload: where the
+//! group's history restarts (segment u64, byte offset u64, little endian;
+//! both 0 = at this record), a byte inside the record holding the group's
+//! first live entry after the compaction. Recovery ignores the group's
+//! entries and compaction records before it (see `recovery` and the purge
+//! rule in `index`). Version 4 compact records carry no payload.
+//!
 //! Every segment starts with a `SegmentStart` record naming its sequence
 //! number and ends with a `Seal` record once the writer moves on to the next
 //! one (or closes cleanly): a segment other than the last that lacks its seal
@@ -64,7 +71,10 @@ pub const MAGIC_V3: u32 = 0xBD0A_11E7;
 /// the segment's sequence number into the crc (recycled segment files);
 /// version 3 added the `Pad` record kind (direct I/O); version 2 and 3
 /// files are still read.
-pub const FORMAT_VERSION: u16 = 4;
+pub const FORMAT_VERSION: u16 = 5;
+/// Oldest version read with [`MAGIC`] (5 added the compact record's
+/// restart point; a version 4 binary refuses version 5 records).
+const FORMAT_VERSION_V4: u16 = 4;
 /// Newest version written with [`MAGIC_V3`].
 const FORMAT_VERSION_V3: u16 = 3;
 /// Oldest version recovery reads.
@@ -75,6 +85,22 @@ pub const WINDOW_MAX: u16 = 64;
 pub const PREFIX_LEN: usize = 16;
 pub const ALIGN: usize = 8;
 pub const ENTRY_ROW_LEN: usize = 24;
+/// Payload of a version 5 `Compact` record (see the module docs).
+pub const RESTART_LEN: usize = 16;
+
+/// The restart point in a `Compact` record's payload: `Ok(None)` for a
+/// version 4 record (no payload), `Ok(Some(None))` for "at this record".
+pub fn parse_restart(payload: &[u8]) -> Result<Option<Option<(u64, u64)>>, String> {
+    match payload.len() {
+        0 => Ok(None),
+        RESTART_LEN => {
+            let seg = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+            let off = u64::from_le_bytes(payload[8..].try_into().expect("8 bytes"));
+            Ok(Some((seg != 0).then_some((seg, off))))
+        }
+        n => Err(format!("compact record with a payload of {n} bytes")),
+    }
+}
 /// Upper bound on one record's payload, whatever the configuration: a
 /// corrupt length field can never make recovery allocate more than this.
 pub const PAYLOAD_BYTES_MAX: usize = 1 << 30;
@@ -195,6 +221,16 @@ impl RecordHeader {
         }
     }
 
+    /// The payload of a `Compact` record: where the group's history
+    /// restarts, `None` = at this record.
+    pub fn restart_payload(at: Option<(u64, u64)>) -> [u8; RESTART_LEN] {
+        let (seg, off) = at.unwrap_or((0, 0));
+        let mut b = [0u8; RESTART_LEN];
+        b[..8].copy_from_slice(&seg.to_le_bytes());
+        b[8..].copy_from_slice(&off.to_le_bytes());
+        b
+    }
+
     pub fn pad() -> RecordHeader {
         RecordHeader::new(RecordKind::Pad, 0)
     }
@@ -292,7 +328,7 @@ impl SegFormat {
 
     fn versions(&self) -> std::ops::RangeInclusive<u16> {
         if self.v4 {
-            FORMAT_VERSION..=FORMAT_VERSION
+            FORMAT_VERSION_V4..=FORMAT_VERSION
         } else {
             FORMAT_VERSION_READ_MIN..=FORMAT_VERSION_V3
         }

@@ -5,15 +5,31 @@
 //! The same code applies records live and at recovery.
 //!
 //! # The purge rule
-//! Each group remembers `base_seg`: the segment of its first record since it
-//! was created or last reset (a `GroupImage` record, written by cold-group
-//! rewrite, replaces the group's whole state in one checksummed record). A
-//! segment may be deleted once it is older than every group's `base_seg`:
-//! then, for every live group, every record since its last reset survives,
-//! so replay rebuilds exactly the live history. Records older than a group's
-//! reset may survive in segments kept for other groups; replaying them can
-//! meet gaps (their predecessors were purged), so replay is lenient there
-//! (see [`GroupIndex::append`]) and the reset then overwrites the result.
+//! Each group remembers where its history restarts (`replay_from`): its
+//! first record since it was created or reset (a `GroupImage` record,
+//! written by the cold-group rewrite, replaces the group's whole state in
+//! one checksummed record), moved by every compaction to the record holding
+//! the first live entry (or to the compact record itself when none is
+//! left). The compact record stores that position, and a compaction also
+//! writes the group's hard state again when its record is older, so the
+//! group needs nothing before its restart point except its latest hard
+//! state. Its pin ([`GroupIndex::pin`]) is the older of the two, and a
+//! segment may be deleted once it is older than every group's pin. A group
+//! that compacts (raft does after every snapshot) thus frees its old
+//! segments without rewriting anything; one that never compacts is moved by
+//! the cold-group rewrite.
+//!
+//! Purging deletes a prefix of the segments, so every record of a group
+//! from its restart point on survives, in order. Records of the group older
+//! than that may survive in segments kept for other groups; recovery skips
+//! its entries, compact and image records before the restart point named by
+//! its latest compact record (hard-state records are never skipped: the
+//! latest wins). Replay starting mid-history meets the first record with
+//! the log before it unknown: the log restarts at that record's first
+//! index ([`GroupIndex::append`]) and the compact record that follows fixes
+//! the compaction point and its term. Recovery refuses a group whose
+//! compaction term is still unknown at the end (the rule guarantees it
+//! cannot happen).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -39,8 +55,15 @@ pub struct GroupIndex {
     pub hard_state: HardState,
     pub compacted_index: Index,
     pub compacted_term: Term,
-    /// Segment of the group's first record since creation or last reset.
-    pub base_seg: u64,
+    /// Segment of the latest hard-state (or image) record.
+    pub hs_seg: Option<u64>,
+    /// Where the group's history restarts: (segment, a byte offset inside
+    /// the record); see the module docs.
+    pub replay_from: (u64, u64),
+    /// Replay only: the entries up to `compacted_index` are not known (the
+    /// records that wrote them were purged) and `compacted_term` is not
+    /// known either until a compact record sets it.
+    pub prefix_unknown: bool,
     /// `entries[i]` is index `compacted_index + 1 + i`.
     pub entries: VecDeque<EntryLoc>,
 }
@@ -68,35 +91,48 @@ impl GroupIndex {
             .get((index - self.compacted_index - 1) as usize)
     }
 
-    /// A new, empty group whose first record is in segment `seq`.
-    pub fn new(seq: u64) -> GroupIndex {
+    /// The oldest segment holding a record this group needs (see the
+    /// module docs); `None` if it needs none.
+    pub fn pin(&self) -> u64 {
+        self.hs_seg
+            .map_or(self.replay_from.0, |s| s.min(self.replay_from.0))
+    }
+
+    /// A new, empty group whose first record is at `at`.
+    pub fn new(at: (u64, u64)) -> GroupIndex {
         GroupIndex {
-            base_seg: seq,
+            replay_from: at,
             ..GroupIndex::default()
         }
     }
 
     /// Appends entries starting at `first`, dropping any suffix from `first`
     /// on. Live appends were validated (`first` in `compacted+1..=last+1`).
-    /// At recovery `first` may lie beyond `last + 1` (the records between
-    /// were in purged segments, so a later compact record covers them: the
-    /// log restarts at `first`), or at or below the compaction point (the
-    /// covered entries are skipped). Returns the cached bytes dropped.
+    /// At recovery `first` may lie beyond `last + 1`: the records between
+    /// were purged, so the log restarts at `first` with an unknown prefix
+    /// (a later compact record covers it). While the prefix is unknown, a
+    /// record starting inside it truncates there, as it did when written.
+    /// Otherwise a record starting at or below a known compaction point has
+    /// its covered entries skipped. Returns the cached bytes dropped.
     pub fn append(&mut self, first: Index, new: impl IntoIterator<Item = EntryLoc>) -> usize {
         let mut dropped = 0;
         let mut new = new.into_iter();
         let mut first = first;
+        if self.prefix_unknown && first <= self.compacted_index {
+            dropped += drain_cached(self.entries.drain(..));
+            self.compacted_index = first - 1;
+        }
         while first <= self.compacted_index {
             if new.next().is_none() {
-                return 0;
+                return dropped;
             }
             first += 1;
         }
         if first > self.last_index() + 1 {
             dropped += drain_cached(self.entries.drain(..));
             self.compacted_index = first - 1;
-            // Unknown until the compact record that covers the gap replays.
             self.compacted_term = 0;
+            self.prefix_unknown = true;
         } else {
             let keep = (first - self.compacted_index - 1) as usize;
             dropped += drain_cached(self.entries.drain(keep..));
@@ -107,9 +143,16 @@ impl GroupIndex {
 
     /// The `LogStore::compact` rule. Returns the cached bytes dropped.
     pub fn compact(&mut self, index: Index, term: Term) -> usize {
+        if self.prefix_unknown && index == self.compacted_index {
+            // Replay: the compact record names the term the gap left unknown.
+            self.compacted_term = term;
+            self.prefix_unknown = false;
+            return 0;
+        }
         if index <= self.compacted_index {
             return 0;
         }
+        self.prefix_unknown = false;
         let dropped = if self.term_at(index) == Some(term) {
             let n = (index - self.compacted_index) as usize;
             drain_cached(self.entries.drain(..n))
@@ -129,13 +172,13 @@ impl GroupIndex {
     }
 }
 
-/// The group's index entry, created (based at `seq`) if new.
+/// The group's index entry, created (its history starting at `at`) if new.
 pub fn group_at(
     groups: &mut BTreeMap<GroupId, GroupIndex>,
     group: GroupId,
-    seq: u64,
+    at: (u64, u64),
 ) -> &mut GroupIndex {
-    groups.entry(group).or_insert_with(|| GroupIndex::new(seq))
+    groups.entry(group).or_insert_with(|| GroupIndex::new(at))
 }
 
 fn drain_cached(it: impl Iterator<Item = EntryLoc>) -> usize {
@@ -232,6 +275,24 @@ mod tests {
         g.append(1, [loc(1, 1, 0, false), loc(1, 1, 8, false)]);
         g.append(10, [loc(2, 2, 0, false)]);
         assert_eq!((g.compacted_index, g.last_index()), (9, 10));
+    }
+
+    #[test]
+    fn replay_from_mid_history_restarts_and_learns_the_term() {
+        // The first surviving record starts at 55: the log below is unknown.
+        let mut g = GroupIndex::default();
+        g.append(55, [loc(2, 3, 0, false), loc(2, 3, 8, false)]);
+        assert!(g.prefix_unknown);
+        assert_eq!((g.compacted_index, g.compacted_term), (54, 0));
+        // A later record truncated at 11 when it was written: it does so again.
+        g.append(11, [loc(3, 4, 0, false)]);
+        assert_eq!((g.compacted_index, g.last_index()), (10, 11));
+        assert_eq!(g.get(11).unwrap().term, 3);
+        // The compact record names the term the gap left unknown.
+        g.compact(10, 1);
+        assert!(!g.prefix_unknown);
+        assert_eq!((g.compacted_index, g.compacted_term), (10, 1));
+        assert_eq!(g.last_index(), 11);
     }
 
     #[test]

@@ -748,7 +748,7 @@ impl Wal {
         }
         self.groups
             .values()
-            .map(|g| g.base_seg)
+            .map(|g| g.pin())
             .min()
             .unwrap_or(self.active)
             .min(self.active)
@@ -795,7 +795,7 @@ impl Wal {
             for (e, loc) in chunk.iter().zip(&locs) {
                 self.cache.insert(group, e.index, loc);
             }
-            let dropped = group_at(&mut self.groups, group, seq).append(first.index, locs);
+            let dropped = group_at(&mut self.groups, group, (seq, off)).append(first.index, locs);
             self.cache.dropped(dropped);
             i = j;
         }
@@ -829,8 +829,10 @@ impl Wal {
     }
 
     fn apply_hard_state(&mut self, group: GroupId, hs: HardState) -> Result<(), Error> {
-        let (seq, _) = self.put(&RecordHeader::hard_state(group, hs), 0, |_| {})?;
-        group_at(&mut self.groups, group, seq).hard_state = hs;
+        let (seq, off) = self.put(&RecordHeader::hard_state(group, hs), 0, |_| {})?;
+        let g = group_at(&mut self.groups, group, (seq, off));
+        g.hard_state = hs;
+        g.hs_seg = Some(seq);
         Ok(())
     }
 
@@ -844,9 +846,34 @@ impl Wal {
         {
             return Ok(());
         }
-        let (seq, _) = self.put(&RecordHeader::compact(group, index, term), 0, |_| {})?;
-        let dropped = group_at(&mut self.groups, group, seq).compact(index, term);
+        // Where the group's history restarts: the record of the first entry
+        // left after this compaction, else this record (module docs, index).
+        let restart = self.groups.get(&group).and_then(|g| {
+            (g.term_at(index) == Some(term))
+                // The entry's table row: inside the record even when the
+                // entry's data is empty.
+                .then(|| {
+                    g.get(index + 1)
+                        .map(|e| (e.seg, e.offset - ENTRY_ROW_LEN as u64))
+                })
+                .flatten()
+        });
+        let payload = RecordHeader::restart_payload(restart);
+        let (seq, off) = self.put(
+            &RecordHeader::compact(group, index, term),
+            payload.len(),
+            |b| b.extend_from_slice(&payload),
+        )?;
+        let g = group_at(&mut self.groups, group, (seq, off));
+        let dropped = g.compact(index, term);
+        g.replay_from = restart.unwrap_or((seq, off));
+        let stale_hs = g.hs_seg.filter(|&s| s < seq).map(|_| g.hard_state);
         self.cache.dropped(dropped);
+        // The hard state's record would otherwise pin its old segment: write
+        // it again next to the compaction point (a few bytes per snapshot).
+        if let Some(hs) = stale_hs {
+            self.apply_hard_state(group, hs)?;
+        }
         Ok(())
     }
 
@@ -1156,8 +1183,8 @@ impl Wal {
         let mut cold: Vec<(u64, GroupId)> = self
             .groups
             .iter()
-            .filter(|(_, gi)| gi.base_seg < threshold)
-            .map(|(g, gi)| (gi.base_seg, *g))
+            .map(|(g, gi)| (gi.pin(), *g))
+            .filter(|&(p, _)| p < threshold)
             .collect();
         cold.sort_unstable();
         let mut budget = self.cfg.rewrite_bytes_max;
@@ -1212,7 +1239,8 @@ impl Wal {
         })?;
         let old = self.groups.remove(&group).expect("exists");
         self.cache.dropped(old.cached_bytes());
-        let mut g = GroupIndex::new(seq);
+        let mut g = GroupIndex::new((seq, off));
+        g.hs_seg = Some(seq);
         g.hard_state = hs;
         g.compacted_index = ci;
         g.compacted_term = ct;

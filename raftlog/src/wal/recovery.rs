@@ -127,12 +127,30 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
         next_seq: seqs.last().map_or(1, |s| s + 1),
         truncated,
     };
+    // Pass 1: where each group's history restarts (its latest compact or
+    // image record says), so pass 2 can skip its older records that
+    // survived in segments kept for other groups (the purge rule in
+    // `index`). Errors are left to pass 2, which meets them first.
+    let mut restarts = BTreeMap::new();
+    for &seq in &seqs {
+        let path = dir_path.join(segment::file_name(seq));
+        let data = std::fs::read(&path).map_err(|e| io_err("read segment", &path, 0, e))?;
+        let fmt = SegFormat::detect(&data, seq).unwrap_or(SegFormat::current(seq));
+        let mut r = Replay::Restarts(&mut restarts);
+        if replay_segment(&path, fmt, &data, &mut r).is_err() {
+            break;
+        }
+    }
     for (i, &seq) in seqs.iter().enumerate() {
         let is_last = i + 1 == seqs.len();
         let path = dir_path.join(segment::file_name(seq));
         let data = std::fs::read(&path).map_err(|e| io_err("read segment", &path, 0, e))?;
         let fmt = SegFormat::detect(&data, seq).unwrap_or(SegFormat::current(seq));
-        let (end, sealed, bad, last) = replay_segment(&path, fmt, &data, &mut out.groups)?;
+        let mut r = Replay::Apply {
+            groups: &mut out.groups,
+            restarts: &restarts,
+        };
+        let (end, sealed, bad, last) = replay_segment(&path, fmt, &data, &mut r)?;
         if !sealed {
             let (off, reason) = bad.expect("an unsealed segment stops at a bad or zero record");
             if !is_last {
@@ -186,7 +204,78 @@ pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
             },
         );
     }
+    for (g, gi) in out.groups.iter_mut() {
+        if gi.prefix_unknown {
+            return Err(corrupt(
+                dir_path,
+                0,
+                format!(
+                    "group {g}: its log restarts at index {} but no compact record gives the term before it (records of the group are missing)",
+                    gi.compacted_index + 1
+                ),
+            ));
+        }
+        if let Some(&at) = restarts.get(g) {
+            gi.replay_from = at;
+        }
+    }
     Ok(out)
+}
+
+/// What replaying a segment does with each record.
+enum Replay<'a> {
+    /// Pass 1: note each group's latest restart point.
+    Restarts(&'a mut BTreeMap<GroupId, (u64, u64)>),
+    /// Pass 2: apply the records to the index, skipping a group's records
+    /// before its restart point.
+    Apply {
+        groups: &'a mut BTreeMap<GroupId, GroupIndex>,
+        restarts: &'a BTreeMap<GroupId, (u64, u64)>,
+    },
+}
+
+impl Replay<'_> {
+    /// One valid record of segment `seq` at `off..end`, payload at
+    /// `payload_at`.
+    fn record(
+        &mut self,
+        seq: u64,
+        (off, end): (u64, u64),
+        payload_at: u64,
+        h: &RecordHeader,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        match self {
+            Replay::Restarts(restarts) => {
+                match h.kind() {
+                    RecordKind::Compact => {
+                        if let Some(at) = format::parse_restart(payload)? {
+                            restarts.insert(h.group, at.unwrap_or((seq, off)));
+                        }
+                    }
+                    RecordKind::GroupImage => {
+                        restarts.insert(h.group, (seq, off));
+                    }
+                    RecordKind::RemoveGroup => {
+                        restarts.remove(&h.group);
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
+            Replay::Apply { groups, restarts } => {
+                let skippable = matches!(
+                    h.kind(),
+                    RecordKind::Entries | RecordKind::Compact | RecordKind::GroupImage
+                );
+                let before = |&(s, o): &(u64, u64)| seq < s || (seq == s && end <= o);
+                if skippable && restarts.get(&h.group).is_some_and(before) {
+                    return Ok(());
+                }
+                apply(seq, payload_at, h, payload, groups)
+            }
+        }
+    }
 }
 
 /// (end of the valid records, sealed?, the bad or zero record (offset,
@@ -199,7 +288,7 @@ fn replay_segment(
     path: &Path,
     fmt: SegFormat,
     data: &[u8],
-    groups: &mut BTreeMap<GroupId, GroupIndex>,
+    replay: &mut Replay,
 ) -> Result<SegmentEnd, Error> {
     let seq = fmt.seq;
     let mut off = 0usize;
@@ -252,15 +341,17 @@ fn replay_segment(
                     off += len;
                     continue;
                 }
-                apply(seq, (off + payload_off) as u64, &header, payload, groups).map_err(
-                    |reason| {
+                let span = (off as u64, (off + len) as u64);
+                let payload_at = (off + payload_off) as u64;
+                replay
+                    .record(seq, span, payload_at, &header, payload)
+                    .map_err(|reason| {
                         corrupt(
                             path,
                             off as u64,
                             format!("group {}: {reason}", header.group),
                         )
-                    },
-                )?;
+                    })?;
                 off += len;
             }
             Decoded::Zero => {
@@ -301,11 +392,12 @@ fn apply(
     match h.kind() {
         RecordKind::Entries => {
             let rows = format::parse_entries(h, payload)?;
-            group_at(groups, h.group, seq).append(h.first_index, locs(&rows));
+            group_at(groups, h.group, (seq, payload_at)).append(h.first_index, locs(&rows));
         }
         RecordKind::GroupImage => {
             let rows = format::parse_entries(h, payload)?;
-            let mut g = GroupIndex::new(seq);
+            let mut g = GroupIndex::new((seq, payload_at));
+            g.hs_seg = Some(seq);
             g.hard_state = HardState {
                 term: h.last_term,
                 vote: h.aux,
@@ -316,13 +408,16 @@ fn apply(
             groups.insert(h.group, g);
         }
         RecordKind::HardState => {
-            group_at(groups, h.group, seq).hard_state = HardState {
+            let g = group_at(groups, h.group, (seq, payload_at));
+            g.hard_state = HardState {
                 term: h.first_term,
                 vote: h.aux,
             };
+            g.hs_seg = Some(seq);
         }
         RecordKind::Compact => {
-            group_at(groups, h.group, seq).compact(h.first_index, h.first_term);
+            format::parse_restart(payload)?;
+            group_at(groups, h.group, (seq, payload_at)).compact(h.first_index, h.first_term);
         }
         RecordKind::RemoveGroup => {
             groups.remove(&h.group);
