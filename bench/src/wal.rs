@@ -8,7 +8,13 @@
 //!
 //! WAL cells: 1/16/64/256 concurrent appenders (tokio tasks on one
 //! current_thread runtime, as on a core) over 64 groups, 4 KiB and 64 KiB
-//! entries, fsync on. The last line of output is always
+//! entries, fsync on. The cells measure the WAL in service, not a fresh
+//! directory: each group compacts its log as it goes (as raft does after
+//! snapshots; `--compact-mib` of live log in all), so purged segment files
+//! are reused, and all cells share one directory whose pool of free
+//! segment files two untimed warm-up cells filled first (`--fresh` gives every
+//! cell a new directory instead: every segment is then zero-filled in the
+//! background while the cell runs). The last line of output is always
 //! `ratio_vs_naive_at_64=X ratio_vs_raw_seq_64k=Y`.
 
 use std::cell::RefCell;
@@ -63,6 +69,18 @@ pub struct WalArgs {
     /// (`segment_zero_fill`).
     #[arg(long, default_value_t = WalConfig::new(".").segment_zero_fill, action = clap::ArgAction::Set)]
     zero_fill: bool,
+    /// WAL segment size in MiB (`log_segment_bytes_max`).
+    #[arg(long, default_value_t = 256)]
+    segment_mib: u64,
+    /// Live log kept by compaction, MiB over all groups: each appender
+    /// compacts its group up to its own durable entry after every
+    /// `compact_mib / appenders` of its appends. 0 = never compact.
+    #[arg(long, default_value_t = 64)]
+    compact_mib: u64,
+    /// Every cell in a new, empty WAL directory, without the warm-up (the
+    /// WAL's first minutes: no free segment files yet).
+    #[arg(long)]
+    fresh: bool,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -85,6 +103,9 @@ struct Row {
     /// WAL cells: mean time of a batch on the disk, from handing its write
     /// to io_uring to reaping the completion, in microseconds.
     disk_us_per_batch: f64,
+    /// WAL cells: segments started on a purged file / on a zero-filled one.
+    segments_reused: u64,
+    segments_zero_filled: u64,
 }
 
 /// CPU time (user + system) of the calling thread.
@@ -127,32 +148,56 @@ pub fn run(a: WalArgs) -> Res<()> {
         in_flight: a.in_flight,
         direct_io: a.direct_io,
         zero_fill: a.zero_fill,
+        segment_bytes: a.segment_mib << 20,
+        compact_bytes: a.compact_mib << 20,
     };
+    if setup.segment_bytes == 0 {
+        return Err("--segment-mib must be > 0".into());
+    }
     let mut rows = Vec::new();
     let mut cell = 0;
+    let shared_dir = root.join("wal");
+    if !a.fresh {
+        let _ = std::fs::remove_dir_all(&shared_dir);
+        warm_up(&shared_dir, &setup)?;
+    }
     for &size in &a.sizes {
         for &n in &a.appenders {
             cell += 1;
-            let dir = root.join(format!("wal-{cell}"));
-            let r = wal_cell(&dir, size, n, &setup)?;
-            let _ = std::fs::remove_dir_all(&dir);
+            let r = if a.fresh {
+                let dir = root.join(format!("wal-{cell}"));
+                let r = wal_cell(&dir, size, n, cell, &setup)?;
+                let _ = std::fs::remove_dir_all(&dir);
+                r
+            } else {
+                wal_cell(&shared_dir, size, n, cell, &setup)?
+            };
             progress(&r, a.json);
             rows.push(r);
         }
     }
+    let _ = std::fs::remove_dir_all(&shared_dir);
     for n in [1usize, 64] {
         let r = naive_cell(&root.join("naive"), 4096, n, dur)?;
         progress(&r, a.json);
         rows.push(r);
     }
+    // Same bytes as the 64 KiB x 64 WAL cell, within 64 MiB..2 GiB.
     let total = rows
         .iter()
         .find(|r| r.mode == "wal" && r.entry_bytes == 65536 && r.appenders == 64)
         .map_or(256 << 20, |r| {
-            ((r.mb_per_s * 1e6 * a.seconds) as u64).max(64 << 20)
+            ((r.mb_per_s * 1e6 * a.seconds) as u64).clamp(64 << 20, 2 << 30)
         });
-    for direct in [false, true] {
-        match raw_seq_cell(&root.join("raw"), total, direct) {
+    let raw_path = root.join("raw");
+    // The buffered pass writes the file; the direct passes then overwrite
+    // written blocks, as the WAL does in reused segment files.
+    for (direct, chunk, depth) in [
+        (false, 64 << 10, 1),
+        (true, 64 << 10, 1),
+        (true, 1 << 20, 4),
+    ] {
+        match raw_seq_cell(&raw_path, total, direct, chunk, depth) {
             Ok(r) => {
                 progress(&r, a.json);
                 rows.push(r);
@@ -161,6 +206,7 @@ pub fn run(a: WalArgs) -> Res<()> {
             Err(e) => return Err(e),
         }
     }
+    let _ = std::fs::remove_file(&raw_path);
     let find = |mode: &str, size: usize, n: usize| {
         rows.iter()
             .find(|r| r.mode == mode && r.entry_bytes == size && r.appenders == n)
@@ -199,13 +245,13 @@ fn progress(r: &Row, json: bool) {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| mode | entry | appenders | appends/s | MB/s | fsyncs/s | mean batch | max in flight | disk us/batch | cpu us/append | p50 us | p99 us | p99.9 us |"
+        "| mode | entry | appenders | appends/s | MB/s | fsyncs/s | mean batch | max in flight | disk us/batch | cpu us/append | segments reused/zero-filled | p50 us | p99 us | p99.9 us |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let wal = r.mode.starts_with("wal");
         println!(
-            "| {} | {} | {} | {:.0} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             r.mode,
             if r.entry_bytes >= 1024 {
                 format!("{} KiB", r.entry_bytes / 1024)
@@ -229,6 +275,11 @@ fn print_table(rows: &[Row]) {
             },
             if wal {
                 format!("{:.1}", r.cpu_us_per_append)
+            } else {
+                "-".into()
+            },
+            if wal {
+                format!("{}/{}", r.segments_reused, r.segments_zero_filled)
             } else {
                 "-".into()
             },
@@ -270,6 +321,8 @@ fn row(
         max_in_flight: 0,
         cpu_us_per_append: 0.0,
         disk_us_per_batch: 0.0,
+        segments_reused: 0,
+        segments_zero_filled: 0,
     }
 }
 
@@ -281,25 +334,45 @@ struct WalSetup {
     in_flight: usize,
     direct_io: bool,
     zero_fill: bool,
+    segment_bytes: u64,
+    compact_bytes: u64,
 }
 
-/// N appender tasks and the WAL writer on one current_thread runtime.
-fn wal_cell(dir: &Path, size: usize, n: usize, s: &WalSetup) -> Res<Row> {
-    let (groups, dur) = (s.groups, s.dur);
+/// Brings the WAL in `dir` to its steady state before the timed cells: two
+/// untimed cells of 64 appenders of 64 KiB entries, with compaction, after
+/// which segments that compaction frees wait in the free-file pool (the
+/// cells' `segments reused/zero-filled` column shows whether it lasted).
+fn warm_up(dir: &Path, s: &WalSetup) -> Res<()> {
+    for cell in 0..2 {
+        wal_cell(dir, 64 << 10, 64, 1000 + cell, s)?;
+    }
+    Ok(())
+}
+
+fn wal_config(dir: &Path, size: usize, n: usize, s: &WalSetup) -> WalConfig {
     let mut cfg = WalConfig::new(dir);
     cfg.direct_io = s.direct_io;
     cfg.segment_zero_fill = s.zero_fill;
     cfg.io_backend = s.backend;
     cfg.batches_in_flight_max = s.in_flight;
-    cfg.log_segment_bytes_max = 256 << 20;
-    cfg.batch_bytes_max = 8 << 20;
+    cfg.log_segment_bytes_max = s.segment_bytes;
+    cfg.batch_bytes_max = (8 << 20).min(s.segment_bytes as usize / 4);
     cfg.segments_soft_max = 8;
     cfg.entry_cache_bytes_max = 64 << 20;
     // Large enough that no appender ever waits for buffer space: each
     // group's indexes are handed out in submission order, which waiting
     // could reorder.
     cfg.append_buffer_bytes_max = (n * (size + 256) * 2).max(64 << 20);
-    let w = Wal::open(cfg).map_err(|e| e.to_string())?;
+    cfg
+}
+
+/// N appender tasks and the WAL writer on one current_thread runtime. The
+/// cell's groups are numbered from `cell * 1_000_000` and removed at the
+/// end, so cells sharing a directory do not see each other's.
+fn wal_cell(dir: &Path, size: usize, n: usize, cell: u64, s: &WalSetup) -> Res<Row> {
+    let (groups, dur) = (s.groups, s.dur);
+    let base = cell * 1_000_000;
+    let w = Wal::open(wal_config(dir, size, n, s)).map_err(|e| e.to_string())?;
     let backend = w.status().backend;
     let w = Rc::new(RefCell::new(w));
     let h = w.borrow().handle();
@@ -314,7 +387,9 @@ fn wal_cell(dir: &Path, size: usize, n: usize, s: &WalSetup) -> Res<Row> {
     let count = Rc::new(RefCell::new(0u64));
     let stop = Rc::new(std::cell::Cell::new(false));
     let cpu = RefCell::new(Duration::ZERO);
-    let (secs, fsyncs, (max_in_flight, disk_us)) = local.block_on(&rt, async {
+    // Appends of one appender between its compactions.
+    let compact_every = (s.compact_bytes > 0).then(|| (s.compact_bytes / (n * size) as u64).max(1));
+    let (secs, fsyncs, (max_in_flight, disk_us), segs) = local.block_on(&rt, async {
         let writer = tokio::task::spawn_local(wal::run(w.clone()));
         let st0 = w.borrow().status();
         let fs0 = st0.fsyncs;
@@ -348,9 +423,14 @@ fn wal_cell(dir: &Path, size: usize, n: usize, s: &WalSetup) -> Res<Row> {
                         data: payload.clone(),
                     };
                     let t = Instant::now();
-                    h.append(g, vec![e]).await.expect("append");
+                    h.append(base + g, vec![e]).await.expect("append");
                     let _ = local_hist.record(t.elapsed().as_micros().max(1) as u64);
                     done += 1;
+                    // Every entry of the group up to `index` is durable now
+                    // (a group's batches are acknowledged in order).
+                    if compact_every.is_some_and(|k| done.is_multiple_of(k)) {
+                        h.compact(base + g, index, 1).await.expect("compact");
+                    }
                 }
                 hist_all.borrow_mut().add(&local_hist).expect("same bounds");
                 *count.borrow_mut() += done;
@@ -367,14 +447,27 @@ fn wal_cell(dir: &Path, size: usize, n: usize, s: &WalSetup) -> Res<Row> {
         let fsyncs = st.fsyncs - fs0;
         let disk_us = (st.batch_disk_us - st0.batch_disk_us) as f64
             / (st.batches - st0.batches).max(1) as f64;
+        let segs = (
+            st.recycled_segments - st0.recycled_segments,
+            st.zero_filled_segments - st0.zero_filled_segments,
+        );
+        // Leave nothing pinned for the next cell sharing the directory.
+        for g in 0..groups {
+            h.remove_group(base + g).await.expect("remove group");
+        }
         h.shutdown();
         writer.await.expect("writer").expect("wal writer");
-        (secs, fsyncs, (st.batches_in_flight_seen_max, disk_us))
+        (secs, fsyncs, (st.batches_in_flight_seen_max, disk_us), segs)
     });
+    drop(h);
+    if let Ok(w) = Rc::try_unwrap(w) {
+        w.into_inner().close().map_err(|e| e.to_string())?;
+    }
     let c = *count.borrow();
     let mut r = row("wal", size, n, c, fsyncs, secs, &hist_all.borrow());
     r.max_in_flight = max_in_flight;
     r.disk_us_per_batch = disk_us;
+    (r.segments_reused, r.segments_zero_filled) = segs;
     r.cpu_us_per_append = cpu.borrow().as_secs_f64() * 1e6 / c.max(1) as f64;
     if backend != "io_uring" {
         r.mode = format!("wal ({backend})");
@@ -444,44 +537,133 @@ fn naive_cell(path: &Path, size: usize, n: usize, dur: Duration) -> Res<Row> {
     Ok(row("naive", size, n, a.1, a.1, secs, &a.0))
 }
 
-/// `total` bytes of 64 KiB sequential writes, then one fdatasync.
-fn raw_seq_cell(path: &Path, total: u64, direct: bool) -> Res<Row> {
-    const CHUNK: usize = 64 << 10;
-    let total = total.div_ceil(CHUNK as u64) * CHUNK as u64;
-    let f = prealloc(path, total, direct)?;
-    // O_DIRECT needs an aligned buffer; 4 KiB alignment suits every disk.
-    let layout = std::alloc::Layout::from_size_align(CHUNK, 4096).expect("valid layout");
-    // SAFETY: non-zero size; freed below with the same layout.
-    let ptr = unsafe { std::alloc::alloc(layout) };
-    assert!(!ptr.is_null(), "allocation failed");
-    // SAFETY: `ptr` points to CHUNK writable bytes we own.
-    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, CHUNK) };
-    buf.fill(0x3c);
-    let mut h = hist();
-    let t0 = Instant::now();
-    let mut res = Ok(());
-    let mut o = 0u64;
-    while o < total {
-        let t = Instant::now();
-        if let Err(e) = f.write_all_at(buf, o) {
-            res = Err(format!("raw write: {e}"));
-            break;
+/// `total` bytes of `chunk`-sized sequential writes, `depth` of them at once
+/// (threads taking the next offset in turn), then one fdatasync. The file
+/// is created (preallocated) unless it exists with at least `total` bytes.
+fn raw_seq_cell(path: &Path, total: u64, direct: bool, chunk: usize, depth: usize) -> Res<Row> {
+    let total = total.div_ceil(chunk as u64) * chunk as u64;
+    let exists = std::fs::metadata(path).is_ok_and(|m| m.len() >= total);
+    let f = if exists {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
         }
-        let _ = h.record(t.elapsed().as_micros().max(1) as u64);
-        o += CHUNK as u64;
-    }
-    if res.is_ok() {
-        res = f.sync_data().map_err(|e| format!("raw fdatasync: {e}"));
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    // SAFETY: allocated above with this layout.
-    unsafe { std::alloc::dealloc(ptr, layout) };
-    let _ = std::fs::remove_file(path);
-    res?;
-    let mode = if direct {
-        "raw seq O_DIRECT"
+        o.open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
     } else {
-        "raw seq buffered+fdatasync"
+        prealloc(path, total, direct)?
     };
-    Ok(row(mode, CHUNK, 1, total / CHUNK as u64, 1, secs, &h))
+    let f = Arc::new(f);
+    let next = Arc::new(AtomicU64::new(0));
+    let all = Arc::new(Mutex::new(hist()));
+    let t0 = Instant::now();
+    let threads: Vec<_> = (0..depth)
+        .map(|_| {
+            let (f, next, all) = (f.clone(), next.clone(), all.clone());
+            std::thread::spawn(move || -> Res<()> {
+                // O_DIRECT needs an aligned buffer; 4 KiB alignment suits every disk.
+                let layout =
+                    std::alloc::Layout::from_size_align(chunk, 4096).expect("valid layout");
+                // SAFETY: non-zero size; freed below with the same layout.
+                let ptr = unsafe { std::alloc::alloc(layout) };
+                assert!(!ptr.is_null(), "allocation failed");
+                // SAFETY: `ptr` points to `chunk` writable bytes we own.
+                let buf = unsafe { std::slice::from_raw_parts_mut(ptr, chunk) };
+                buf.fill(0x3c);
+                let mut h = hist();
+                let mut res = Ok(());
+                loop {
+                    let o = next.fetch_add(chunk as u64, Ordering::Relaxed);
+                    if o >= total {
+                        break;
+                    }
+                    let t = Instant::now();
+                    if let Err(e) = f.write_all_at(buf, o) {
+                        res = Err(format!("raw write at {o}: {e}"));
+                        break;
+                    }
+                    let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+                }
+                // SAFETY: allocated above with this layout.
+                unsafe { std::alloc::dealloc(ptr, layout) };
+                all.lock().unwrap().add(&h).expect("same bounds");
+                res
+            })
+        })
+        .collect();
+    let mut res = Ok(());
+    for t in threads {
+        let r = t.join().map_err(|_| "raw writer panicked".to_string())?;
+        res = res.and(r);
+    }
+    res?;
+    f.sync_data().map_err(|e| format!("raw fdatasync: {e}"))?;
+    let secs = t0.elapsed().as_secs_f64();
+    let mode = match (direct, depth) {
+        (false, _) => "raw seq buffered+fdatasync".to_string(),
+        (true, 1) => "raw seq O_DIRECT".to_string(),
+        (true, d) => format!("raw seq O_DIRECT x{d}"),
+    };
+    let h = all.lock().unwrap();
+    let mut r = row(&mode, chunk, depth, total / chunk as u64, 1, secs, &h);
+    r.mean_batch = 0.0;
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftlog::storage::LogStore;
+
+    fn setup() -> WalSetup {
+        WalSetup {
+            groups: 8,
+            dur: Duration::from_millis(300),
+            backend: IoBackend::Auto,
+            in_flight: 4,
+            direct_io: true,
+            zero_fill: true,
+            segment_bytes: 4 << 20,
+            compact_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn cells_in_a_warmed_directory_reuse_segment_files_and_leave_no_groups() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("wal");
+        let s = setup();
+        warm_up(&dir, &s).unwrap();
+        let r = wal_cell(&dir, 64 << 10, 8, 1, &s).unwrap();
+        assert!(r.appends_per_s > 0.0 && r.fsyncs_per_s > 0.0, "{r:?}");
+        assert!(r.segments_reused > 0, "{r:?}");
+        let w = Wal::open(wal_config(&dir, 4096, 8, &s)).unwrap();
+        for g in 0..s.groups {
+            assert!(
+                w.group_state(1_000_000 + g).is_none(),
+                "group {g} left behind"
+            );
+        }
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn raw_cells_write_every_byte_at_every_depth() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("raw");
+        let total = 8u64 << 20;
+        let r = raw_seq_cell(&p, total, false, 64 << 10, 1).unwrap();
+        assert_eq!(
+            (r.mode.as_str(), r.appenders),
+            ("raw seq buffered+fdatasync", 1)
+        );
+        // Overwrites the file just written, 4 writers at once.
+        let r = raw_seq_cell(&p, total, true, 1 << 20, 4).unwrap();
+        assert_eq!((r.mode.as_str(), r.appenders), ("raw seq O_DIRECT x4", 4));
+        assert!(r.mb_per_s > 0.0, "{r:?}");
+        let data = std::fs::read(&p).unwrap();
+        assert_eq!(data.len() as u64, total);
+        assert!(data.iter().all(|&b| b == 0x3c));
+    }
 }
