@@ -92,7 +92,7 @@ impl GroupIndex {
     }
 
     /// The oldest segment holding a record this group needs (see the
-    /// module docs); `None` if it needs none.
+    /// module docs).
     pub fn pin(&self) -> u64 {
         self.hs_seg
             .map_or(self.replay_from.0, |s| s.min(self.replay_from.0))
