@@ -81,10 +81,18 @@ fn wal_conformance_buffered_crash_restart() {
 /// compact (each compaction moves the group's restart point), so a group's
 /// records older than its restart point survive in segments kept for the
 /// groups that have not compacted lately, and recovery must skip them.
-/// Many seeds, restarted as after a crash, against the model.
+/// Many seeds, restarted as after a crash, against the model
+/// (`BD_WAL_SOAK_SEEDS=N` for N seeds instead of 24).
 #[test]
 fn wal_randomized_purged_by_compaction_only() {
-    for seed in 0..24u64 {
+    let n = std::env::var("BD_WAL_SOAK_SEEDS")
+        .ok()
+        .map(|v| {
+            v.parse::<u64>()
+                .expect("BD_WAL_SOAK_SEEDS: a number of seeds")
+        })
+        .unwrap_or(24);
+    for seed in 0..n {
         let mut h = WalHarness::new(IoBackend::Auto, true);
         h.segments_soft_max = 1 << 20;
         conformance::randomized_against_model_seeded(

@@ -411,6 +411,60 @@ fn a_compacting_group_frees_its_segments_without_rewrite() {
     eprintln!("max segments seen: {max_segments}");
 }
 
+/// Purging does not fsync the directory, so a crash can undo its last
+/// renames: the purged segments come back under their own names, holding
+/// only records nothing needs. Recovery must rebuild the same state.
+#[test]
+fn purged_segments_that_come_back_after_a_crash_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = WalConfig::new(tmp.path());
+    c.log_segment_bytes_max = 64 << 10;
+    c.record_bytes_max = 16 << 10;
+    c.segments_soft_max = 1 << 20;
+    c.entry_cache_bytes_max = 32 << 10;
+    let mut w = Wal::open(c.clone()).unwrap();
+    w.set_hard_state(1, HardState { term: 2, vote: 3 }).unwrap();
+    let mut last = 0u64;
+    for _ in 0..200u64 {
+        w.append(1, &ents(last + 1, last + 4, 2, 700)).unwrap();
+        last += 4;
+        if last.is_multiple_of(40) {
+            w.compact(1, last - 10, 2).unwrap();
+        }
+        w.sync().unwrap();
+    }
+    assert!(w.status().free_segments >= 1, "{:?}", w.status());
+    w.close().unwrap();
+    // The free files still named after the segments they were, in a run
+    // just below the oldest segment: as if their renames never landed.
+    let oldest = seq_of(&segments(tmp.path())[0]);
+    let mut back = 0;
+    for seq in (1..oldest).rev() {
+        let free = tmp.path().join(format!("free-{seq:020}.walfree"));
+        if !free.exists() {
+            break;
+        }
+        std::fs::rename(&free, tmp.path().join(format!("{seq:020}.wal"))).unwrap();
+        back += 1;
+    }
+    assert!(back >= 1, "no purged file to bring back");
+    let mut w = Wal::open(c).unwrap();
+    let g = w.group_state(1).unwrap();
+    assert_eq!(g.hard_state, HardState { term: 2, vote: 3 });
+    assert_eq!((g.compacted_index, g.compacted_term), (last - 10, 2));
+    assert_eq!(g.last_index, last);
+    assert_eq!(
+        w.entries(1, last - 9, last + 1).unwrap(),
+        ents(last - 9, last, 2, 700)
+    );
+    // The old segments go again with the next compaction.
+    let before = w.status().segments;
+    w.append(1, &ents(last + 1, last + 4, 2, 700)).unwrap();
+    w.compact(1, last, 2).unwrap();
+    w.sync().unwrap();
+    assert!(w.status().segments < before, "{:?}", w.status());
+}
+
 #[test]
 fn entry_larger_than_a_record_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
