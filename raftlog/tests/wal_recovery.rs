@@ -366,40 +366,37 @@ fn steady_workload_with_compaction_keeps_segments_bounded() {
     eprintln!("max segments seen: {max_segments}");
 }
 
-/// A group that compacts as raft does after snapshots frees its old segments
-/// by itself: no cold-group rewrite, disk use bounded by its live log, and
-/// its hard state (written once, at the start) survives the purge of the
-/// segment that held it.
-#[test]
-fn a_compacting_group_frees_its_segments_without_rewrite() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut c = WalConfig::new(tmp.path());
+/// Small segments and no cold-group rewrite: only compaction frees segments.
+fn compacting_cfg(dir: &Path) -> WalConfig {
+    let mut c = WalConfig::new(dir);
     c.log_segment_bytes_max = 64 << 10;
     c.record_bytes_max = 16 << 10;
-    // Never rewrite: only compaction may free segments here.
     c.segments_soft_max = 1 << 20;
     c.entry_cache_bytes_max = 32 << 10;
-    let mut w = Wal::open(c.clone()).unwrap();
+    c
+}
+
+/// One group with its hard state written once, then `rounds` of 4 entries
+/// of 700 B, synced, with a snapshot-like compaction every 40 entries that
+/// keeps the last 10. `each` sees the store after every round. Returns the
+/// last index.
+fn compacting_workload(w: &mut Wal, rounds: u64, mut each: impl FnMut(u64, &Wal)) -> u64 {
     w.set_hard_state(1, HardState { term: 2, vote: 3 }).unwrap();
     let mut last = 0u64;
-    let mut max_segments = 0;
-    for round in 0..300u64 {
+    for round in 0..rounds {
         w.append(1, &ents(last + 1, last + 4, 2, 700)).unwrap();
         last += 4;
-        // A snapshot every 40 entries, keeping the last 10 below it.
         if last.is_multiple_of(40) {
             w.compact(1, last - 10, 2).unwrap();
         }
         w.sync().unwrap();
-        max_segments = max_segments.max(w.status().segments);
-        assert!(w.status().segments <= 4, "round {round}: {:?}", w.status());
+        each(round, w);
     }
-    let st = w.status();
-    assert_eq!(st.rewritten_bytes, 0, "{st:?}");
-    // 300 rounds * 4 entries * ~730 B = 876 KB through 64 KiB segments.
-    assert!(st.purged_segments >= 10, "{st:?}");
-    drop(w);
-    let mut w = Wal::open(c).unwrap();
+    last
+}
+
+/// The state `compacting_workload` leaves, read back after a restart.
+fn assert_compacted_state(w: &mut Wal, last: u64) {
     let g = w.group_state(1).unwrap();
     assert_eq!(g.hard_state, HardState { term: 2, vote: 3 });
     assert_eq!((g.compacted_index, g.compacted_term), (last - 10, 2));
@@ -408,6 +405,29 @@ fn a_compacting_group_frees_its_segments_without_rewrite() {
         w.entries(1, last - 9, last + 1).unwrap(),
         ents(last - 9, last, 2, 700)
     );
+}
+
+/// A group that compacts as raft does after snapshots frees its old segments
+/// by itself: no cold-group rewrite, disk use bounded by its live log, and
+/// its hard state (written once, at the start) survives the purge of the
+/// segment that held it.
+#[test]
+fn a_compacting_group_frees_its_segments_without_rewrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = compacting_cfg(tmp.path());
+    let mut w = Wal::open(c.clone()).unwrap();
+    let mut max_segments = 0;
+    let last = compacting_workload(&mut w, 300, |round, w| {
+        max_segments = max_segments.max(w.status().segments);
+        assert!(w.status().segments <= 4, "round {round}: {:?}", w.status());
+    });
+    let st = w.status();
+    assert_eq!(st.rewritten_bytes, 0, "{st:?}");
+    // 300 rounds * 4 entries * ~730 B = 876 KB through 64 KiB segments.
+    assert!(st.purged_segments >= 10, "{st:?}");
+    drop(w);
+    let mut w = Wal::open(c).unwrap();
+    assert_compacted_state(&mut w, last);
     eprintln!("max segments seen: {max_segments}");
 }
 
@@ -417,22 +437,9 @@ fn a_compacting_group_frees_its_segments_without_rewrite() {
 #[test]
 fn purged_segments_that_come_back_after_a_crash_change_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut c = WalConfig::new(tmp.path());
-    c.log_segment_bytes_max = 64 << 10;
-    c.record_bytes_max = 16 << 10;
-    c.segments_soft_max = 1 << 20;
-    c.entry_cache_bytes_max = 32 << 10;
+    let c = compacting_cfg(tmp.path());
     let mut w = Wal::open(c.clone()).unwrap();
-    w.set_hard_state(1, HardState { term: 2, vote: 3 }).unwrap();
-    let mut last = 0u64;
-    for _ in 0..200u64 {
-        w.append(1, &ents(last + 1, last + 4, 2, 700)).unwrap();
-        last += 4;
-        if last.is_multiple_of(40) {
-            w.compact(1, last - 10, 2).unwrap();
-        }
-        w.sync().unwrap();
-    }
+    let last = compacting_workload(&mut w, 200, |_, _| {});
     assert!(w.status().free_segments >= 1, "{:?}", w.status());
     w.close().unwrap();
     // The free files still named after the segments they were, in a run
@@ -449,14 +456,7 @@ fn purged_segments_that_come_back_after_a_crash_change_nothing() {
     }
     assert!(back >= 1, "no purged file to bring back");
     let mut w = Wal::open(c).unwrap();
-    let g = w.group_state(1).unwrap();
-    assert_eq!(g.hard_state, HardState { term: 2, vote: 3 });
-    assert_eq!((g.compacted_index, g.compacted_term), (last - 10, 2));
-    assert_eq!(g.last_index, last);
-    assert_eq!(
-        w.entries(1, last - 9, last + 1).unwrap(),
-        ents(last - 9, last, 2, 700)
-    );
+    assert_compacted_state(&mut w, last);
     // The old segments go again with the next compaction.
     let before = w.status().segments;
     w.append(1, &ents(last + 1, last + 4, 2, 700)).unwrap();
