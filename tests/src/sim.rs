@@ -72,6 +72,9 @@ pub struct SeedReport {
     pub crashes: usize,
     pub snapshots_installed: usize,
     pub conf_changes: usize,
+    /// Times a node stopped being ticked (hibernated), and woke.
+    pub hibernations: usize,
+    pub wakes: usize,
     pub sim_time: u64,
 }
 
@@ -95,6 +98,9 @@ struct Faults {
     flap_leader: f64,
     /// Per-node tick period in time units.
     tick_period: Vec<u64>,
+    /// Probability that an awake, quiescent node stops being ticked at a
+    /// tick (the engine's hibernation); 0 in seeds without hibernation.
+    hibernate: f64,
 }
 
 #[derive(Debug)]
@@ -111,6 +117,9 @@ enum Ev {
     /// is where commit-rule bugs (Raft's Figure 8) show.
     IsolateLeader(usize, Term),
     Heal,
+    /// The hosts learned that peers went down or came back (the engine's
+    /// liveness tracking): every hibernating node wakes.
+    WakeAll,
     Admin,
     Snapshot,
     ClientIssue(usize),
@@ -156,6 +165,11 @@ struct SimNode {
     commit_seen: u64,
     term_seen: Term,
     durable_term: Term,
+    /// Hibernating: ticks are skipped until something wakes the node.
+    asleep: bool,
+    /// When the node last received anything from each node (index), or
+    /// when it started if later: for `RaftNode::resume`'s `leader_silent`.
+    heard_at: Vec<u64>,
 }
 
 struct Client {
@@ -303,6 +317,7 @@ impl Sim {
                 0.0
             },
             tick_period,
+            hibernate: 0.0,
         };
         let mut nodes = Vec::new();
         for i in 0..n {
@@ -322,6 +337,8 @@ impl Sim {
                 commit_seen: 0,
                 term_seen: 0,
                 durable_term: 0,
+                asleep: false,
+                heard_at: vec![0; n],
             });
         }
         let clients = (0..rng.random_range(2..=5))
@@ -379,6 +396,10 @@ impl Sim {
         sim.schedule(d, Ev::Admin);
         let d = sim.rng.random_range(0..f.snapshot_every);
         sim.schedule(d, Ev::Snapshot);
+        // Drawn after the fault mix, which stays what it was for every seed.
+        if sim.rng.random_bool(0.5) {
+            sim.faults.hibernate = sim.rng.random_range(0.05..0.5);
+        }
         sim
     }
 
@@ -454,10 +475,89 @@ impl Sim {
         node.reads.clear();
         node.ready_reads.clear();
         node.incoming.clear();
+        node.asleep = false;
+        let now = self.now;
+        node.heard_at.iter_mut().for_each(|t| *t = now);
         let period = self.faults.tick_period[i];
         let phase = self.rng.random_range(0..period);
         let epoch = self.nodes[i].epoch;
         self.schedule(phase, Ev::Tick(i, epoch));
+    }
+
+    /// Whether node `i` stops being ticked now: hibernation is on for the
+    /// seed, the node is quiescent, and (the engine's liveness view, here
+    /// exact) every member it counts on is up and reachable: a follower's
+    /// leader, a leader's followers.
+    fn may_hibernate(&mut self, i: usize) -> bool {
+        if self.faults.hibernate == 0.0 || self.healed {
+            return false;
+        }
+        let Some(raft) = self.nodes[i].raft.as_ref() else {
+            return false;
+        };
+        if raft.quiescent().is_none() {
+            return false;
+        }
+        let up = |j: usize| -> bool {
+            self.nodes[j].raft.is_some()
+                && !self.blocked.contains(&(i, j))
+                && !self.blocked.contains(&(j, i))
+        };
+        let counted: Vec<usize> = match raft.role() {
+            Role::Leader => {
+                let conf = raft.conf();
+                conf.all_voters()
+                    .into_iter()
+                    .chain(conf.learners.iter().copied())
+                    .map(|id| id as usize - 1)
+                    .filter(|&j| j != i)
+                    .collect()
+            }
+            _ => raft.leader().map(|l| l as usize - 1).into_iter().collect(),
+        };
+        if !counted.iter().all(|&j| up(j)) {
+            return false;
+        }
+        self.rng.random_bool(self.faults.hibernate)
+    }
+
+    /// Wakes node `i` if it hibernates: it is ticked again, told how long
+    /// its leader has been silent.
+    fn wake(&mut self, i: usize) {
+        if !self.nodes[i].asleep {
+            return;
+        }
+        self.nodes[i].asleep = false;
+        let et = self.cfg.election_timeout_ticks as u64 * self.faults.tick_period[i];
+        let node = &mut self.nodes[i];
+        let Some(raft) = node.raft.as_mut() else {
+            return;
+        };
+        let leader_silent = raft
+            .leader()
+            .filter(|&l| l != node.id)
+            .is_some_and(|l| self.now.saturating_sub(node.heard_at[l as usize - 1]) >= et);
+        raft.resume(leader_silent);
+        self.report.wakes += 1;
+        self.trace(("wake", i, leader_silent));
+        if self.opts.verbose {
+            eprintln!(
+                "[{}] node {} wakes (leader silent: {leader_silent})",
+                self.now,
+                i + 1
+            );
+        }
+        self.process(i);
+    }
+
+    /// The engine notices a peer go down or come back after a while.
+    fn schedule_wake_all(&mut self) {
+        if self.faults.hibernate > 0.0 {
+            let lag = self
+                .rng
+                .random_range(0..=2 * self.cfg.election_timeout_ticks as u64 * TICK);
+            self.schedule(lag, Ev::WakeAll);
+        }
     }
 
     fn crash(&mut self, i: usize) {
@@ -617,6 +717,12 @@ impl Sim {
             );
         }
         self.trace(("msg", m.from, m.to, m.term, m.body.name()));
+        if self.nodes[to].raft.is_none() {
+            return;
+        }
+        // The engine wakes a hibernating group for any message to it.
+        self.wake(to);
+        self.nodes[to].heard_at[from] = self.now;
         let node = &mut self.nodes[to];
         let Some(raft) = node.raft.as_mut() else {
             return;
@@ -882,6 +988,8 @@ impl Sim {
 
     fn admin(&mut self) {
         let Some(l) = self.leader() else { return };
+        // Admin requests wake the group on the node they reach.
+        self.wake(l);
         let n = self.nodes.len() as u64;
         let choice = self.rng.random_range(0..7);
         let raft = self.nodes[l].raft.as_mut().expect("up");
@@ -1024,6 +1132,8 @@ impl Sim {
         let ctx = self.next_ctx;
         self.next_ctx += 1;
         let use_lease = self.rng.random_bool(0.5);
+        // A client request wakes the group on the node it reaches.
+        self.wake(i);
         let node = &mut self.nodes[i];
         let Some(raft) = node.raft.as_mut() else {
             // Down: the client notices after a while and tries elsewhere.
@@ -1130,14 +1240,22 @@ impl Sim {
         self.now = t;
         match ev {
             Ev::Tick(i, epoch) => {
-                let node = &mut self.nodes[i];
-                if node.epoch == epoch {
-                    if let Some(r) = node.raft.as_mut() {
-                        r.tick();
-                        self.process(i);
-                        let p = self.faults.tick_period[i];
-                        self.schedule(p, Ev::Tick(i, epoch));
+                let node = &self.nodes[i];
+                if node.epoch == epoch && node.raft.is_some() {
+                    if !node.asleep && self.may_hibernate(i) {
+                        self.nodes[i].asleep = true;
+                        self.report.hibernations += 1;
+                        self.trace(("sleep", i));
+                        if self.opts.verbose {
+                            eprintln!("[{}] node {} hibernates", self.now, i + 1);
+                        }
                     }
+                    if !self.nodes[i].asleep {
+                        self.nodes[i].raft.as_mut().expect("up").tick();
+                        self.process(i);
+                    }
+                    let p = self.faults.tick_period[i];
+                    self.schedule(p, Ev::Tick(i, epoch));
                 }
             }
             Ev::Deliver(m, snap) => self.deliver(*m, snap),
@@ -1146,6 +1264,7 @@ impl Sim {
                 if self.nodes[i].raft.is_none() {
                     self.trace(("restart", i));
                     self.start_node(i);
+                    self.schedule_wake_all();
                 }
             }
             Ev::Crash => {
@@ -1155,6 +1274,7 @@ impl Sim {
                         _ => self.rng.random_range(0..self.nodes.len()),
                     };
                     self.crash(i);
+                    self.schedule_wake_all();
                     let d = self.rng.random_range(1..=self.faults.crash_every);
                     self.schedule(d, Ev::Crash);
                 }
@@ -1162,6 +1282,7 @@ impl Sim {
             Ev::Partition => {
                 if !self.healed {
                     self.partition();
+                    self.schedule_wake_all();
                     let d = self.rng.random_range(1..=self.faults.partition_every);
                     self.schedule(d, Ev::Partition);
                 }
@@ -1179,6 +1300,7 @@ impl Sim {
                         self.blocked.insert((o, l));
                     }
                     self.trace(("isolate-leader", l, term));
+                    self.schedule_wake_all();
                     let heal = self.rng.random_range(100..3000);
                     self.schedule(heal, Ev::Heal);
                 }
@@ -1186,6 +1308,12 @@ impl Sim {
             Ev::Heal => {
                 self.blocked.clear();
                 self.trace("heal");
+                self.schedule_wake_all();
+            }
+            Ev::WakeAll => {
+                for i in 0..self.nodes.len() {
+                    self.wake(i);
+                }
             }
             Ev::Admin => {
                 if !self.healed {
@@ -1218,6 +1346,9 @@ impl Sim {
     fn heal(&mut self) {
         self.healed = true;
         self.blocked.clear();
+        for i in 0..self.nodes.len() {
+            self.wake(i);
+        }
         self.faults.loss = 0.0;
         self.faults.long_delay = 0.0;
         for i in 0..self.nodes.len() {

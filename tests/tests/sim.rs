@@ -55,3 +55,25 @@ fn small_sweep_has_no_violations() {
         assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
     }
 }
+
+/// Half the seeds hibernate quiescent nodes (no ticks until a message, a
+/// client request or a liveness change wakes them, as the engine does), so
+/// the sweep checks `RaftNode::resume` and the quiescence rule under faults.
+#[test]
+fn hibernation_is_exercised() {
+    let opts = SimOptions::default();
+    let (mut seeds, mut sleeps, mut wakes) = (0, 0, 0);
+    for seed in 0..200 {
+        let r = run_seed(seed, &opts);
+        assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+        seeds += (r.hibernations > 0) as usize;
+        sleeps += r.hibernations;
+        wakes += r.wakes;
+    }
+    assert!(seeds >= 40, "only {seeds} of 200 seeds hibernated a node");
+    assert!(
+        wakes > 0 && sleeps >= wakes,
+        "{sleeps} hibernations, {wakes} wakes"
+    );
+    eprintln!("{seeds} of 200 seeds hibernated: {sleeps} hibernations, {wakes} wakes");
+}

@@ -81,9 +81,9 @@ fn main() {
                 if count == 1 {
                     let _g = out.lock().unwrap();
                     println!(
-                        "seed={} nodes={} ops_completed={} ops_unknown={} elections={} crashes={} snapshots_installed={} conf_changes={} sim_ticks={} trace_hash={:016x}",
+                        "seed={} nodes={} ops_completed={} ops_unknown={} elections={} crashes={} snapshots_installed={} conf_changes={} hibernations={} wakes={} sim_ticks={} trace_hash={:016x}",
                         r.seed, r.nodes, r.ops_completed, r.ops_unknown, r.elections, r.crashes,
-                        r.snapshots_installed, r.conf_changes, r.sim_time / 100, r.trace_hash
+                        r.snapshots_installed, r.conf_changes, r.hibernations, r.wakes, r.sim_time / 100, r.trace_hash
                     );
                 }
                 if !r.violations.is_empty() {
