@@ -117,9 +117,9 @@ enum Ev {
     /// is where commit-rule bugs (Raft's Figure 8) show.
     IsolateLeader(usize, Term),
     Heal,
-    /// The hosts learned that peers went down or came back (the engine's
-    /// liveness tracking): every hibernating node wakes.
-    WakeAll,
+    /// Node's host learned that peers went down or came back (the engine's
+    /// liveness tracking): the node wakes if it hibernates.
+    Wake(usize),
     Admin,
     Snapshot,
     ClientIssue(usize),
@@ -550,13 +550,16 @@ impl Sim {
         self.process(i);
     }
 
-    /// The engine notices a peer go down or come back after a while.
+    /// Each host notices a peer go down or come back after a while of its
+    /// own, so nodes wake at different times.
     fn schedule_wake_all(&mut self) {
         if self.faults.hibernate > 0.0 {
-            let lag = self
-                .rng
-                .random_range(0..=2 * self.cfg.election_timeout_ticks as u64 * TICK);
-            self.schedule(lag, Ev::WakeAll);
+            for i in 0..self.nodes.len() {
+                let lag = self
+                    .rng
+                    .random_range(0..=2 * self.cfg.election_timeout_ticks as u64 * TICK);
+                self.schedule(lag, Ev::Wake(i));
+            }
         }
     }
 
@@ -1310,11 +1313,7 @@ impl Sim {
                 self.trace("heal");
                 self.schedule_wake_all();
             }
-            Ev::WakeAll => {
-                for i in 0..self.nodes.len() {
-                    self.wake(i);
-                }
-            }
+            Ev::Wake(i) => self.wake(i),
             Ev::Admin => {
                 if !self.healed {
                     self.admin();
