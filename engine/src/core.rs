@@ -447,6 +447,8 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>
     let (internal_tx, internal_rx) = mpsc::unbounded_channel();
     let dirty = groups.keys().copied().collect();
     let hib = Hibernation::new(cfg, groups.keys().copied(), Instant::now());
+    // Buffered applies only: with O_DIRECT data files every apply goes through the ring.
+    let inline_applies = cfg.inline_applies && !cfg.data_direct_io;
     let c = Core {
         core,
         me: cfg.node_id,
@@ -469,10 +471,7 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>
         io_blocked: BTreeSet::new(),
         apply_queued_bytes: 0,
         hib,
-        inline: InlineApplies::new(
-            cfg.inline_applies && !cfg.data_direct_io,
-            cfg.inline_apply_us_max,
-        ),
+        inline: InlineApplies::new(inline_applies, cfg.inline_apply_us_max),
         counters,
     };
     info!(
@@ -481,7 +480,7 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>
         addr = %c.transport.local_addr(),
         data_io = c.dio.name(),
         data_direct_io = cfg.data_direct_io,
-        inline_applies = cfg.inline_applies && !cfg.data_direct_io,
+        inline_applies,
         "core started"
     );
     Ok((

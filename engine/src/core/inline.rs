@@ -92,25 +92,16 @@ impl InlineApplies {
     /// Copies the state and counters to the status page's (on the core thread, every tick).
     pub(crate) fn publish(&self, c: &CoreCounters, now: Instant) {
         let relaxed = std::sync::atomic::Ordering::Relaxed;
-        c.inline_applies_active.store(self.active(now), relaxed);
+        c.inline_applies_active.store(self.allowed(now), relaxed);
         c.applies_inline.store(self.applied, relaxed);
         c.inline_slow_writes.store(self.slow_writes, relaxed);
         c.inline_dirty_refusals.store(self.dirty_refusals, relaxed);
     }
 
-    /// Whether the next buffered apply may be written on this thread.
-    pub(crate) fn allowed(&mut self, now: Instant) -> bool {
-        if !self.enabled || !self.dirty_ok {
-            return false;
-        }
-        match self.off_until {
-            Some(t) if now < t => false,
-            Some(_) => {
-                self.off_until = None;
-                true
-            }
-            None => true,
-        }
+    /// Whether the next buffered apply may be written on this thread (also what the status page
+    /// shows).
+    pub(crate) fn allowed(&self, now: Instant) -> bool {
+        self.enabled && self.dirty_ok && !self.backing_off(now)
     }
 
     /// Accounts one inline write that took `took` of wall time; `slept` tells, when asked,
@@ -126,11 +117,6 @@ impl InlineApplies {
     /// Whether a slow write switched inline applies off right now.
     pub(crate) fn backing_off(&self, now: Instant) -> bool {
         self.off_until.is_some_and(|t| now < t)
-    }
-
-    /// Whether buffered applies go inline at `now` (for the status page).
-    pub(crate) fn active(&self, now: Instant) -> bool {
-        self.enabled && self.dirty_ok && !self.backing_off(now)
     }
 }
 
@@ -252,10 +238,10 @@ mod tests {
         assert_eq!((s.applied, s.slow_writes), (3, 1));
         assert!(!s.allowed(t0 + INLINE_BACKOFF - Duration::from_millis(1)));
         assert!(s.backing_off(t0));
-        assert!(!s.active(t0));
+        assert!(!s.allowed(t0));
         assert!(s.allowed(t0 + INLINE_BACKOFF));
         assert!(!s.backing_off(t0 + INLINE_BACKOFF));
-        assert!(s.active(t0 + INLINE_BACKOFF));
+        assert!(s.allowed(t0 + INLINE_BACKOFF));
         // Too many dirty pages, or switched off: never inline.
         s.dirty_ok = false;
         assert!(!s.allowed(t0 + INLINE_BACKOFF));
