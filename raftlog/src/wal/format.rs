@@ -63,12 +63,14 @@ use rkyv::rancor;
 use crate::core::types::{EntryKind, GroupId, HardState, Index, Term};
 use crate::wal::buf::EncodeBuf;
 
-/// Records of format version 4: the crc covers the segment's sequence number.
+/// Records of format versions 4 and 5: the crc covers the segment's
+/// sequence number.
 pub const MAGIC: u32 = 0xBD0A_11E8;
 /// Records of format versions 2 and 3 (read, never written).
 pub const MAGIC_V3: u32 = 0xBD0A_11E7;
-/// Bumped on any incompatible change of the record layout. Version 4 mixed
-/// the segment's sequence number into the crc (recycled segment files);
+/// Bumped on any incompatible change of the record layout. Version 5 gave
+/// compact records the group's restart point; version 4 mixed the
+/// segment's sequence number into the crc (recycled segment files);
 /// version 3 added the `Pad` record kind (direct I/O); version 2 and 3
 /// files are still read.
 pub const FORMAT_VERSION: u16 = 5;
@@ -295,7 +297,7 @@ pub fn entries_payload_len(data_lens: impl Iterator<Item = usize>) -> usize {
 }
 
 /// Which records a segment holds: its sequence number, and whether they are
-/// of format 4 (crc over the sequence number too) or older.
+/// of format 4 or later (crc over the sequence number too) or older.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegFormat {
     pub seq: u64,

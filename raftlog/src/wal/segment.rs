@@ -31,15 +31,12 @@ pub fn free_name(seq: u64) -> String {
 }
 
 pub fn parse_free_name(name: &str) -> Option<u64> {
-    let digits = name.strip_prefix("free-")?.strip_suffix(FREE_SUFFIX)?;
-    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
+    parse_seq(name.strip_prefix("free-")?.strip_suffix(FREE_SUFFIX)?)
 }
 
 /// Moves the file of purged segment `seq` into the free pool; returns its
-/// new path. The caller syncs the directory (as for a deletion).
+/// new path. Not made durable here: `Wal::purge` says why it need not be,
+/// and `take_free` syncs the directory before the file is written again.
 pub fn make_free(dir_path: &Path, path: &Path, seq: u64) -> io::Result<PathBuf> {
     let to = dir_path.join(free_name(seq));
     std::fs::rename(path, &to)?;
@@ -92,7 +89,11 @@ fn adopt(dir_path: &Path, dir: &File, path: PathBuf, what: &str) -> Option<(File
 }
 
 pub fn parse_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(SUFFIX)?;
+    parse_seq(name.strip_suffix(SUFFIX)?)
+}
+
+/// The 20-digit sequence number of a segment or free file name.
+fn parse_seq(digits: &str) -> Option<u64> {
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
