@@ -328,6 +328,17 @@ impl SegFormat {
         h.finalize()
     }
 
+    /// [`Self::crc`] of `head` followed by the bytes `tail` hashed.
+    fn crc_then(&self, head: &[u8], tail: &crc32fast::Hasher) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        if self.v4 {
+            h.update(&self.seq.to_le_bytes());
+        }
+        h.update(head);
+        h.combine(tail);
+        h.finalize()
+    }
+
     fn versions(&self) -> std::ops::RangeInclusive<u16> {
         if self.v4 {
             FORMAT_VERSION_V4..=FORMAT_VERSION
@@ -363,6 +374,20 @@ pub fn encode<B: EncodeBuf>(
     encode_as(buf, h, SegFormat::current(seq), payload)
 }
 
+/// [`encode`] for a payload whose crc the caller builds as it writes:
+/// `payload` returns a hasher over exactly the bytes it appended. Entry
+/// records combine the per-entry data crcs they compute anyway
+/// (`crc32fast::Hasher::combine`), so the record crc costs no second pass
+/// over the data (it was ~15% of the writer's CPU with 64 KiB entries).
+pub fn encode_prehashed<B: EncodeBuf>(
+    buf: &mut B,
+    h: &RecordHeader,
+    seq: u64,
+    payload: impl FnOnce(&mut B) -> crc32fast::Hasher,
+) -> usize {
+    encode_inner(buf, h, SegFormat::current(seq), |b| Some(payload(b)))
+}
+
 /// [`encode`] in the given format (an older one only to seal a segment
 /// written by an older version, and in tests).
 #[doc(hidden)]
@@ -371,6 +396,18 @@ pub fn encode_as<B: EncodeBuf>(
     h: &RecordHeader,
     fmt: SegFormat,
     payload: impl FnOnce(&mut B),
+) -> usize {
+    encode_inner(buf, h, fmt, |b| {
+        payload(b);
+        None
+    })
+}
+
+fn encode_inner<B: EncodeBuf>(
+    buf: &mut B,
+    h: &RecordHeader,
+    fmt: SegFormat,
+    payload: impl FnOnce(&mut B) -> Option<crc32fast::Hasher>,
 ) -> usize {
     let mut h = *h;
     h.version = if fmt.v4 {
@@ -386,7 +423,7 @@ pub fn encode_as<B: EncodeBuf>(
     debug_assert_eq!(hb.len(), header_len());
     buf.extend_from_slice(&hb);
     let payload_start = buf.len();
-    payload(buf);
+    let hashed = payload(buf);
     let payload_len = buf.len() - payload_start;
     assert!(
         payload_len <= PAYLOAD_BYTES_MAX,
@@ -395,7 +432,14 @@ pub fn encode_as<B: EncodeBuf>(
     buf[start..start + 4].copy_from_slice(&fmt.magic().to_le_bytes());
     buf[start + 8..start + 12].copy_from_slice(&(hb.len() as u32).to_le_bytes());
     buf[start + 12..start + 16].copy_from_slice(&(payload_len as u32).to_le_bytes());
-    let crc = fmt.crc(&buf[start + 8..]);
+    let crc = match hashed {
+        None => fmt.crc(&buf[start + 8..]),
+        Some(p) => {
+            let crc = fmt.crc_then(&buf[start + 8..payload_start], &p);
+            debug_assert_eq!(crc, fmt.crc(&buf[start + 8..]), "prehashed payload crc");
+            crc
+        }
+    };
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     buf.resize(start + pad(buf.len() - start), 0);
     payload_start - start
@@ -438,12 +482,38 @@ pub fn encode_pad<B: EncodeBuf>(buf: &mut B, h: &RecordHeader, seq: u64, len: us
 /// starts `ENTRY_ROW_LEN` bytes after the row.
 pub fn encode_entry<B: EncodeBuf>(buf: &mut B, term: Term, kind: EntryKind, data: &[u8], crc: u32) {
     debug_assert_eq!(crc, crc32fast::hash(data));
-    buf.extend_from_slice(&term.to_le_bytes());
-    buf.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&crc.to_le_bytes());
-    buf.push(kind as u8);
-    buf.extend_from_slice(&[0u8; 7]);
+    buf.extend_from_slice(&entry_row(term, kind, data.len(), crc));
     buf.extend_from_slice(data);
+}
+
+/// [`encode_entry`] that also adds the bytes it writes to `h`, using `crc`
+/// for the data instead of reading it again.
+pub fn encode_entry_hashed<B: EncodeBuf>(
+    buf: &mut B,
+    term: Term,
+    kind: EntryKind,
+    data: &[u8],
+    crc: u32,
+    h: &mut crc32fast::Hasher,
+) {
+    debug_assert_eq!(crc, crc32fast::hash(data));
+    let row = entry_row(term, kind, data.len(), crc);
+    h.update(&row);
+    h.combine(&crc32fast::Hasher::new_with_initial_len(
+        crc,
+        data.len() as u64,
+    ));
+    buf.extend_from_slice(&row);
+    buf.extend_from_slice(data);
+}
+
+fn entry_row(term: Term, kind: EntryKind, len: usize, crc: u32) -> [u8; ENTRY_ROW_LEN] {
+    let mut r = [0u8; ENTRY_ROW_LEN];
+    r[..8].copy_from_slice(&term.to_le_bytes());
+    r[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+    r[12..16].copy_from_slice(&crc.to_le_bytes());
+    r[16] = kind as u8;
+    r
 }
 
 /// What lies at an offset of a segment.
@@ -645,6 +715,29 @@ mod tests {
         assert_eq!(&payload[rows[0].data_off..rows[0].data_off + 5], b"hello");
         assert_eq!(rows[1].kind, EntryKind::Noop);
         assert!(matches!(decode_at(&buf, buf.len(), F), Decoded::Zero));
+    }
+
+    #[test]
+    fn a_prehashed_record_is_the_same_bytes() {
+        let datas: [&[u8]; 4] = [b"hello", b"", &[0x5a; 65536], &[7; 3]];
+        let h = RecordHeader::entries(3, (10, 2), (13, 2));
+        let f = SegFormat::current(7);
+        let mut plain = Vec::new();
+        encode(&mut plain, &h, 7, |b| {
+            for d in datas {
+                encode_entry(b, 2, EntryKind::Normal, d, crc32fast::hash(d));
+            }
+        });
+        let mut pre = Vec::new();
+        encode_prehashed(&mut pre, &h, 7, |b| {
+            let mut hasher = crc32fast::Hasher::new();
+            for d in datas {
+                encode_entry_hashed(b, 2, EntryKind::Normal, d, crc32fast::hash(d), &mut hasher);
+            }
+            hasher
+        });
+        assert_eq!(plain, pre);
+        assert!(matches!(decode_at(&pre, 0, f), Decoded::Record { .. }));
     }
 
     #[test]

@@ -672,6 +672,30 @@ impl Wal {
         payload_len: usize,
         payload: impl FnOnce(&mut AlignedBuf),
     ) -> Result<(u64, u64), Error> {
+        self.put_inner(h, payload_len, |buf, h, seq| {
+            format::encode(buf, h, seq, payload)
+        })
+    }
+
+    /// [`Self::put`] with a payload that hashes itself
+    /// ([`format::encode_prehashed`]).
+    fn put_prehashed(
+        &mut self,
+        h: &RecordHeader,
+        payload_len: usize,
+        payload: impl FnOnce(&mut AlignedBuf) -> crc32fast::Hasher,
+    ) -> Result<(u64, u64), Error> {
+        self.put_inner(h, payload_len, |buf, h, seq| {
+            format::encode_prehashed(buf, h, seq, payload)
+        })
+    }
+
+    fn put_inner(
+        &mut self,
+        h: &RecordHeader,
+        payload_len: usize,
+        encode: impl FnOnce(&mut AlignedBuf, &RecordHeader, u64) -> usize,
+    ) -> Result<(u64, u64), Error> {
         let len = format::record_len(payload_len);
         let end = self.pending.offset + self.pending.buf.len() as u64;
         if end + len as u64 + self.tail_reserve() > self.cfg.log_segment_bytes_max {
@@ -683,7 +707,7 @@ impl Wal {
             self.acked_in_active,
             self.cfg.batches_in_flight_max as u16,
         );
-        let rel = format::encode(&mut self.pending.buf, &h, self.pending.seq, payload);
+        let rel = encode(&mut self.pending.buf, &h, self.pending.seq);
         debug_assert_eq!(self.pending.buf.len() - start, len);
         self.lsn += len as u64;
         self.pending.end_lsn = self.lsn;
@@ -778,10 +802,12 @@ impl Wal {
             let (first, last) = (&chunk[0], &chunk[chunk.len() - 1]);
             let h =
                 RecordHeader::entries(group, (first.index, first.term), (last.index, last.term));
-            let (seq, mut off) = self.put(&h, payload, |b| {
+            let (seq, mut off) = self.put_prehashed(&h, payload, |b| {
+                let mut hasher = crc32fast::Hasher::new();
                 for (e, crc) in chunk.iter().zip(&crcs) {
-                    format::encode_entry(b, e.term, e.kind, &e.data, *crc);
+                    format::encode_entry_hashed(b, e.term, e.kind, &e.data, *crc, &mut hasher);
                 }
+                hasher
             })?;
             let mut locs = Vec::with_capacity(chunk.len());
             for (e, crc) in chunk.iter().zip(&crcs) {
