@@ -15,6 +15,10 @@
 //! machine). Every process started is
 //! stopped with SIGTERM, then SIGKILL after a grace period, also on error (a guard's `Drop`).
 //!
+//! With `--rounds N` all targets run N times, every other round in reverse order; each round's
+//! ratios are against that round's qemu-nbd, and the ratio line gives their medians (this
+//! machine's IOPS, qemu-nbd's included, swing by tens of percent between minutes).
+//!
 //! The last line of output is always
 //! `ratio_1rep_write=X ratio_3rep_write=Y ratio_read=Z` (write IOPS of 1rep and 3rep over
 //! qemu-nbd's; read: 3rep read IOPS over qemu-nbd's).
@@ -85,6 +89,12 @@ pub struct NbdArgs {
     /// three nodes of `3rep` would all run their core thread on CPU 0 of this one machine.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pin_cores: bool,
+    /// Runs of all the targets, alternating their order (round 2 runs them in reverse, so a
+    /// target is not always first or last). Each round's ratios are against that round's
+    /// qemu-nbd; the ratio line gives their median. This machine's IOPS swing by tens of
+    /// percent from minute to minute, qemu-nbd's as much as ours: one round is one sample.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 type Res<T> = Result<T, String>;
@@ -103,6 +113,8 @@ pub struct FioResult {
 
 #[derive(Serialize, Clone, Debug)]
 struct Row {
+    /// 1-based round (`--rounds`).
+    round: usize,
     target: String,
     rw: String,
     #[serde(flatten)]
@@ -124,7 +136,11 @@ struct Report<'a> {
     qemu_nbd_options: &'a str,
     loadavg_before: &'a str,
     loadavg_after: &'a str,
+    rounds: usize,
     rows: &'a [Row],
+    /// Per round: 1rep write, 3rep write and read ratios.
+    round_ratios: &'a [[f64; 3]],
+    /// Medians over the rounds.
     ratio_1rep_write: f64,
     ratio_3rep_write: f64,
     ratio_read: f64,
@@ -136,8 +152,8 @@ pub fn run(a: NbdArgs) -> Res<()> {
             return Err(format!("unknown target {t:?} (qemu-nbd, 1rep, 3rep)"));
         }
     }
-    if a.seconds == 0 || a.size_mib == 0 || a.iodepth == 0 || a.cores == 0 {
-        return Err("--seconds, --size-mib, --iodepth and --cores must be > 0".into());
+    if a.seconds == 0 || a.size_mib == 0 || a.iodepth == 0 || a.cores == 0 || a.rounds == 0 {
+        return Err("--seconds, --size-mib, --iodepth, --cores and --rounds must be > 0".into());
     }
     check_tool("fio", &["--version"], "fio")?;
     let want = |t: &str| a.targets.iter().any(|x| x == t);
@@ -181,8 +197,14 @@ pub fn run(a: NbdArgs) -> Res<()> {
     let size = a.size_mib << 20;
     let mut rows = Vec::new();
     let mut qemu_opts = String::new();
-    for t in &a.targets {
-        let dir = root.join(t);
+    let plan = round_plan(&a.targets, a.rounds);
+    for (round, t) in &plan {
+        let (round, t) = (*round, t);
+        let dir = if a.rounds == 1 {
+            root.join(t)
+        } else {
+            root.join(format!("{t}-round{round}"))
+        };
         fresh_dir(&dir)?;
         let mut servers = Servers::default();
         let uri = match t.as_str() {
@@ -195,7 +217,11 @@ pub fn run(a: NbdArgs) -> Res<()> {
             _ => start_bd(bd_server.as_deref().unwrap(), &dir, 3, &a, &mut servers)?,
         };
         if !a.json {
-            eprintln!("  {t}: {uri}; prefilling {} MiB", a.size_mib);
+            eprintln!(
+                "  {t}{}: {uri}; prefilling {} MiB",
+                round_label(round, a.rounds),
+                a.size_mib
+            );
         }
         let t0 = Instant::now();
         fio(&dir, &uri, "prefill", "write", "1M", 4, size, None)
@@ -219,6 +245,7 @@ pub fn run(a: NbdArgs) -> Res<()> {
                 .map_err(|e| servers.with_logs(format!("{t} {rw}: {e}")))?;
             let cpu = servers.cpu_seconds() - cpu0;
             let row = Row {
+                round,
                 target: t.clone(),
                 rw: rw.into(),
                 fio: r,
@@ -239,24 +266,7 @@ pub fn run(a: NbdArgs) -> Res<()> {
         }
     }
     let load_after = loadavg();
-    let iops = |rows: &[Row], t: &str, rw: &str| {
-        rows.iter()
-            .find(|r| r.target == t && r.rw == rw)
-            .map_or(f64::NAN, |r| r.fio.iops)
-    };
-    let base: Vec<f64> = rows
-        .iter()
-        .map(|r| iops(&rows, "qemu-nbd", &r.rw))
-        .collect();
-    for (r, b) in rows.iter_mut().zip(base) {
-        r.ratio_vs_qemu = r.fio.iops / b;
-    }
-    let iops = |t: &str, rw: &str| iops(&rows, t, rw);
-    let (w1, w3, rd) = (
-        iops("1rep", "randwrite") / iops("qemu-nbd", "randwrite"),
-        iops("3rep", "randwrite") / iops("qemu-nbd", "randwrite"),
-        iops("3rep", "randread") / iops("qemu-nbd", "randread"),
-    );
+    let (round_ratios, [w1, w3, rd]) = ratios(&mut rows, a.rounds);
     if a.json {
         let rep = Report {
             seconds: a.seconds,
@@ -268,7 +278,9 @@ pub fn run(a: NbdArgs) -> Res<()> {
             qemu_nbd_options: &qemu_opts,
             loadavg_before: &load_before,
             loadavg_after: &load_after,
+            rounds: a.rounds,
             rows: &rows,
+            round_ratios: &round_ratios,
             ratio_1rep_write: w1,
             ratio_3rep_write: w3,
             ratio_read: rd,
@@ -278,7 +290,13 @@ pub fn run(a: NbdArgs) -> Res<()> {
             serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?
         );
     } else {
-        print!("{}", table(&rows));
+        print!("{}", table(&rows, a.rounds > 1));
+        if a.rounds > 1 {
+            for (i, [w1, w3, rd]) in round_ratios.iter().enumerate() {
+                println!("round {}: {}", i + 1, ratio_line(*w1, *w3, *rd));
+            }
+            println!("ratio line: medians over {} rounds", a.rounds);
+        }
         println!("load average before: {load_before}; after: {load_after}");
         if !qemu_opts.is_empty() {
             println!("qemu-nbd options: {qemu_opts}");
@@ -348,17 +366,88 @@ fn settle(dir: &Path) -> Res<Duration> {
     Ok(t0.elapsed())
 }
 
+/// Every (round, target) in run order: odd rounds in the given order, even rounds reversed.
+fn round_plan(targets: &[String], rounds: usize) -> Vec<(usize, String)> {
+    (1..=rounds)
+        .flat_map(|r| {
+            let mut ts = targets.to_vec();
+            if r % 2 == 0 {
+                ts.reverse();
+            }
+            ts.into_iter().map(move |t| (r, t))
+        })
+        .collect()
+}
+
+fn round_label(round: usize, rounds: usize) -> String {
+    if rounds > 1 {
+        format!(" (round {round})")
+    } else {
+        String::new()
+    }
+}
+
+/// Sets every row's ratio to its round's qemu-nbd cell of the same rw, and returns each round's
+/// (1rep write, 3rep write, read) ratios and their medians (NaN where a target is missing).
+fn ratios(rows: &mut [Row], rounds: usize) -> (Vec<[f64; 3]>, [f64; 3]) {
+    let iops = |rows: &[Row], round: usize, t: &str, rw: &str| {
+        rows.iter()
+            .find(|r| r.round == round && r.target == t && r.rw == rw)
+            .map_or(f64::NAN, |r| r.fio.iops)
+    };
+    let base: Vec<f64> = rows
+        .iter()
+        .map(|r| iops(rows, r.round, "qemu-nbd", &r.rw))
+        .collect();
+    for (r, b) in rows.iter_mut().zip(base) {
+        r.ratio_vs_qemu = r.fio.iops / b;
+    }
+    let per: Vec<[f64; 3]> = (1..=rounds)
+        .map(|k| {
+            let q = |rw| iops(rows, k, "qemu-nbd", rw);
+            [
+                iops(rows, k, "1rep", "randwrite") / q("randwrite"),
+                iops(rows, k, "3rep", "randwrite") / q("randwrite"),
+                iops(rows, k, "3rep", "randread") / q("randread"),
+            ]
+        })
+        .collect();
+    let med = |i: usize| median(per.iter().map(|r| r[i]).collect());
+    let medians = [med(0), med(1), med(2)];
+    (per, medians)
+}
+
+/// Median (mean of the middle two for an even count); NaN if any value is NaN.
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() || v.iter().any(|x| x.is_nan()) {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 /// The machine-readable last line.
 pub fn ratio_line(w1: f64, w3: f64, read: f64) -> String {
     format!("ratio_1rep_write={w1:.2} ratio_3rep_write={w3:.2} ratio_read={read:.2}")
 }
 
-fn table(rows: &[Row]) -> String {
-    let mut s = String::from(
+fn table(rows: &[Row], with_round: bool) -> String {
+    let mut s = String::from(if with_round {
+        "| round | target | rw | IOPS | MB/s | p50 us | p99 us | p99.9 us | server CPU % | fio CPU % | x qemu-nbd |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n"
+    } else {
         "| target | rw | IOPS | MB/s | p50 us | p99 us | p99.9 us | server CPU % | fio CPU % | x qemu-nbd |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
-    );
+         |---|---|---|---|---|---|---|---|---|---|\n"
+    });
     for r in rows {
+        if with_round {
+            s.push_str(&format!("| {} ", r.round));
+        }
         s.push_str(&format!(
             "| {} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |\n",
             r.target,
@@ -907,6 +996,77 @@ mod tests {
         assert!(parse_fio_json(&failed, "write")
             .unwrap_err()
             .contains("error 5"));
+    }
+
+    #[test]
+    fn rounds_alternate_the_target_order() {
+        let ts: Vec<String> = ["qemu-nbd", "1rep", "3rep"].map(String::from).to_vec();
+        let plan = round_plan(&ts, 3);
+        let plan: Vec<(usize, &str)> = plan.iter().map(|(r, t)| (*r, t.as_str())).collect();
+        assert_eq!(
+            plan,
+            [
+                (1, "qemu-nbd"),
+                (1, "1rep"),
+                (1, "3rep"),
+                (2, "3rep"),
+                (2, "1rep"),
+                (2, "qemu-nbd"),
+                (3, "qemu-nbd"),
+                (3, "1rep"),
+                (3, "3rep"),
+            ]
+        );
+    }
+
+    fn cell(round: usize, target: &str, rw: &str, iops: f64) -> Row {
+        Row {
+            round,
+            target: target.into(),
+            rw: rw.into(),
+            fio: FioResult {
+                iops,
+                mb_per_s: 0.0,
+                p50_us: 0.0,
+                p99_us: 0.0,
+                p999_us: 0.0,
+                fio_cpu_pct: 0.0,
+            },
+            server_cpu_pct: 0.0,
+            ratio_vs_qemu: f64::NAN,
+        }
+    }
+
+    #[test]
+    fn each_round_is_against_its_own_baseline_and_the_line_is_the_median() {
+        let mut rows = Vec::new();
+        for (round, q, w3) in [
+            (1, 20000.0, 16000.0),
+            (2, 30000.0, 15000.0),
+            (3, 25000.0, 15000.0),
+        ] {
+            rows.push(cell(round, "qemu-nbd", "randwrite", q));
+            rows.push(cell(round, "qemu-nbd", "randread", 40000.0));
+            rows.push(cell(round, "1rep", "randwrite", q));
+            rows.push(cell(round, "3rep", "randwrite", w3));
+            rows.push(cell(round, "3rep", "randread", 80000.0));
+        }
+        let (per, med) = ratios(&mut rows, 3);
+        assert_eq!(per[0][1], 0.8);
+        assert_eq!(per[1][1], 0.5);
+        assert_eq!(per[2][1], 0.6);
+        // Median of 0.8, 0.5, 0.6 (the pooled ratio 46k/75k = 0.61 would differ).
+        assert_eq!(med, [1.0, 0.6, 2.0]);
+        let r = rows
+            .iter()
+            .find(|r| r.round == 2 && r.target == "3rep" && r.rw == "randwrite")
+            .unwrap();
+        assert_eq!(r.ratio_vs_qemu, 0.5);
+        // A missing target gives NaN, not a ratio against another round.
+        let mut partial = vec![cell(1, "3rep", "randwrite", 1.0)];
+        let (_, med) = ratios(&mut partial, 1);
+        assert!(med.iter().all(|m| m.is_nan()));
+        assert_eq!(median(vec![3.0, 1.0, 2.0, 10.0]), 2.5);
     }
 
     #[test]

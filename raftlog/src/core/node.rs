@@ -55,6 +55,10 @@ pub enum BrokenRule {
     CommitPreviousTermByCount,
     /// Grant votes (and pre-votes) without checking the candidate's log.
     VoteSkipsLogCheck,
+    /// A leader resumed after hibernation keeps the lease of the rounds a
+    /// quorum acknowledged before its pause (its clock stood still, so the
+    /// lease looks fresh while the others may have elected a new leader).
+    ResumeKeepsLease,
 }
 
 /// Settings of one group. Times are in ticks of the host's clock.
@@ -878,7 +882,9 @@ impl RaftNode {
     pub fn resume(&mut self, leader_silent: bool) {
         match self.role {
             Role::Leader => {
-                self.round_ticks.clear();
+                if self.cfg.broken_rule != BrokenRule::ResumeKeepsLease {
+                    self.round_ticks.clear();
+                }
                 self.election_elapsed = 0;
                 let me = self.id;
                 for (id, p) in self.progress.iter_mut() {

@@ -31,7 +31,7 @@ struct Args {
     #[arg(long)]
     verbose: bool,
     /// Test only: break a safety rule to prove the simulator catches it.
-    #[arg(long, value_parser = ["none", "commit-previous-term", "vote-skips-log-check"], default_value = "none", hide = true)]
+    #[arg(long, value_parser = ["none", "commit-previous-term", "vote-skips-log-check", "resume-keeps-lease"], default_value = "none", hide = true)]
     broken_rule: String,
 }
 
@@ -43,6 +43,7 @@ fn main() {
     let broken_rule = match args.broken_rule.as_str() {
         "commit-previous-term" => BrokenRule::CommitPreviousTermByCount,
         "vote-skips-log-check" => BrokenRule::VoteSkipsLogCheck,
+        "resume-keeps-lease" => BrokenRule::ResumeKeepsLease,
         _ => BrokenRule::None,
     };
     let (start, count) = match args.seed {
