@@ -14,7 +14,14 @@
 //! are reused, and all cells share one directory whose pool of free
 //! segment files two untimed warm-up cells filled first (`--fresh` gives every
 //! cell a new directory instead: every segment is then zero-filled in the
-//! background while the cell runs). The last line of output is always
+//! background while the cell runs).
+//!
+//! Ceiling rows then write the same disk with O_DIRECT + O_DSYNC (each write
+//! durable on its own, as a WAL batch is) in the shapes the ratios are about:
+//! 64 × 4 KiB per flush as 1, 2 or 4 writes at a time, and 4 MiB as four
+//! 1 MiB writes. They bound what a log that makes each batch durable with a
+//! write + flush of its own can reach with the same appenders on this disk;
+//! the line before the last gives them as bounds on X and Y. The last line of output is always
 //! `ratio_vs_naive_at_64=X ratio_vs_raw_seq_64k=Y`.
 
 use std::cell::RefCell;
@@ -207,8 +214,7 @@ pub fn run(a: WalArgs) -> Res<()> {
         }
     }
     // Ceilings: the same disk writes with a flush each (O_DSYNC), in the two
-    // shapes the ratios are about. They bound what any log that makes a
-    // batch durable before acknowledging it can reach here.
+    // shapes the ratios are about (module docs).
     let mut ceilings = Vec::new();
     for (chunk, depth, entry) in [
         // Every flush carrying all 64 appenders' 4 KiB entries, split over

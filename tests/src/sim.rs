@@ -1513,6 +1513,12 @@ impl Sim {
     ) -> Result<(), String> {
         let end = self.now + limit;
         while !done(self) {
+            if self.failed {
+                return Err(format!(
+                    "violation during the scenario step \"{what}\": {:?}",
+                    self.report.violations
+                ));
+            }
             if self.now >= end || !self.step() {
                 return Err(format!(
                     "scenario step did not happen within {} ticks: {what}",
