@@ -69,6 +69,13 @@ pub struct WalArgs {
     /// (`batches_in_flight_max`).
     #[arg(long, default_value_t = WalConfig::new(".").batches_in_flight_max)]
     in_flight: usize,
+    /// Batches under `--small-batch-kib` on the disk at once
+    /// (`small_batches_in_flight_max`, capped by `--in-flight`).
+    #[arg(long, default_value_t = WalConfig::new(".").small_batches_in_flight_max)]
+    small_in_flight: usize,
+    /// KiB below which a batch is small (`small_batch_bytes_max`).
+    #[arg(long, default_value_t = WalConfig::new(".").small_batch_bytes_max as u64 >> 10)]
+    small_batch_kib: u64,
     /// WAL writes: O_DIRECT + RWF_DSYNC (`true`) or buffered + fdatasync.
     #[arg(long, default_value_t = WalConfig::new(".").direct_io, action = clap::ArgAction::Set)]
     direct_io: bool,
@@ -153,6 +160,8 @@ pub fn run(a: WalArgs) -> Res<()> {
         dur,
         backend,
         in_flight: a.in_flight,
+        small_in_flight: a.small_in_flight,
+        small_batch_bytes: (a.small_batch_kib << 10) as usize,
         direct_io: a.direct_io,
         zero_fill: a.zero_fill,
         segment_bytes: a.segment_mib << 20,
@@ -374,6 +383,8 @@ struct WalSetup {
     dur: Duration,
     backend: IoBackend,
     in_flight: usize,
+    small_in_flight: usize,
+    small_batch_bytes: usize,
     direct_io: bool,
     zero_fill: bool,
     segment_bytes: u64,
@@ -397,6 +408,8 @@ fn wal_config(dir: &Path, size: usize, n: usize, s: &WalSetup) -> WalConfig {
     cfg.segment_zero_fill = s.zero_fill;
     cfg.io_backend = s.backend;
     cfg.batches_in_flight_max = s.in_flight;
+    cfg.small_batches_in_flight_max = s.small_in_flight;
+    cfg.small_batch_bytes_max = s.small_batch_bytes;
     cfg.log_segment_bytes_max = s.segment_bytes;
     cfg.batch_bytes_max = (8 << 20).min(s.segment_bytes as usize / 4);
     cfg.segments_soft_max = 8;
@@ -703,6 +716,8 @@ mod tests {
             dur: Duration::from_millis(300),
             backend: IoBackend::Auto,
             in_flight: 4,
+            small_in_flight: 2,
+            small_batch_bytes: 256 << 10,
             direct_io: true,
             zero_fill: true,
             segment_bytes: 4 << 20,

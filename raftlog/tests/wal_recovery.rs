@@ -877,7 +877,12 @@ fn batches_in_flight(backend: IoBackend) {
     let st = w.borrow().status();
     eprintln!("{backend:?}: {st:?}");
     assert!(st.batches_in_flight_seen_max > 1, "{st:?}");
-    assert!(st.batches_in_flight_seen_max <= 4, "{st:?}");
+    // Batches of 1000-byte entries are all under small_batch_bytes_max: they
+    // overlap only up to small_batches_in_flight_max.
+    assert!(
+        st.batches_in_flight_seen_max <= c.small_batches_in_flight_max,
+        "{st:?}"
+    );
     assert_eq!(st.batches_in_flight, 0);
     assert!(st.fsyncs < 64 * 20, "no group commit: {st:?}");
     // Every batch spent some time on the disk, and not more than the whole run.
@@ -893,6 +898,60 @@ fn batches_in_flight(backend: IoBackend) {
     let mut w = Wal::open(c).unwrap();
     for g in 0..64u64 {
         assert_eq!(w.entries(g, 1, 21).unwrap(), ents(1, 20, 1, 1000));
+    }
+}
+
+/// `appenders` tasks append `appends` entries of `size` bytes each to their
+/// own group; returns the status once all are durable.
+fn concurrent_appends(c: WalConfig, appenders: u64, appends: u64, size: usize) -> wal::WalStatus {
+    let w = Rc::new(RefCell::new(Wal::open(c).unwrap()));
+    let h = w.borrow().handle();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        let writer = tokio::task::spawn_local(wal::run(w.clone()));
+        let mut tasks = Vec::new();
+        for g in 0..appenders {
+            let h = h.clone();
+            tasks.push(tokio::task::spawn_local(async move {
+                for i in 1..=appends {
+                    h.append(g, ents(i, i, 1, size)).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        h.shutdown();
+        writer.await.unwrap().unwrap();
+    });
+    let st = w.borrow().status();
+    st
+}
+
+/// Small batches overlap on the disk only up to small_batches_in_flight_max;
+/// batches of small_batch_bytes_max or more up to batches_in_flight_max.
+#[test]
+fn only_big_batches_overlap_beyond_the_small_batch_limit() {
+    for (size, big) in [(1000, false), (64 << 10, true)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = WalConfig::new(tmp.path());
+        c.log_segment_bytes_max = 64 << 20;
+        c.batches_in_flight_max = 4;
+        c.small_batches_in_flight_max = 1;
+        c.small_batch_bytes_max = 32 << 10;
+        let st = concurrent_appends(c, 16, 8, size);
+        eprintln!("{size} B entries: {st:?}");
+        if big {
+            assert!(st.batches_in_flight_seen_max > 1, "{st:?}");
+            assert!(st.batches_in_flight_seen_max <= 4, "{st:?}");
+        } else {
+            assert_eq!(st.batches_in_flight_seen_max, 1, "{st:?}");
+        }
+        assert!(st.fsyncs < 16 * 8, "no group commit: {st:?}");
     }
 }
 
