@@ -227,9 +227,9 @@ impl WalConfig {
             // 4 measured best on the dev VM (docs/wal.md): more chains
             // mean smaller batches and more fsyncs for the same appenders.
             batches_in_flight_max: 4,
-            // 2 below 256 KiB measured best on the dev VM (docs/wal.md):
-            // 4 KiB x 64 appenders +11-19% against 4 for every batch, while
-            // 64 KiB entries still use all 4.
+            // Measured on the dev VM (docs/wal.md): 4 KiB x 64 appenders
+            // +30/-1/+14% in 3 pairs against 4 for every batch, 64 KiB
+            // entries unchanged (they still use all 4).
             small_batches_in_flight_max: 2,
             small_batch_bytes_max: 256 << 10,
             inject_eio_after_batches: None,
