@@ -850,31 +850,7 @@ fn batches_in_flight(backend: IoBackend) {
     let mut c = cfg(tmp.path());
     c.io_backend = backend;
     c.batches_in_flight_max = 4;
-    let w = Rc::new(RefCell::new(Wal::open(c.clone()).unwrap()));
-    let h = w.borrow().handle();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async {
-        let writer = tokio::task::spawn_local(wal::run(w.clone()));
-        let mut tasks = Vec::new();
-        for g in 0..64u64 {
-            let h = h.clone();
-            tasks.push(tokio::task::spawn_local(async move {
-                for i in 1..=20u64 {
-                    h.append(g, ents(i, i, 1, 1000)).await.unwrap();
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        h.shutdown();
-        writer.await.unwrap().unwrap();
-    });
-    let st = w.borrow().status();
+    let (st, w) = concurrent_appends(c.clone(), 64, 20, 1000);
     eprintln!("{backend:?}: {st:?}");
     assert!(st.batches_in_flight_seen_max > 1, "{st:?}");
     // Batches of 1000-byte entries are all under small_batch_bytes_max: they
@@ -888,13 +864,7 @@ fn batches_in_flight(backend: IoBackend) {
     // Every batch spent some time on the disk, and not more than the whole run.
     assert!(st.batches > 0 && st.batch_disk_us > 0, "{st:?}");
     assert!(st.batch_disk_us / st.batches < 10_000_000, "{st:?}");
-    drop(local);
-    drop(rt);
-    Rc::try_unwrap(w)
-        .ok()
-        .unwrap()
-        .into_inner()
-        .close_unsealed();
+    w.close_unsealed();
     let mut w = Wal::open(c).unwrap();
     for g in 0..64u64 {
         assert_eq!(w.entries(g, 1, 21).unwrap(), ents(1, 20, 1, 1000));
@@ -902,8 +872,13 @@ fn batches_in_flight(backend: IoBackend) {
 }
 
 /// `appenders` tasks append `appends` entries of `size` bytes each to their
-/// own group; returns the status once all are durable.
-fn concurrent_appends(c: WalConfig, appenders: u64, appends: u64, size: usize) -> wal::WalStatus {
+/// own group; returns the status once all are durable, and the store.
+fn concurrent_appends(
+    c: WalConfig,
+    appenders: u64,
+    appends: u64,
+    size: usize,
+) -> (wal::WalStatus, Wal) {
     let w = Rc::new(RefCell::new(Wal::open(c).unwrap()));
     let h = w.borrow().handle();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -929,7 +904,9 @@ fn concurrent_appends(c: WalConfig, appenders: u64, appends: u64, size: usize) -
         writer.await.unwrap().unwrap();
     });
     let st = w.borrow().status();
-    st
+    drop(local);
+    drop(rt);
+    (st, Rc::try_unwrap(w).ok().unwrap().into_inner())
 }
 
 /// Small batches overlap on the disk only up to small_batches_in_flight_max;
@@ -943,7 +920,7 @@ fn only_big_batches_overlap_beyond_the_small_batch_limit() {
         c.batches_in_flight_max = 4;
         c.small_batches_in_flight_max = 1;
         c.small_batch_bytes_max = 32 << 10;
-        let st = concurrent_appends(c, 16, 8, size);
+        let (st, _) = concurrent_appends(c, 16, 8, size);
         eprintln!("{size} B entries: {st:?}");
         if big {
             assert!(st.batches_in_flight_seen_max > 1, "{st:?}");
