@@ -106,6 +106,22 @@ impl GroupIndex {
         }
     }
 
+    /// The group as an image record at `at` (segment `at.0`) sets it: hard
+    /// state `hs`, compacted to `compacted` (index, term), no entries yet.
+    pub fn image(at: (u64, u64), hs: HardState, compacted: (Index, Term)) -> GroupIndex {
+        let mut g = GroupIndex::new(at);
+        g.set_hard_state(hs, at.0);
+        (g.compacted_index, g.compacted_term) = compacted;
+        g
+    }
+
+    /// The group's hard state, as a record in segment `seq` sets it (the
+    /// purge rule keeps that segment: see [`Self::pin`]).
+    pub fn set_hard_state(&mut self, hs: HardState, seq: u64) {
+        self.hard_state = hs;
+        self.hs_seg = Some(seq);
+    }
+
     /// Appends entries starting at `first`, dropping any suffix from `first`
     /// on. Live appends were validated (`first` in `compacted+1..=last+1`).
     /// At recovery `first` may lie beyond `last + 1`: the records between

@@ -882,9 +882,7 @@ impl Wal {
 
     fn apply_hard_state(&mut self, group: GroupId, hs: HardState) -> Result<(), Error> {
         let (seq, off) = self.put(&RecordHeader::hard_state(group, hs), 0, |_| {})?;
-        let g = group_at(&mut self.groups, group, (seq, off));
-        g.hard_state = hs;
-        g.hs_seg = Some(seq);
+        group_at(&mut self.groups, group, (seq, off)).set_hard_state(hs, seq);
         Ok(())
     }
 
@@ -1328,11 +1326,7 @@ impl Wal {
         })?;
         let old = self.groups.remove(&group).expect("exists");
         self.cache.dropped(old.cached_bytes());
-        let mut g = GroupIndex::new((seq, off));
-        g.hs_seg = Some(seq);
-        g.hard_state = hs;
-        g.compacted_index = ci;
-        g.compacted_term = ct;
+        let mut g = GroupIndex::image((seq, off), hs, (ci, ct));
         for (e, crc) in entries.iter().zip(&crcs) {
             off += ENTRY_ROW_LEN as u64;
             let loc = EntryLoc {

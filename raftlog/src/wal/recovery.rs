@@ -396,24 +396,20 @@ fn apply(
         }
         RecordKind::GroupImage => {
             let rows = format::parse_entries(h, payload)?;
-            let mut g = GroupIndex::new((seq, payload_at));
-            g.hs_seg = Some(seq);
-            g.hard_state = HardState {
+            let hs = HardState {
                 term: h.last_term,
                 vote: h.aux,
             };
-            g.compacted_index = h.first_index;
-            g.compacted_term = h.first_term;
+            let mut g = GroupIndex::image((seq, payload_at), hs, (h.first_index, h.first_term));
             g.entries.extend(locs(&rows));
             groups.insert(h.group, g);
         }
         RecordKind::HardState => {
-            let g = group_at(groups, h.group, (seq, payload_at));
-            g.hard_state = HardState {
+            let hs = HardState {
                 term: h.first_term,
                 vote: h.aux,
             };
-            g.hs_seg = Some(seq);
+            group_at(groups, h.group, (seq, payload_at)).set_hard_state(hs, seq);
         }
         RecordKind::Compact => {
             format::parse_restart(payload)?;
