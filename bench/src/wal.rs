@@ -224,7 +224,6 @@ pub fn run(a: WalArgs) -> Res<()> {
     }
     // Ceilings: the same disk writes with a flush each (O_DSYNC), in the two
     // shapes the ratios are about (module docs).
-    let mut ceilings = Vec::new();
     for (chunk, depth, entry) in [
         // Every flush carrying all 64 appenders' 4 KiB entries, split over
         // `depth` batches on the disk at once: the X ceiling.
@@ -238,7 +237,6 @@ pub fn run(a: WalArgs) -> Res<()> {
         match ceiling_cell(&raw_path, total, chunk, depth, entry) {
             Ok(r) => {
                 progress(&r, a.json);
-                ceilings.push(r.clone());
                 rows.push(r);
             }
             Err(e) => eprintln!("ceiling ({chunk} B x{depth}) skipped: {e}"),
@@ -269,9 +267,8 @@ pub fn run(a: WalArgs) -> Res<()> {
         print_table(&rows);
     }
     let best = |entry: usize| {
-        ceilings
-            .iter()
-            .filter(|r| r.entry_bytes == entry)
+        rows.iter()
+            .filter(|r| r.mode.starts_with("ceiling") && r.entry_bytes == entry)
             .map(|r| r.appends_per_s)
             .fold(f64::NAN, f64::max)
     };
@@ -633,7 +630,11 @@ fn seq_cell(
 ) -> Res<Row> {
     let total = total.div_ceil(chunk as u64) * chunk as u64;
     let exists = std::fs::metadata(path).is_ok_and(|m| m.len() >= total);
-    let f = if exists {
+    let f = if exists || dsync {
+        if !exists {
+            // Preallocated first, then opened again with O_DSYNC.
+            drop(prealloc(path, total, direct)?);
+        }
         let mut o = OpenOptions::new();
         o.read(true).write(true);
         o.custom_flags(
@@ -641,10 +642,6 @@ fn seq_cell(
         );
         o.open(path)
             .map_err(|e| format!("{}: {e}", path.display()))?
-    } else if dsync {
-        // Preallocate, then reopen with O_DSYNC.
-        drop(prealloc(path, total, direct)?);
-        return seq_cell(path, total, direct, dsync, chunk, depth);
     } else {
         prealloc(path, total, direct)?
     };
