@@ -1572,8 +1572,9 @@ pub fn resumed_leader_scenario(seed: u64, broken_rule: BrokenRule) -> Result<See
         verbose: false,
     };
     guarded(seed, Some(3), move || {
-        let e = 10 * TICK * 2; // two election timeouts, in time units
         let mut sim = Sim::new(seed, opts);
+        // Two election timeouts, in time units.
+        let e = 2 * sim.cfg.election_timeout_ticks as u64 * TICK;
         sim.quiet();
         sim.lease_read_share = 1.0;
         sim.run_until(20 * e, "a leader committed in its term", |s| {
