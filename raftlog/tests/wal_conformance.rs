@@ -85,14 +85,7 @@ fn wal_conformance_buffered_crash_restart() {
 /// (`BD_WAL_SOAK_SEEDS=N` for N seeds instead of 24).
 #[test]
 fn wal_randomized_purged_by_compaction_only() {
-    let n = std::env::var("BD_WAL_SOAK_SEEDS")
-        .ok()
-        .map(|v| {
-            v.parse::<u64>()
-                .expect("BD_WAL_SOAK_SEEDS: a number of seeds")
-        })
-        .unwrap_or(24);
-    for seed in 0..n {
+    for seed in 0..conformance::soak_seeds(24) {
         let mut h = WalHarness::new(IoBackend::Auto, true);
         h.segments_soft_max = 1 << 20;
         conformance::randomized_against_model_seeded(

@@ -270,14 +270,7 @@ fn power_loss(
 /// `BD_WAL_SOAK_SEEDS=N` runs N seeds from `start` instead of `default` (the
 /// long sweep the README documents).
 fn seeds(start: u64, default: u64) -> std::ops::Range<u64> {
-    let n = std::env::var("BD_WAL_SOAK_SEEDS")
-        .ok()
-        .map(|v| {
-            v.parse::<u64>()
-                .expect("BD_WAL_SOAK_SEEDS: a number of seeds")
-        })
-        .unwrap_or(default);
-    start..start + n
+    start..start + raftlog::storage::conformance::soak_seeds(default)
 }
 
 #[test]

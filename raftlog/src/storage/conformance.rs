@@ -437,6 +437,18 @@ pub fn randomized_against_model<H: Harness>(h: &mut H) {
     randomized_against_model_seeded(h, 0x9e37_79b9_7f4a_7c15, 600);
 }
 
+/// Seeds a soak test runs: `BD_WAL_SOAK_SEEDS` if set (the long sweep the
+/// README documents), else `default`.
+pub fn soak_seeds(default: u64) -> u64 {
+    std::env::var("BD_WAL_SOAK_SEEDS")
+        .ok()
+        .map(|v| {
+            v.parse::<u64>()
+                .expect("BD_WAL_SOAK_SEEDS: a number of seeds")
+        })
+        .unwrap_or(default)
+}
+
 /// [`randomized_against_model`] with another seed and number of steps.
 pub fn randomized_against_model_seeded<H: Harness>(h: &mut H, seed: u64, steps: u64) {
     let mut rng = Rng(seed | 1);
