@@ -418,7 +418,7 @@ fn ratios(rows: &mut [Row], rounds: usize) -> (Vec<[f64; 3]>, [f64; 3]) {
 }
 
 /// Median (mean of the middle two for an even count); NaN if any value is NaN.
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() || v.iter().any(|x| x.is_nan()) {
         return f64::NAN;
     }

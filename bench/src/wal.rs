@@ -23,6 +23,12 @@
 //! write + flush of its own can reach with the same appenders on this disk;
 //! the line before the last gives them as bounds on X and Y. The last line of output is always
 //! `ratio_vs_naive_at_64=X ratio_vs_raw_seq_64k=Y`.
+//!
+//! `--rounds N` measures all of it N times, every other round with the
+//! baselines first, and prints each round's ratios; the ceilings and the last
+//! line are then medians over the rounds. The disk's speed drifts by tens of
+//! percent within minutes, so one run's ratio compares cells that saw
+//! different disks.
 
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
@@ -40,6 +46,8 @@ use hdrhistogram::Histogram;
 use raftlog::core::types::{Entry, EntryKind};
 use raftlog::wal::{self, IoBackend, Wal, WalConfig};
 use serde::Serialize;
+
+use crate::nbd::median;
 
 #[derive(Args, Debug)]
 pub struct WalArgs {
@@ -91,6 +99,11 @@ pub struct WalArgs {
     /// `compact_mib / appenders` of its appends. 0 = never compact.
     #[arg(long, default_value_t = 64)]
     compact_mib: u64,
+    /// Measure everything this many times, every other round with the
+    /// baselines first; the last lines give each round's ratios and their
+    /// medians (the disk's speed drifts by tens of percent within minutes).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Every cell in a new, empty WAL directory, without the warm-up (the
     /// WAL's first minutes: no free segment files yet).
     #[arg(long)]
@@ -99,6 +112,9 @@ pub struct WalArgs {
 
 #[derive(Serialize, Clone, Debug)]
 struct Row {
+    /// 1-based round with `--rounds` above 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    round: Option<usize>,
     mode: String,
     entry_bytes: usize,
     appenders: usize,
@@ -134,6 +150,23 @@ fn thread_cpu() -> Duration {
 type Res<T> = Result<T, String>;
 
 pub fn run(a: WalArgs) -> Res<()> {
+    let (rows, per_round) = measure(&a)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
+        );
+    } else {
+        print_table(&rows);
+    }
+    for line in ratio_lines(&per_round) {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Every round's rows (in the order measured) and ratios.
+fn measure(a: &WalArgs) -> Res<(Vec<Row>, Vec<Ratios>)> {
     let tmp;
     let root = match &a.dir {
         Some(d) => {
@@ -170,41 +203,164 @@ pub fn run(a: WalArgs) -> Res<()> {
     if setup.segment_bytes == 0 {
         return Err("--segment-mib must be > 0".into());
     }
+    if a.rounds == 0 {
+        return Err("--rounds must be > 0".into());
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    let mut per_round: Vec<Ratios> = Vec::new();
+    for round in 1..=a.rounds {
+        if a.rounds > 1 {
+            eprintln!("round {round} of {}", a.rounds);
+        }
+        // Every other round measures the baselines first, so that a disk
+        // that drifts during a round favours neither side.
+        let baselines_first = round % 2 == 0;
+        // The raw cells write as many bytes as the 64 KiB x 64 WAL cell;
+        // when they run first, the previous round's cell says how many.
+        let raw_bytes_hint = rows
+            .iter()
+            .rev()
+            .find(|r| r.mode == "wal" && r.entry_bytes == 65536 && r.appenders == 64)
+            .map(|r| r.mb_per_s);
+        let mut got = Vec::new();
+        if baselines_first {
+            got.extend(baseline_cells(&root, a, raw_bytes_hint)?);
+            got.extend(wal_cells(&root, a, &setup)?);
+        } else {
+            got.extend(wal_cells(&root, a, &setup)?);
+            let hint = got
+                .iter()
+                .find(|r| r.mode == "wal" && r.entry_bytes == 65536 && r.appenders == 64)
+                .map(|r| r.mb_per_s);
+            got.extend(baseline_cells(&root, a, hint)?);
+        }
+        let r = Ratios::of(&got);
+        for row in &mut got {
+            row.round = (a.rounds > 1).then_some(round);
+        }
+        per_round.push(r);
+        rows.extend(got);
+    }
+    Ok((rows, per_round))
+}
+
+/// The lines after the table: each round's ratios (with several rounds),
+/// the ceilings, and last the ratio line (medians over the rounds).
+fn ratio_lines(per_round: &[Ratios]) -> Vec<String> {
+    let mut out = Vec::new();
+    let med = |f: fn(&Ratios) -> f64| median(per_round.iter().map(f).collect());
+    if per_round.len() > 1 {
+        for (i, r) in per_round.iter().enumerate() {
+            out.push(format!(
+                "round {}: ceilings ratio_vs_naive_at_64<={:.2} ratio_vs_raw_seq_64k<={:.2}; \
+                 ratio_vs_naive_at_64={:.2} ratio_vs_raw_seq_64k={:.2}",
+                i + 1,
+                r.x_max,
+                r.y_max,
+                r.x,
+                r.y
+            ));
+        }
+    }
+    let what = if per_round.len() > 1 {
+        format!("medians over {} rounds", per_round.len())
+    } else {
+        "this run".to_string()
+    };
+    out.push(format!(
+        "ceilings on this disk (a flush per durable write, same appenders; {what}): \
+         ratio_vs_naive_at_64<={:.2} ratio_vs_raw_seq_64k<={:.2}",
+        med(|r| r.x_max),
+        med(|r| r.y_max)
+    ));
+    out.push(format!(
+        "ratio_vs_naive_at_64={:.2} ratio_vs_raw_seq_64k={:.2}",
+        med(|r| r.x),
+        med(|r| r.y)
+    ));
+    out
+}
+
+/// The ratios of one round's rows, and the bounds its ceiling rows set.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Ratios {
+    x: f64,
+    y: f64,
+    x_max: f64,
+    y_max: f64,
+}
+
+impl Ratios {
+    /// NaN where a cell the ratio needs is missing.
+    fn of(rows: &[Row]) -> Ratios {
+        let find = |mode: &str, size: usize, n: usize| {
+            rows.iter()
+                .find(|r| r.mode == mode && r.entry_bytes == size && r.appenders == n)
+        };
+        let naive = find("naive", 4096, 64).map_or(f64::NAN, |r| r.appends_per_s);
+        let raw = rows
+            .iter()
+            .filter(|r| r.mode.starts_with("raw"))
+            .map(|r| r.mb_per_s)
+            .fold(f64::NAN, f64::max);
+        let best = |entry: usize| {
+            rows.iter()
+                .filter(|r| r.mode.starts_with("ceiling") && r.entry_bytes == entry)
+                .map(|r| r.appends_per_s)
+                .fold(f64::NAN, f64::max)
+        };
+        Ratios {
+            x: find("wal", 4096, 64).map_or(f64::NAN, |w| w.appends_per_s / naive),
+            y: find("wal", 65536, 64).map_or(f64::NAN, |w| w.mb_per_s / raw),
+            x_max: best(4096) / naive,
+            y_max: best(65536) * 65536.0 / 1e6 / raw,
+        }
+    }
+}
+
+/// The WAL cells of one round: every size x appender count, in one shared
+/// directory brought to its steady state first (or each in a fresh one).
+fn wal_cells(root: &Path, a: &WalArgs, setup: &WalSetup) -> Res<Vec<Row>> {
     let mut rows = Vec::new();
     let mut cell = 0;
     let shared_dir = root.join("wal");
     if !a.fresh {
         let _ = std::fs::remove_dir_all(&shared_dir);
-        warm_up(&shared_dir, &setup)?;
+        warm_up(&shared_dir, setup)?;
     }
     for &size in &a.sizes {
         for &n in &a.appenders {
             cell += 1;
             let r = if a.fresh {
                 let dir = root.join(format!("wal-{cell}"));
-                let r = wal_cell(&dir, size, n, cell, &setup)?;
+                let r = wal_cell(&dir, size, n, cell, setup)?;
                 let _ = std::fs::remove_dir_all(&dir);
                 r
             } else {
-                wal_cell(&shared_dir, size, n, cell, &setup)?
+                wal_cell(&shared_dir, size, n, cell, setup)?
             };
             progress(&r, a.json);
             rows.push(r);
         }
     }
     let _ = std::fs::remove_dir_all(&shared_dir);
+    Ok(rows)
+}
+
+/// The baselines and ceilings of one round. `wal_64k_mb_per_s`: the 64 KiB
+/// x 64 WAL cell's rate, which sets how many bytes the raw cells write.
+fn baseline_cells(root: &Path, a: &WalArgs, wal_64k_mb_per_s: Option<f64>) -> Res<Vec<Row>> {
+    let dur = Duration::from_secs_f64(a.seconds);
+    let mut rows = Vec::new();
     for n in [1usize, 64] {
         let r = naive_cell(&root.join("naive"), 4096, n, dur)?;
         progress(&r, a.json);
         rows.push(r);
     }
     // Same bytes as the 64 KiB x 64 WAL cell, within 64 MiB..2 GiB.
-    let total = rows
-        .iter()
-        .find(|r| r.mode == "wal" && r.entry_bytes == 65536 && r.appenders == 64)
-        .map_or(256 << 20, |r| {
-            ((r.mb_per_s * 1e6 * a.seconds) as u64).clamp(64 << 20, 2 << 30)
-        });
+    let total = wal_64k_mb_per_s.map_or(256 << 20, |mb| {
+        ((mb * 1e6 * a.seconds) as u64).clamp(64 << 20, 2 << 30)
+    });
     let raw_path = root.join("raw");
     // The buffered pass writes the file; the direct passes then overwrite
     // written blocks, as the WAL does in reused segment files.
@@ -243,43 +399,7 @@ pub fn run(a: WalArgs) -> Res<()> {
         }
     }
     let _ = std::fs::remove_file(&raw_path);
-    let find = |mode: &str, size: usize, n: usize| {
-        rows.iter()
-            .find(|r| r.mode == mode && r.entry_bytes == size && r.appenders == n)
-            .cloned()
-    };
-    let x = match (find("wal", 4096, 64), find("naive", 4096, 64)) {
-        (Some(w), Some(nv)) => w.appends_per_s / nv.appends_per_s,
-        _ => f64::NAN,
-    };
-    let raw = rows
-        .iter()
-        .filter(|r| r.mode.starts_with("raw"))
-        .map(|r| r.mb_per_s)
-        .fold(0.0, f64::max);
-    let y = find("wal", 65536, 64).map_or(f64::NAN, |w| w.mb_per_s / raw);
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
-        );
-    } else {
-        print_table(&rows);
-    }
-    let best = |entry: usize| {
-        rows.iter()
-            .filter(|r| r.mode.starts_with("ceiling") && r.entry_bytes == entry)
-            .map(|r| r.appends_per_s)
-            .fold(f64::NAN, f64::max)
-    };
-    let x_max = find("naive", 4096, 64).map_or(f64::NAN, |nv| best(4096) / nv.appends_per_s);
-    let y_max = best(65536) * 65536.0 / 1e6 / raw;
-    println!(
-        "ceilings on this disk (a flush per durable write, same appenders): \
-         ratio_vs_naive_at_64<={x_max:.2} ratio_vs_raw_seq_64k<={y_max:.2}"
-    );
-    println!("ratio_vs_naive_at_64={x:.2} ratio_vs_raw_seq_64k={y:.2}");
-    Ok(())
+    Ok(rows)
 }
 
 fn progress(r: &Row, json: bool) {
@@ -292,12 +412,21 @@ fn progress(r: &Row, json: bool) {
 }
 
 fn print_table(rows: &[Row]) {
+    let rounds = rows.iter().any(|r| r.round.is_some());
+    let (head, sep) = if rounds {
+        ("| round ", "|---")
+    } else {
+        ("", "")
+    };
     println!(
-        "| mode | entry | appenders | appends/s | MB/s | fsyncs/s | mean batch | max in flight | disk us/batch | cpu us/append | segments reused/zero-filled | p50 us | p99 us | p99.9 us |"
+        "{head}| mode | entry | appenders | appends/s | MB/s | fsyncs/s | mean batch | max in flight | disk us/batch | cpu us/append | segments reused/zero-filled | p50 us | p99 us | p99.9 us |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("{sep}|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let wal = r.mode.starts_with("wal");
+        if let Some(round) = r.round {
+            print!("| {round} ");
+        }
         println!(
             "| {} | {} | {} | {:.0} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             r.mode,
@@ -352,6 +481,7 @@ fn row(
     h: &Histogram<u64>,
 ) -> Row {
     Row {
+        round: None,
         mode: mode.into(),
         entry_bytes: size,
         appenders: n,
@@ -705,6 +835,19 @@ fn seq_cell(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        wal: WalArgs,
+    }
+
+    fn args(a: &[&str]) -> WalArgs {
+        Cli::try_parse_from(std::iter::once("wal").chain(a.iter().copied()))
+            .unwrap()
+            .wal
+    }
     use raftlog::storage::LogStore;
 
     fn setup() -> WalSetup {
@@ -776,5 +919,117 @@ mod tests {
         let data = std::fs::read(&p).unwrap();
         assert_eq!(data.len() as u64, 64 << 20);
         assert!(data.iter().all(|&b| b == 0x3c));
+    }
+
+    fn at(mode: &str, entry: usize, n: usize, appends_per_s: f64, mb_per_s: f64) -> Row {
+        let mut r = row(mode, entry, n, 1, 1, 1.0, &hist());
+        (r.appends_per_s, r.mb_per_s) = (appends_per_s, mb_per_s);
+        r
+    }
+
+    #[test]
+    fn ratios_use_the_best_raw_row_and_the_best_ceiling() {
+        let rows = vec![
+            at("wal", 4096, 64, 200_000.0, 0.0),
+            at("wal", 4096, 16, 90_000.0, 0.0),
+            at("wal", 65536, 64, 0.0, 2_000.0),
+            at("naive", 4096, 64, 25_000.0, 0.0),
+            at("naive", 4096, 1, 5_000.0, 0.0),
+            at("raw seq O_DIRECT", 65536, 1, 0.0, 1_000.0),
+            at("raw seq O_DIRECT x4", 1 << 20, 4, 0.0, 4_000.0),
+            at(
+                "ceiling: 256 KiB durable writes x1",
+                4096,
+                64,
+                300_000.0,
+                0.0,
+            ),
+            at(
+                "ceiling: 128 KiB durable writes x2",
+                4096,
+                64,
+                350_000.0,
+                0.0,
+            ),
+            at(
+                "ceiling: 1024 KiB durable writes x4",
+                65536,
+                64,
+                50_000.0,
+                0.0,
+            ),
+        ];
+        let r = Ratios::of(&rows);
+        assert_eq!((r.x, r.y), (8.0, 0.5));
+        assert_eq!(r.x_max, 14.0);
+        assert!((r.y_max - 50_000.0 * 65536.0 / 1e6 / 4_000.0).abs() < 1e-9);
+        // A missing cell gives NaN, never a ratio against something else.
+        let r = Ratios::of(&rows[..3]);
+        assert!(r.x.is_nan() && r.y.is_nan() && r.x_max.is_nan() && r.y_max.is_nan());
+    }
+
+    #[test]
+    fn rounds_alternate_the_order_and_tag_their_rows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = args(&[
+            "--dir",
+            tmp.path().to_str().unwrap(),
+            "--seconds",
+            "0.2",
+            "--appenders",
+            "4",
+            "--sizes",
+            "4096",
+            "--rounds",
+            "2",
+            "--compact-mib",
+            "1",
+            "--segment-mib",
+            "8",
+        ]);
+        let (rows, per_round) = measure(&a).unwrap();
+        assert_eq!(per_round.len(), 2);
+        let modes = |round: usize| -> Vec<&str> {
+            rows.iter()
+                .filter(|r| r.round == Some(round))
+                .map(|r| r.mode.as_str())
+                .collect()
+        };
+        // Round 1 measures the WAL first, round 2 the baselines first.
+        assert_eq!(modes(1)[0], "wal");
+        assert_eq!(modes(2)[0], "naive");
+        assert_eq!(modes(1).len(), modes(2).len());
+        assert!(rows.iter().all(|r| r.round.is_some()));
+        assert_eq!(
+            run(args(&["--rounds", "0"])).unwrap_err(),
+            "--rounds must be > 0"
+        );
+    }
+
+    #[test]
+    fn the_last_line_is_the_median_of_the_rounds() {
+        let r = |x: f64, y: f64| Ratios {
+            x,
+            y,
+            x_max: 2.0 * x,
+            y_max: 1.0,
+        };
+        let lines = ratio_lines(&[r(8.0, 0.5), r(12.0, 0.9), r(9.0, 0.7)]);
+        assert_eq!(lines.len(), 5);
+        assert!(lines[0].starts_with("round 1: "), "{lines:?}");
+        assert!(
+            lines[3].contains("ratio_vs_naive_at_64<=18.00"),
+            "{lines:?}"
+        );
+        assert_eq!(
+            lines[4],
+            "ratio_vs_naive_at_64=9.00 ratio_vs_raw_seq_64k=0.70"
+        );
+        let one = ratio_lines(&[r(8.0, 0.5)]);
+        assert_eq!(one.len(), 2);
+        assert_eq!(
+            one[1],
+            "ratio_vs_naive_at_64=8.00 ratio_vs_raw_seq_64k=0.50"
+        );
     }
 }
