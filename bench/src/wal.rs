@@ -108,6 +108,12 @@ pub struct WalArgs {
     /// WAL's first minutes: no free segment files yet).
     #[arg(long)]
     fresh: bool,
+    /// Restart cell: MiB of 4 KiB entries (over `--groups`, never
+    /// compacted) written and closed, then `Wal::open` timed three times on
+    /// it (recovery reads every segment; the page cache is left as writing
+    /// it left it). 0 = skip.
+    #[arg(long, default_value_t = 256)]
+    recovery_mib: u64,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -233,6 +239,11 @@ fn measure(a: &WalArgs) -> Res<(Vec<Row>, Vec<Ratios>)> {
                 .find(|r| r.mode == "wal" && r.entry_bytes == 65536 && r.appenders == 64)
                 .map(|r| r.mb_per_s);
             got.extend(baseline_cells(&root, a, hint)?);
+        }
+        if a.recovery_mib > 0 {
+            let r = recovery_cell(&root.join("wal-recovery"), a.recovery_mib << 20, &setup)?;
+            progress(&r, a.json);
+            got.push(r);
         }
         let r = Ratios::of(&got);
         for row in &mut got {
@@ -424,6 +435,7 @@ fn print_table(rows: &[Row]) {
     println!("{sep}|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let wal = r.mode.starts_with("wal");
+        let recovery = r.mode.starts_with("recovery");
         if let Some(round) = r.round {
             print!("| {round} ");
         }
@@ -450,7 +462,7 @@ fn print_table(rows: &[Row]) {
             } else {
                 "-".into()
             },
-            if wal {
+            if wal || recovery {
                 format!("{:.1}", r.cpu_us_per_append)
             } else {
                 "-".into()
@@ -654,6 +666,109 @@ fn wal_cell(dir: &Path, size: usize, n: usize, cell: u64, s: &WalSetup) -> Res<R
     if backend != "io_uring" {
         r.mode = format!("wal ({backend})");
     }
+    Ok(r)
+}
+
+/// Opens of the restart cell; the row gives their median.
+const RECOVERY_OPENS: usize = 3;
+
+/// The restart cell: `bytes` of 4 KiB entries, one per record, appended by
+/// 64 tasks over the setup's groups and never compacted, the WAL closed;
+/// then `Wal::open` on it [`RECOVERY_OPENS`] times. Zero-fill is off here
+/// so the row measures reading the log, not preparing the next segment.
+/// appends/s and MB/s are entries and segment bytes recovered per second
+/// of the median open; p50/p99/p99.9 are the median and slowest open in
+/// microseconds; cpu us/append is that open's thread CPU per entry.
+fn recovery_cell(dir: &Path, bytes: u64, s: &WalSetup) -> Res<Row> {
+    const SIZE: usize = 4096;
+    const TASKS: u64 = 64;
+    let _ = std::fs::remove_dir_all(dir);
+    let mut cfg = wal_config(dir, SIZE, TASKS as usize, s);
+    cfg.segment_zero_fill = false;
+    let entries = (bytes / SIZE as u64).max(TASKS);
+    let groups = s.groups.min(entries);
+    let w = Wal::open(cfg.clone()).map_err(|e| e.to_string())?;
+    let w = Rc::new(RefCell::new(w));
+    let h = w.borrow().handle();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let local = tokio::task::LocalSet::new();
+    let payload = Bytes::from(vec![0x3cu8; SIZE]);
+    let disk_bytes = local.block_on(&rt, async {
+        let writer = tokio::task::spawn_local(wal::run(w.clone()));
+        let next = Rc::new(RefCell::new(vec![1u64; groups as usize]));
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let (h, next, payload) = (h.clone(), next.clone(), payload.clone());
+                tokio::task::spawn_local(async move {
+                    // Task t appends entries t, t + TASKS, ... of the total.
+                    for i in (t..entries).step_by(TASKS as usize) {
+                        let g = i % groups;
+                        let index = {
+                            let mut nx = next.borrow_mut();
+                            nx[g as usize] += 1;
+                            nx[g as usize] - 1
+                        };
+                        let e = Entry {
+                            index,
+                            term: 1,
+                            kind: EntryKind::Normal,
+                            data: payload.clone(),
+                        };
+                        h.append(g, vec![e]).await.map_err(|e| e.to_string())?;
+                    }
+                    Ok::<(), String>(())
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())??;
+        }
+        let st = w.borrow().status();
+        h.shutdown();
+        writer
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok::<u64, String>(st.bytes)
+    })?;
+    drop(h);
+    match Rc::try_unwrap(w) {
+        Ok(w) => w.into_inner().close().map_err(|e| e.to_string())?,
+        Err(_) => {
+            return Err("recovery cell: the WAL is still shared after its writer ended".into())
+        }
+    }
+    let mut opens = Vec::new();
+    for _ in 0..RECOVERY_OPENS {
+        let cpu0 = thread_cpu();
+        let t = Instant::now();
+        let w = Wal::open(cfg.clone()).map_err(|e| format!("reopen {}: {e}", dir.display()))?;
+        let secs = t.elapsed().as_secs_f64();
+        let cpu = (thread_cpu() - cpu0).as_secs_f64();
+        let st = w.status();
+        w.close().map_err(|e| e.to_string())?;
+        if st.groups as u64 != groups {
+            return Err(format!(
+                "recovery cell: {} groups after reopening {}, expected {groups}",
+                st.groups,
+                dir.display()
+            ));
+        }
+        opens.push((secs, cpu));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    opens.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (secs, cpu) = opens[opens.len() / 2];
+    let slowest = opens[opens.len() - 1].0;
+    let mut r = row("recovery: Wal::open", SIZE, 0, entries, 0, secs, &hist());
+    r.mb_per_s = disk_bytes as f64 / secs / 1e6;
+    r.p50_us = (secs * 1e6) as u64;
+    r.p99_us = (slowest * 1e6) as u64;
+    r.p999_us = r.p99_us;
+    r.cpu_us_per_append = cpu * 1e6 / entries as f64;
     Ok(r)
 }
 
