@@ -1234,3 +1234,83 @@ fn purged_segments_are_reused_and_read_back_after_a_crash() {
         ents(last - 1, last, 1, 4000)
     );
 }
+
+/// Recovery reads a segment in chunks of a few MiB, only as far as its
+/// records go: records that straddle chunk boundaries, and one larger than
+/// a chunk, must come back intact, and a torn tail or a flipped byte past
+/// the first chunks must be handled exactly as in a small segment.
+fn big_records_store(dir: &Path) -> (WalConfig, Vec<Entry>) {
+    let mut c = WalConfig::new(dir);
+    c.log_segment_bytes_max = 64 << 20;
+    c.record_bytes_max = 8 << 20;
+    c.batch_bytes_max = 8 << 20;
+    let mut w = Wal::open(c.clone()).unwrap();
+    // 300 KiB + 1 entries (unaligned to the chunks), then one of 6 MiB,
+    // then more small ones: about 13 MiB of records in all.
+    let mut all = ents(1, 20, 1, (300 << 10) + 1);
+    all.extend(ents(21, 21, 1, 6 << 20));
+    all.extend(ents(22, 40, 1, (100 << 10) + 7));
+    for chunk in all.chunks(3) {
+        w.append(7, chunk).unwrap();
+        w.sync().unwrap();
+    }
+    w.close_unsealed();
+    (c, all)
+}
+
+#[test]
+fn records_across_read_chunks_recover_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, all) = big_records_store(tmp.path());
+    let seg = segments(tmp.path()).pop().unwrap();
+    assert!(
+        data_end(&seg) > 12 << 20,
+        "records span several read chunks"
+    );
+    // Unsealed (a crash) with a zero tail: every entry comes back.
+    let mut w = Wal::open(c.clone()).unwrap();
+    assert_eq!(w.entries(7, 1, 41).unwrap(), all);
+    w.close().unwrap();
+    // Sealed: the same again.
+    let mut w = Wal::open(c).unwrap();
+    assert_eq!(w.entries(7, 1, 41).unwrap(), all);
+}
+
+#[test]
+fn a_torn_tail_past_the_first_read_chunks_is_truncated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, all) = big_records_store(tmp.path());
+    let seg = segments(tmp.path()).pop().unwrap();
+    let end = data_end(&seg);
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(&[0x5a; 40], end as u64).unwrap();
+    let (w, logs) = with_logs(|| Wal::open(c.clone()));
+    let mut w = w.unwrap();
+    assert!(logs.contains("torn"), "no warning: {logs}");
+    assert_eq!(w.status().truncated_at_open, vec![(seg, end as u64)]);
+    assert_eq!(w.entries(7, 1, 41).unwrap(), all);
+}
+
+#[test]
+fn corruption_past_the_first_read_chunks_is_refused_at_its_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, _) = big_records_store(tmp.path());
+    let seg = segments(tmp.path()).pop().unwrap();
+    // A byte inside the 6 MiB entry (data of index 21: bytes of value 21),
+    // whose record starts past the first 4 MiB chunk; valid records follow.
+    let (start, len, kind) = records(&seg)
+        .into_iter()
+        .find(|(_, len, _)| *len > 6 << 20)
+        .expect("the 6 MiB entry's record");
+    assert_eq!(kind, RecordKind::Entries);
+    assert!(start > 4 << 20, "record starts at {start}");
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(&[0xee], (start + len / 2) as u64).unwrap();
+    match Wal::open(c).err().expect("must refuse") {
+        Error::WalCorrupt { path, offset, .. } => {
+            assert_eq!(path, seg);
+            assert_eq!(offset, start as u64);
+        }
+        e => panic!("wrong error: {e}"),
+    }
+}
