@@ -82,6 +82,24 @@ impl AlignedBuf {
     pub fn clear(&mut self) {
         self.len = 0;
     }
+
+    /// Appends what `read` puts into the `n` bytes it is handed (they hold
+    /// whatever an earlier use left: nothing is zeroed for a read that will
+    /// overwrite it), keeping the first `got` of them; returns `got`. The
+    /// bytes handed over start at `len()`, so they are 4096-aligned when
+    /// `len()` is a multiple of [`DIRECT_ALIGN`] (direct reads).
+    pub fn read_into(
+        &mut self,
+        n: usize,
+        read: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
+    ) -> std::io::Result<usize> {
+        let at = self.len;
+        self.grow_to(at + n);
+        let got = read(&mut self.all_mut()[at..at + n])?;
+        assert!(got <= n, "read reported {got} bytes into {n}");
+        self.len = at + got;
+        Ok(got)
+    }
 }
 
 impl Deref for AlignedBuf {
@@ -159,5 +177,24 @@ mod tests {
         assert_eq!(b.capacity(), cap, "clear keeps the memory");
         b.extend_from_slice(b"abc");
         assert_eq!(&b[..], b"abc");
+    }
+
+    #[test]
+    fn read_into_keeps_what_was_read_and_stays_aligned() {
+        let mut b = AlignedBuf::default();
+        let got = b
+            .read_into(8192, |s| {
+                assert_eq!(s.len(), 8192);
+                assert_eq!(s.as_ptr() as usize % DIRECT_ALIGN, 0);
+                s[..5000].fill(7);
+                Ok(5000)
+            })
+            .unwrap();
+        assert_eq!(got, 5000);
+        assert_eq!(b.len(), 5000);
+        assert!(b.iter().all(|x| *x == 7));
+        let err = b.read_into(4096, |_| Err(std::io::Error::other("boom")));
+        assert!(err.is_err());
+        assert_eq!(b.len(), 5000, "a failed read appends nothing");
     }
 }

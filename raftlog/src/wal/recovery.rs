@@ -34,12 +34,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::core::types::{GroupId, HardState};
 use crate::error::Error;
+use crate::wal::buf::{AlignedBuf, DIRECT_ALIGN};
 use crate::wal::format::{self, Decoded, RecordHeader, RecordKind, SegFormat, ALIGN, PREFIX_LEN};
 use crate::wal::index::{group_at, EntryLoc, GroupIndex};
 use crate::wal::segment::{self, io_err};
@@ -260,10 +261,15 @@ const READ_CHUNK_BYTES: usize = 4 << 20;
 const SCANNED_BYTES_MAX: usize = 256 << 20;
 
 /// The bytes of one segment file at a time, read from its start only as
-/// far as asked, in one allocation reused from segment to segment.
+/// far as asked, in one allocation reused from segment to segment. Reads
+/// are direct (`O_DIRECT`) where the filesystem allows: the WAL writes its
+/// segments with direct I/O, so at a restart they are not in the page
+/// cache, and 4 MiB direct reads ran 4x faster than buffered ones here
+/// (docs/wal.md, "Restart"); the kernel writes back any dirty cached pages
+/// of the range first, so buffered-mode segments read the same bytes.
 #[derive(Default)]
 struct SegmentBuf {
-    data: Vec<u8>,
+    data: AlignedBuf,
     /// The segment `data` holds the first bytes of, its file and length.
     open: Option<(u64, File, usize)>,
 }
@@ -276,7 +282,18 @@ impl SegmentBuf {
         }
         self.open = None;
         self.data.clear();
-        let f = File::open(path).map_err(|e| io_err("open segment", path, 0, e))?;
+        let direct = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+            .open(path);
+        let f = match direct {
+            Ok(f) => f,
+            // The filesystem refuses O_DIRECT (tmpfs on older kernels).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                File::open(path).map_err(|e| io_err("open segment", path, 0, e))?
+            }
+            Err(e) => return Err(io_err("open segment", path, 0, e)),
+        };
         let len = f
             .metadata()
             .map_err(|e| io_err("stat segment", path, 0, e))?
@@ -287,20 +304,33 @@ impl SegmentBuf {
 
     /// At least the first `n` bytes of the segment (all of it if shorter).
     fn upto(&mut self, path: &Path, n: usize) -> Result<&[u8], Error> {
-        use std::io::Read;
-        let (_, f, len) = self.open.as_mut().expect("SegmentBuf::start first");
-        let n = n.min(*len);
+        let (_, f, len) = self.open.as_ref().expect("SegmentBuf::start first");
+        let (f, len) = (f, *len);
+        let n = n.min(len);
         while self.data.len() < n {
-            let want = (n - self.data.len()).max(READ_CHUNK_BYTES);
             let at = self.data.len();
-            let got = Read::by_ref(f)
-                .take(want as u64)
-                .read_to_end(&mut self.data)
+            // Whole aligned blocks from an aligned offset (every read but
+            // the one that reaches the end of the file is whole).
+            let want = (n - at)
+                .max(READ_CHUNK_BYTES)
+                .next_multiple_of(DIRECT_ALIGN);
+            let got = self
+                .data
+                .read_into(want, |s| f.read_at(s, at as u64))
                 .map_err(|e| io_err("read segment", path, at as u64, e))?;
-            if got == 0 {
-                // The file is shorter than its length said: what is here
-                // is all there is (decoding sees the end).
-                break;
+            // `at < n <= len`: a read that stops short of the file's end
+            // other than at a block boundary with data (the file changed
+            // under recovery, or an odd filesystem) must not look like the
+            // end of the log.
+            if at + got < len && (got == 0 || !(at + got).is_multiple_of(DIRECT_ALIGN)) {
+                return Err(io_err(
+                    "read segment",
+                    path,
+                    (at + got) as u64,
+                    std::io::Error::other(format!(
+                        "short read: {got} of {want} bytes at offset {at}, file of {len} bytes"
+                    )),
+                ));
             }
         }
         Ok(&self.data)
