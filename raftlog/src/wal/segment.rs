@@ -170,11 +170,13 @@ pub fn create(dir_path: &Path, dir: &File, seq: u64, bytes: u64) -> Result<(File
     Ok((file, path))
 }
 
-/// A second descriptor of segment `path` for `O_DIRECT` writes (reads keep
-/// using the buffered one: the kernel invalidates cached pages a direct
-/// write covers). `Ok(None)` when the filesystem refuses `O_DIRECT`.
+/// A second descriptor of segment `path` for `O_DIRECT` writes and entry
+/// reads (the kernel invalidates cached pages a direct write covers, and
+/// writes back dirty ones a direct read covers, so both descriptors see the
+/// same bytes). `Ok(None)` when the filesystem refuses `O_DIRECT`.
 pub fn open_direct(path: &Path) -> Result<Option<File>, Error> {
     match OpenOptions::new()
+        .read(true)
         .write(true)
         .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
         .open(path)
