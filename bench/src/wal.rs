@@ -560,21 +560,33 @@ fn wal_config(dir: &Path, size: usize, n: usize, s: &WalSetup) -> WalConfig {
     cfg
 }
 
+/// A WAL opened with `cfg`, a producer handle, and the current_thread
+/// runtime and local set its writer and appenders run on (as on a core).
+fn on_a_core(
+    cfg: WalConfig,
+) -> Res<(
+    Rc<RefCell<Wal>>,
+    wal::WalHandle,
+    tokio::runtime::Runtime,
+    tokio::task::LocalSet,
+)> {
+    let w = Rc::new(RefCell::new(Wal::open(cfg).map_err(|e| e.to_string())?));
+    let h = w.borrow().handle();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok((w, h, rt, tokio::task::LocalSet::new()))
+}
+
 /// N appender tasks and the WAL writer on one current_thread runtime. The
 /// cell's groups are numbered from `cell * 1_000_000` and removed at the
 /// end, so cells sharing a directory do not see each other's.
 fn wal_cell(dir: &Path, size: usize, n: usize, cell: u64, s: &WalSetup) -> Res<Row> {
     let (groups, dur) = (s.groups, s.dur);
     let base = cell * 1_000_000;
-    let w = Wal::open(wal_config(dir, size, n, s)).map_err(|e| e.to_string())?;
-    let backend = w.status().backend;
-    let w = Rc::new(RefCell::new(w));
-    let h = w.borrow().handle();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let local = tokio::task::LocalSet::new();
+    let (w, h, rt, local) = on_a_core(wal_config(dir, size, n, s))?;
+    let backend = w.borrow().status().backend;
     let next: Rc<RefCell<Vec<u64>>> = Rc::new(RefCell::new(vec![1; groups as usize]));
     let payload = Bytes::from(vec![0xa5u8; size]);
     let hist_all = Rc::new(RefCell::new(hist()));
@@ -687,14 +699,7 @@ fn recovery_cell(dir: &Path, bytes: u64, s: &WalSetup) -> Res<Row> {
     cfg.segment_zero_fill = false;
     let entries = (bytes / SIZE as u64).max(TASKS);
     let groups = s.groups.min(entries);
-    let w = Wal::open(cfg.clone()).map_err(|e| e.to_string())?;
-    let w = Rc::new(RefCell::new(w));
-    let h = w.borrow().handle();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let local = tokio::task::LocalSet::new();
+    let (w, h, rt, local) = on_a_core(cfg.clone())?;
     let payload = Bytes::from(vec![0x3cu8; SIZE]);
     local.block_on(&rt, async {
         let writer = tokio::task::spawn_local(wal::run(w.clone()));
