@@ -24,6 +24,9 @@
 //! the line before the last gives them as bounds on X and Y. The last line of output is always
 //! `ratio_vs_naive_at_64=X ratio_vs_raw_seq_64k=Y`.
 //!
+//! Each round ends with a restart row: `Wal::open` timed on a closed log of
+//! `--recovery-mib` of 4 KiB entries (docs/wal.md, "Restart").
+//!
 //! `--rounds N` measures all of it N times, every other round with the
 //! baselines first, and prints each round's ratios; the ceilings and the last
 //! line are then medians over the rounds. The disk's speed drifts by tens of
@@ -110,8 +113,8 @@ pub struct WalArgs {
     fresh: bool,
     /// Restart cell: MiB of 4 KiB entries (over `--groups`, never
     /// compacted) written and closed, then `Wal::open` timed three times on
-    /// it (recovery reads every segment; the page cache is left as writing
-    /// it left it). 0 = skip.
+    /// it (recovery reads every segment, directly where the filesystem
+    /// allows, so each open reads the disk). 0 = skip.
     #[arg(long, default_value_t = 256)]
     recovery_mib: u64,
 }
