@@ -1547,28 +1547,9 @@ impl Wal {
 /// it (the blocks around the range belong to durable batches or padding: a
 /// direct-I/O batch never shares a block with another).
 fn read_direct(f: &File, path: &Path, start: u64, end: u64) -> Result<Bytes, Error> {
-    let align = DIRECT_ALIGN as u64;
-    let first = start / align * align;
-    let last = end.next_multiple_of(align);
+    let first = start / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
     let mut buf = AlignedBuf::default();
-    let mut at = first;
-    while at < end {
-        let n = (last - at) as usize;
-        let got = buf
-            .read_into(n, |s| f.read_at(s, at))
-            .map_err(|e| io_err("read entries", path, at, e))? as u64;
-        if got == 0 || (at + got < end && !got.is_multiple_of(align)) {
-            return Err(io_err(
-                "read entries",
-                path,
-                at + got,
-                std::io::Error::other(format!(
-                    "short direct read: {got} of {n} bytes at offset {at}, entries end at {end}"
-                )),
-            ));
-        }
-        at += got;
-    }
+    segment::read_blocks(f, path, "read entries", &mut buf, first, end, end)?;
     let from = (start - first) as usize;
     Ok(Bytes::from_owner(buf).slice(from..from + (end - start) as usize))
 }

@@ -34,13 +34,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::core::types::{GroupId, HardState};
 use crate::error::Error;
-use crate::wal::buf::{AlignedBuf, DIRECT_ALIGN};
+use crate::wal::buf::AlignedBuf;
 use crate::wal::format::{self, Decoded, RecordHeader, RecordKind, SegFormat, ALIGN, PREFIX_LEN};
 use crate::wal::index::{group_at, EntryLoc, GroupIndex};
 use crate::wal::segment::{self, io_err};
@@ -289,17 +289,10 @@ impl SegmentBuf {
         }
         self.open = None;
         self.data.clear();
-        let direct = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
-            .open(path);
-        let f = match direct {
-            Ok(f) => f,
+        let f = match segment::open_direct(path)? {
+            Some(f) => f,
             // The filesystem refuses O_DIRECT (tmpfs on older kernels).
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                File::open(path).map_err(|e| io_err("open segment", path, 0, e))?
-            }
-            Err(e) => return Err(io_err("open segment", path, 0, e)),
+            None => File::open(path).map_err(|e| io_err("open segment", path, 0, e))?,
         };
         let len = f
             .metadata()
@@ -309,36 +302,22 @@ impl SegmentBuf {
         Ok(())
     }
 
-    /// At least the first `n` bytes of the segment (all of it if shorter).
+    /// At least the first `n` bytes of the segment (all of it if shorter),
+    /// read [`READ_CHUNK_BYTES`] or more at a time.
     fn upto(&mut self, path: &Path, n: usize) -> Result<&[u8], Error> {
         let (_, f, len) = self.open.as_ref().expect("SegmentBuf::start first");
-        let (f, len) = (f, *len);
-        let n = n.min(len);
-        while self.data.len() < n {
-            let at = self.data.len();
-            // Whole aligned blocks from an aligned offset (every read but
-            // the one that reaches the end of the file is whole).
-            let want = (n - at)
-                .max(READ_CHUNK_BYTES)
-                .next_multiple_of(DIRECT_ALIGN);
-            let got = self
-                .data
-                .read_into(want, |s| f.read_at(s, at as u64))
-                .map_err(|e| io_err("read segment", path, at as u64, e))?;
-            // `at < n <= len`: a read that stops short of the file's end
-            // other than at a block boundary with data (the file changed
-            // under recovery, or an odd filesystem) must not look like the
-            // end of the log.
-            if at + got < len && (got == 0 || !(at + got).is_multiple_of(DIRECT_ALIGN)) {
-                return Err(io_err(
-                    "read segment",
-                    path,
-                    (at + got) as u64,
-                    std::io::Error::other(format!(
-                        "short read: {got} of {want} bytes at offset {at}, file of {len} bytes"
-                    )),
-                ));
-            }
+        let (at, len) = (self.data.len(), *len);
+        if at < n.min(len) {
+            let upto = n.max(at + READ_CHUNK_BYTES).min(len);
+            segment::read_blocks(
+                f,
+                path,
+                "read segment",
+                &mut self.data,
+                0,
+                upto as u64,
+                len as u64,
+            )?;
         }
         Ok(&self.data)
     }

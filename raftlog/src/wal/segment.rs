@@ -170,6 +170,43 @@ pub fn create(dir_path: &Path, dir: &File, seq: u64, bytes: u64) -> Result<(File
     Ok((file, path))
 }
 
+/// Reads `f` into `buf`, whose byte 0 is file offset `base`, from `base +
+/// buf.len()` until `base + buf.len()` reaches `upto`: whole
+/// [`DIRECT_ALIGN`] blocks from block-aligned offsets, as `O_DIRECT` needs
+/// (a buffered descriptor reads the same). A read that stops short of
+/// `eof` other than at a block boundary with data (the file changed under
+/// the reader, or an odd filesystem) is an error naming `path` and the
+/// offset: it must never look like the end of the data.
+pub fn read_blocks(
+    f: &File,
+    path: &Path,
+    what: &'static str,
+    buf: &mut AlignedBuf,
+    base: u64,
+    upto: u64,
+    eof: u64,
+) -> Result<(), Error> {
+    let align = DIRECT_ALIGN as u64;
+    while base + (buf.len() as u64) < upto {
+        let at = base + buf.len() as u64;
+        let want = (upto - at).next_multiple_of(align);
+        let got = buf
+            .read_into(want as usize, |s| f.read_at(s, at))
+            .map_err(|e| io_err(what, path, at, e))? as u64;
+        if at + got < eof && (got == 0 || !(at + got).is_multiple_of(align)) {
+            return Err(io_err(
+                what,
+                path,
+                at + got,
+                io::Error::other(format!(
+                    "short read: {got} of {want} bytes at offset {at}, before offset {eof}"
+                )),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A second descriptor of segment `path` for `O_DIRECT` writes and entry
 /// reads (the kernel invalidates cached pages a direct write covers, and
 /// writes back dirty ones a direct read covers, so both descriptors see the
