@@ -226,22 +226,13 @@ fn measure(a: &WalArgs) -> Res<(Vec<Row>, Vec<Ratios>)> {
         let baselines_first = round % 2 == 0;
         // The raw cells write as many bytes as the 64 KiB x 64 WAL cell;
         // when they run first, the previous round's cell says how many.
-        let raw_bytes_hint = rows
-            .iter()
-            .rev()
-            .find(|r| r.mode == "wal" && r.entry_bytes == 65536 && r.appenders == 64)
-            .map(|r| r.mb_per_s);
         let mut got = Vec::new();
         if baselines_first {
-            got.extend(baseline_cells(&root, a, raw_bytes_hint)?);
+            got.extend(baseline_cells(&root, a, wal_64k_mb_per_s(&rows))?);
             got.extend(wal_cells(&root, a, &setup)?);
         } else {
             got.extend(wal_cells(&root, a, &setup)?);
-            let hint = got
-                .iter()
-                .find(|r| r.mode == "wal" && r.entry_bytes == 65536 && r.appenders == 64)
-                .map(|r| r.mb_per_s);
-            got.extend(baseline_cells(&root, a, hint)?);
+            got.extend(baseline_cells(&root, a, wal_64k_mb_per_s(&got))?);
         }
         if a.recovery_mib > 0 {
             let r = recovery_cell(&root.join("wal-recovery"), a.recovery_mib << 20, &setup)?;
@@ -256,6 +247,14 @@ fn measure(a: &WalArgs) -> Res<(Vec<Row>, Vec<Ratios>)> {
         rows.extend(got);
     }
     Ok((rows, per_round))
+}
+
+/// MB/s of the last 64 KiB x 64 WAL cell in `rows`.
+fn wal_64k_mb_per_s(rows: &[Row]) -> Option<f64> {
+    rows.iter()
+        .rev()
+        .find(|r| r.mode == "wal" && r.entry_bytes == 65536 && r.appenders == 64)
+        .map(|r| r.mb_per_s)
 }
 
 /// The lines after the table: each round's ratios (with several rounds),
