@@ -95,6 +95,14 @@ pub struct NbdArgs {
     /// percent from minute to minute, qemu-nbd's as much as ours: one round is one sample.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// One more flag for every `bd-server run` this starts (repeatable; write it with `=` so
+    /// it is not taken for a flag of this command), e.g.
+    /// `--server-arg=--wal-small-batches-in-flight-max=4`: compares a setting without a
+    /// rebuild. bd-server refuses a flag it does not know or one this command already passes
+    /// (`--cores`, `--raft-sync`, `--pin-cores`, `--data-direct-io` have options here), and
+    /// the run fails at the start with bd-server's error.
+    #[arg(long = "server-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    server_args: Vec<String>,
 }
 
 type Res<T> = Result<T, String>;
@@ -134,6 +142,7 @@ struct Report<'a> {
     raft_sync: bool,
     pin_cores: bool,
     qemu_nbd_options: &'a str,
+    server_args: &'a [String],
     loadavg_before: &'a str,
     loadavg_after: &'a str,
     rounds: usize,
@@ -276,6 +285,7 @@ pub fn run(a: NbdArgs) -> Res<()> {
             raft_sync: a.raft_sync,
             pin_cores: a.pin_cores,
             qemu_nbd_options: &qemu_opts,
+            server_args: &a.server_args,
             loadavg_before: &load_before,
             loadavg_after: &load_after,
             rounds: a.rounds,
@@ -300,6 +310,9 @@ pub fn run(a: NbdArgs) -> Res<()> {
         println!("load average before: {load_before}; after: {load_after}");
         if !qemu_opts.is_empty() {
             println!("qemu-nbd options: {qemu_opts}");
+        }
+        if !a.server_args.is_empty() {
+            println!("bd-server extra flags: {}", a.server_args.join(" "));
         }
     }
     println!("{}", ratio_line(w1, w3, rd));
@@ -698,13 +711,50 @@ fn start_qemu_nbd(dir: &Path, size: u64, servers: &mut Servers) -> Res<(String, 
 }
 
 /// Starts an `n`-replica bd-server group in `dir`; returns the leader's NBD URI.
-fn start_bd(exe: &Path, dir: &Path, n: u64, a: &NbdArgs, servers: &mut Servers) -> Res<String> {
-    struct Node {
-        id: u64,
-        nbd: SocketAddr,
-        http: SocketAddr,
-        quic: SocketAddr,
+/// One node of a bd-server target.
+struct Node {
+    id: u64,
+    nbd: SocketAddr,
+    http: SocketAddr,
+    quic: SocketAddr,
+}
+
+/// The `bd-server run` command of `node` in a cluster of `nodes`, `--server-arg` flags last.
+fn node_command(exe: &Path, dir: &Path, node: &Node, nodes: &[Node], a: &NbdArgs) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg("run")
+        .arg("--node-id")
+        .arg(node.id.to_string())
+        .arg("--data-dir")
+        .arg(dir.join(format!("node{}", node.id)))
+        .arg("--cores")
+        .arg(a.cores.to_string())
+        .arg("--nbd-listen")
+        .arg(node.nbd.to_string())
+        .arg("--http-listen")
+        .arg(node.http.to_string())
+        .arg("--quic-listen")
+        .arg(node.quic.to_string())
+        .arg("--insecure-loopback")
+        .arg("--raft-sync")
+        .arg(a.raft_sync.to_string())
+        .arg("--pin-cores")
+        .arg(a.pin_cores.to_string())
+        .arg("--bg")
+        .arg("0")
+        .arg("--bg-size-bytes")
+        .arg((a.size_mib << 20).to_string());
+    if let Some(d) = a.data_direct_io {
+        cmd.arg("--data-direct-io").arg(d.to_string());
     }
+    for p in nodes.iter().filter(|p| p.id != node.id) {
+        cmd.arg("--peer").arg(format!("{}={}", p.id, p.quic));
+    }
+    cmd.args(&a.server_args);
+    cmd
+}
+
+fn start_bd(exe: &Path, dir: &Path, n: u64, a: &NbdArgs, servers: &mut Servers) -> Res<String> {
     let lo = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
     let cores = u16::try_from(a.cores).map_err(|_| "--cores too large".to_string())?;
     let mut nodes = Vec::new();
@@ -717,35 +767,7 @@ fn start_bd(exe: &Path, dir: &Path, n: u64, a: &NbdArgs, servers: &mut Servers) 
         });
     }
     for node in &nodes {
-        let mut cmd = Command::new(exe);
-        cmd.arg("run")
-            .arg("--node-id")
-            .arg(node.id.to_string())
-            .arg("--data-dir")
-            .arg(dir.join(format!("node{}", node.id)))
-            .arg("--cores")
-            .arg(a.cores.to_string())
-            .arg("--nbd-listen")
-            .arg(node.nbd.to_string())
-            .arg("--http-listen")
-            .arg(node.http.to_string())
-            .arg("--quic-listen")
-            .arg(node.quic.to_string())
-            .arg("--insecure-loopback")
-            .arg("--raft-sync")
-            .arg(a.raft_sync.to_string())
-            .arg("--pin-cores")
-            .arg(a.pin_cores.to_string())
-            .arg("--bg")
-            .arg("0")
-            .arg("--bg-size-bytes")
-            .arg((a.size_mib << 20).to_string());
-        if let Some(d) = a.data_direct_io {
-            cmd.arg("--data-direct-io").arg(d.to_string());
-        }
-        for p in nodes.iter().filter(|p| p.id != node.id) {
-            cmd.arg("--peer").arg(format!("{}={}", p.id, p.quic));
-        }
+        let cmd = node_command(exe, dir, node, &nodes, a);
         servers.spawn(
             &format!("bd-server node {}", node.id),
             cmd,
@@ -884,6 +906,55 @@ pub fn parse_fio_json(text: &str, dir: &str) -> Res<FioResult> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_args_reach_every_node_after_the_benchmarks_own_flags() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: NbdArgs,
+        }
+        let a = <Cli as clap::Parser>::try_parse_from([
+            "nbd",
+            "--server-arg=--wal-small-batches-in-flight-max=4",
+            "--server-arg",
+            "--wal-batches-in-flight-max=8",
+        ])
+        .unwrap()
+        .a;
+        assert_eq!(
+            a.server_args,
+            [
+                "--wal-small-batches-in-flight-max=4",
+                "--wal-batches-in-flight-max=8"
+            ]
+        );
+        let lo = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let nodes: Vec<Node> = (1..=3)
+            .map(|id| Node {
+                id,
+                nbd: lo(1000 + id as u16),
+                http: lo(2000 + id as u16),
+                quic: lo(3000 + id as u16),
+            })
+            .collect();
+        for node in &nodes {
+            let cmd = node_command(Path::new("bd-server"), Path::new("/d"), node, &nodes, &a);
+            let args: Vec<String> = cmd
+                .get_args()
+                .map(|s| s.to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(args[0], "run");
+            assert_eq!(args[args.len() - 2..], a.server_args[..], "{args:?}");
+            let peers: Vec<&String> = args
+                .windows(2)
+                .filter(|w| w[0] == "--peer")
+                .map(|w| &w[1])
+                .collect();
+            assert_eq!(peers.len(), 2, "{args:?}");
+            assert!(!peers.contains(&&format!("{}={}", node.id, node.quic)));
+        }
+    }
 
     #[test]
     fn target_dirs_start_empty_and_keep_only_logs() {

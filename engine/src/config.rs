@@ -83,6 +83,13 @@ pub struct EngineConfig {
     /// Zero-fill the next WAL segment in the background (direct I/O only): first writes into
     /// preallocated, unwritten blocks cost an ext4 journal commit each.
     pub wal_segment_zero_fill: bool,
+    /// WAL batches (each one durable write) on the disk at once, at most (the WAL's
+    /// `batches_in_flight_max`, 1..=64).
+    pub wal_batches_in_flight_max: usize,
+    /// ... and at most this many while the batch to send is under 256 KiB (the WAL's
+    /// `small_batches_in_flight_max`): a small batch may gain more from growing behind the
+    /// ones on the disk than from overlapping them (docs/wal.md).
+    pub wal_small_batches_in_flight_max: usize,
     /// Requests queued towards one core, at most (senders wait beyond it).
     pub request_queue_max: usize,
     /// A client request that found no leader (or whose leader did not answer) is retried for
@@ -147,6 +154,9 @@ impl EngineConfig {
             raft_sync: true,
             wal_direct_io: true,
             wal_segment_zero_fill: true,
+            wal_batches_in_flight_max: raftlog::wal::WalConfig::new(".").batches_in_flight_max,
+            wal_small_batches_in_flight_max: raftlog::wal::WalConfig::new(".")
+                .small_batches_in_flight_max,
             request_queue_max: 4096,
             request_timeout_ms: 10_000,
             forward_timeout_ms: 2_000,
@@ -202,6 +212,21 @@ impl EngineConfig {
             return bad(format!(
                 "entry_data_bytes_max {} must be in 1..=512 KiB (one entry must fit in a WAL record)",
                 self.entry_data_bytes_max
+            ));
+        }
+        let window = 1..=raftlog::wal::format::WINDOW_MAX as usize;
+        if !window.contains(&self.wal_batches_in_flight_max) {
+            return bad(format!(
+                "wal_batches_in_flight_max {} must be in {}..={}",
+                self.wal_batches_in_flight_max,
+                window.start(),
+                window.end()
+            ));
+        }
+        if self.wal_small_batches_in_flight_max == 0 {
+            return bad(format!(
+                "wal_small_batches_in_flight_max {} must be at least 1",
+                self.wal_small_batches_in_flight_max
             ));
         }
         if self.data_ios_in_flight_max == 0 || self.data_ios_in_flight_max > 4096 {

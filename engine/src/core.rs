@@ -392,6 +392,18 @@ type Setup = (
     mpsc::UnboundedReceiver<(GroupId, u64, Option<Durable>)>,
 );
 
+/// The WAL settings of a core whose directory is `dir`.
+fn wal_config(cfg: &EngineConfig, dir: &std::path::Path) -> WalConfig {
+    let mut wcfg = WalConfig::new(dir.join("wal"));
+    wcfg.log_segment_bytes_max = cfg.wal_segment_bytes_max;
+    wcfg.raft_sync = cfg.raft_sync;
+    wcfg.direct_io = cfg.wal_direct_io;
+    wcfg.segment_zero_fill = cfg.wal_segment_zero_fill;
+    wcfg.batches_in_flight_max = cfg.wal_batches_in_flight_max;
+    wcfg.small_batches_in_flight_max = cfg.wal_small_batches_in_flight_max;
+    wcfg
+}
+
 async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>) -> Result<Setup> {
     let dir = cfg.core_dir(core);
     std::fs::create_dir_all(&dir).map_err(|source| Error::File {
@@ -401,12 +413,7 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>
         offset: 0,
         source,
     })?;
-    let mut wcfg = WalConfig::new(dir.join("wal"));
-    wcfg.log_segment_bytes_max = cfg.wal_segment_bytes_max;
-    wcfg.raft_sync = cfg.raft_sync;
-    wcfg.direct_io = cfg.wal_direct_io;
-    wcfg.segment_zero_fill = cfg.wal_segment_zero_fill;
-    let mut wal = Wal::open(wcfg).map_err(|source| Error::Wal { core, source })?;
+    let mut wal = Wal::open(wal_config(cfg, &dir)).map_err(|source| Error::Wal { core, source })?;
     let dio = DataIo::open(cfg.data_io_backend, cfg.data_ios_in_flight_max, core)
         .map_err(|source| Error::DataIo { core, source })?;
     let dio_waiter = dio
@@ -1954,5 +1961,36 @@ impl Core {
             let bg = c.bg;
             self.reply(c, Err(Error::ShuttingDown { bg, core }));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wal_gets_the_engines_wal_settings() {
+        let mut cfg = EngineConfig::new(1, "/d".into(), "127.0.0.1:7000".parse().unwrap());
+        let w = wal_config(&cfg, std::path::Path::new("/d/core-0"));
+        let defaults = WalConfig::new("x");
+        assert_eq!(w.dir, std::path::Path::new("/d/core-0/wal"));
+        assert_eq!(w.batches_in_flight_max, defaults.batches_in_flight_max);
+        assert_eq!(
+            w.small_batches_in_flight_max,
+            defaults.small_batches_in_flight_max
+        );
+        cfg.wal_batches_in_flight_max = 7;
+        cfg.wal_small_batches_in_flight_max = 3;
+        cfg.wal_segment_bytes_max = 32 << 20;
+        cfg.raft_sync = false;
+        cfg.wal_direct_io = false;
+        cfg.wal_segment_zero_fill = false;
+        let w = wal_config(&cfg, std::path::Path::new("/d/core-0"));
+        assert_eq!(
+            (w.batches_in_flight_max, w.small_batches_in_flight_max),
+            (7, 3)
+        );
+        assert_eq!(w.log_segment_bytes_max, 32 << 20);
+        assert!(!w.raft_sync && !w.direct_io && !w.segment_zero_fill);
     }
 }

@@ -122,6 +122,12 @@ pub struct RunArgs {
     /// Zero-fill the next WAL segment in the background (direct I/O only).
     #[arg(long)]
     pub wal_segment_zero_fill: Option<bool>,
+    /// WAL batches (one durable write each) on the disk at once, 1..=64 (default 4).
+    #[arg(long)]
+    pub wal_batches_in_flight_max: Option<usize>,
+    /// ... and at most this many while the batch is under 256 KiB (default 2).
+    #[arg(long)]
+    pub wal_small_batches_in_flight_max: Option<usize>,
     /// Every group snapshots itself this often (default 3600; also on --snapshot-log-bytes-max).
     #[arg(long)]
     pub snapshot_interval_s: Option<u64>,
@@ -214,6 +220,8 @@ impl RunArgs {
             segment_size_bytes => raft.segment_size_bytes, raft_sync => raft.raft_sync,
             wal_direct_io => raft.wal_direct_io,
             wal_segment_zero_fill => raft.wal_segment_zero_fill,
+            wal_batches_in_flight_max => raft.wal_batches_in_flight_max,
+            wal_small_batches_in_flight_max => raft.wal_small_batches_in_flight_max,
             snapshot_interval_s => raft.snapshot_interval_s,
             snapshot_chunk_bytes => raft.snapshot_chunk_bytes,
             snapshot_keep_entries => raft.snapshot_keep_entries,
@@ -335,4 +343,39 @@ pub fn issue_cert(ca_dir: &std::path::Path, node: u64, out: &std::path::Path) ->
         out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_in_flight_flags_override_the_config() {
+        let cli = Cli::try_parse_from([
+            "bd-server",
+            "run",
+            "--node-id",
+            "1",
+            "--insecure-loopback",
+            "--wal-batches-in-flight-max",
+            "6",
+            "--wal-small-batches-in-flight-max=3",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run");
+        };
+        let e = args.resolve().unwrap().engine_config().unwrap();
+        assert_eq!(
+            (
+                e.wal_batches_in_flight_max,
+                e.wal_small_batches_in_flight_max
+            ),
+            (6, 3)
+        );
+        let e = Cli::try_parse_from(["bd-server", "run", "--wal-batches-in-flight-max", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--wal-batches-in-flight-max"), "{e}");
+    }
 }

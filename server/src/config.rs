@@ -35,6 +35,8 @@
 //! raft_sync = true
 //! wal_direct_io = true              # O_DIRECT + RWF_DSYNC WAL writes (docs/wal.md)
 //! wal_segment_zero_fill = true      # zero the next segment ahead (direct I/O only)
+//! wal_batches_in_flight_max = 4     # WAL batches on the disk at once (1..=64)
+//! wal_small_batches_in_flight_max = 2  # ... while the batch is under 256 KiB
 //! snapshot_interval_s = 3600
 //! snapshot_chunk_bytes = 131072
 //! snapshot_keep_entries = 1024
@@ -91,6 +93,10 @@ pub struct RaftSettings {
     pub wal_direct_io: bool,
     /// Zero-fill the next WAL segment ahead (direct I/O only).
     pub wal_segment_zero_fill: bool,
+    /// WAL batches on the disk at once, at most.
+    pub wal_batches_in_flight_max: usize,
+    /// ... and at most this many while the batch is under 256 KiB.
+    pub wal_small_batches_in_flight_max: usize,
     pub snapshot_interval_s: u64,
     pub snapshot_chunk_bytes: usize,
     pub snapshot_keep_entries: u64,
@@ -105,6 +111,7 @@ pub struct RaftSettings {
 
 impl Default for RaftSettings {
     fn default() -> Self {
+        let engine = EngineConfig::new(1, PathBuf::new(), SocketAddr::from(([127, 0, 0, 1], 0)));
         RaftSettings {
             tick_ms: 50,
             election_timeout_ms: 1000,
@@ -115,6 +122,8 @@ impl Default for RaftSettings {
             raft_sync: true,
             wal_direct_io: true,
             wal_segment_zero_fill: true,
+            wal_batches_in_flight_max: engine.wal_batches_in_flight_max,
+            wal_small_batches_in_flight_max: engine.wal_small_batches_in_flight_max,
             snapshot_interval_s: 3600,
             snapshot_chunk_bytes: 128 << 10,
             snapshot_keep_entries: 1024,
@@ -241,6 +250,8 @@ impl ServerConfig {
         c.raft_sync = r.raft_sync;
         c.wal_direct_io = r.wal_direct_io;
         c.wal_segment_zero_fill = r.wal_segment_zero_fill;
+        c.wal_batches_in_flight_max = r.wal_batches_in_flight_max;
+        c.wal_small_batches_in_flight_max = r.wal_small_batches_in_flight_max;
         c.snapshot_interval_s = r.snapshot_interval_s;
         c.snapshot_chunk_bytes = r.snapshot_chunk_bytes;
         c.snapshot_keep_entries = r.snapshot_keep_entries;
@@ -316,6 +327,42 @@ mod tests {
         assert!(!file.raft.wal_direct_io && !file.raft.wal_segment_zero_fill);
         c.node_id = 0;
         assert!(c.engine_config().is_err());
+    }
+
+    #[test]
+    fn wal_in_flight_settings_reach_the_engine_and_bad_ones_name_the_key() {
+        let base = "node_id = 1\ninsecure_loopback = true\n";
+        let c: ServerConfig = toml::from_str(base).unwrap();
+        let e = c.engine_config().unwrap();
+        assert_eq!(
+            (
+                e.wal_batches_in_flight_max,
+                e.wal_small_batches_in_flight_max
+            ),
+            (4, 2),
+            "the WAL's measured defaults"
+        );
+        let c: ServerConfig = toml::from_str(&format!(
+            "{base}[raft]\nwal_batches_in_flight_max = 8\nwal_small_batches_in_flight_max = 1"
+        ))
+        .unwrap();
+        let e = c.engine_config().unwrap();
+        assert_eq!(
+            (
+                e.wal_batches_in_flight_max,
+                e.wal_small_batches_in_flight_max
+            ),
+            (8, 1)
+        );
+        for (key, v) in [
+            ("wal_batches_in_flight_max", 0),
+            ("wal_batches_in_flight_max", 65),
+            ("wal_small_batches_in_flight_max", 0),
+        ] {
+            let c: ServerConfig = toml::from_str(&format!("{base}[raft]\n{key} = {v}")).unwrap();
+            let err = c.engine_config().unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(&v.to_string()), "{err}");
+        }
     }
 
     #[test]
