@@ -710,7 +710,6 @@ fn start_qemu_nbd(dir: &Path, size: u64, servers: &mut Servers) -> Res<(String, 
     Err(last)
 }
 
-/// Starts an `n`-replica bd-server group in `dir`; returns the leader's NBD URI.
 /// One node of a bd-server target.
 struct Node {
     id: u64,
@@ -754,6 +753,7 @@ fn node_command(exe: &Path, dir: &Path, node: &Node, nodes: &[Node], a: &NbdArgs
     cmd
 }
 
+/// Starts an `n`-replica bd-server group in `dir`; returns the leader's NBD URI.
 fn start_bd(exe: &Path, dir: &Path, n: u64, a: &NbdArgs, servers: &mut Servers) -> Res<String> {
     let lo = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
     let cores = u16::try_from(a.cores).map_err(|_| "--cores too large".to_string())?;

@@ -129,6 +129,8 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     pub fn new(node_id: NodeId, data_dir: PathBuf, quic_listen: SocketAddr) -> EngineConfig {
+        // The WAL's own defaults, measured in docs/wal.md.
+        let wal = raftlog::wal::WalConfig::new(".");
         EngineConfig {
             node_id,
             data_dir,
@@ -154,9 +156,8 @@ impl EngineConfig {
             raft_sync: true,
             wal_direct_io: true,
             wal_segment_zero_fill: true,
-            wal_batches_in_flight_max: raftlog::wal::WalConfig::new(".").batches_in_flight_max,
-            wal_small_batches_in_flight_max: raftlog::wal::WalConfig::new(".")
-                .small_batches_in_flight_max,
+            wal_batches_in_flight_max: wal.batches_in_flight_max,
+            wal_small_batches_in_flight_max: wal.small_batches_in_flight_max,
             request_queue_max: 4096,
             request_timeout_ms: 10_000,
             forward_timeout_ms: 2_000,
