@@ -131,6 +131,54 @@ struct Row {
     server_cpu_pct: f64,
     /// IOPS over qemu-nbd's for the same rw (NaN without a qemu-nbd cell).
     ratio_vs_qemu: f64,
+    /// The leader's WAL during the cell (bd-server targets whose status could be read).
+    leader_wal: Option<WalCell>,
+}
+
+/// What the leader's WALs (all its cores) did during a cell, from `/status.json` before and
+/// after it: how the writes were grouped into durable writes, and how long each took.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq)]
+pub struct WalCell {
+    pub batches_per_s: f64,
+    pub entries_per_batch: f64,
+    /// Submission to completion as the core thread saw it, mean per batch.
+    pub disk_us_per_batch: f64,
+}
+
+/// The WAL counters of every core of one node, summed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct WalCounters {
+    entries: u64,
+    batches: u64,
+    disk_us: u64,
+}
+
+impl WalCounters {
+    /// From a node's `/status.json`; `None` if it has no `core_stats` with the WAL counters.
+    fn from_status(v: &serde_json::Value) -> Option<WalCounters> {
+        let mut c = WalCounters::default();
+        for core in v["core_stats"].as_array()? {
+            c.entries += core["wal_appended_entries"].as_u64()?;
+            c.batches += core["wal_batches"].as_u64()?;
+            c.disk_us += core["wal_batch_disk_us"].as_u64()?;
+        }
+        Some(c)
+    }
+
+    /// The cell between `self` (before) and `after`, `secs` long; `None` without batches.
+    fn cell(self, after: WalCounters, secs: f64) -> Option<WalCell> {
+        let batches = after.batches.checked_sub(self.batches)?;
+        if batches == 0 || secs <= 0.0 {
+            return None;
+        }
+        let entries = after.entries.checked_sub(self.entries)?;
+        let disk_us = after.disk_us.checked_sub(self.disk_us)?;
+        Some(WalCell {
+            batches_per_s: batches as f64 / secs,
+            entries_per_batch: entries as f64 / batches as f64,
+            disk_us_per_batch: disk_us as f64 / batches as f64,
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -216,14 +264,23 @@ pub fn run(a: NbdArgs) -> Res<()> {
         };
         fresh_dir(&dir)?;
         let mut servers = Servers::default();
-        let uri = match t.as_str() {
+        let (uri, leader_http) = match t.as_str() {
             "qemu-nbd" => {
                 let (uri, opts) = start_qemu_nbd(&dir, size, &mut servers)?;
                 qemu_opts = opts;
-                uri
+                (uri, None)
             }
-            "1rep" => start_bd(bd_server.as_deref().unwrap(), &dir, 1, &a, &mut servers)?,
-            _ => start_bd(bd_server.as_deref().unwrap(), &dir, 3, &a, &mut servers)?,
+            n => {
+                let n = if n == "1rep" { 1 } else { 3 };
+                let (uri, http) =
+                    start_bd(bd_server.as_deref().unwrap(), &dir, n, &a, &mut servers)?;
+                (uri, Some(http))
+            }
+        };
+        let wal_now = || {
+            leader_http
+                .and_then(status_json)
+                .and_then(|v| WalCounters::from_status(&v))
         };
         if !a.json {
             eprintln!(
@@ -248,11 +305,16 @@ pub fn run(a: NbdArgs) -> Res<()> {
             );
         }
         for rw in ["randwrite", "randread"] {
+            let wal0 = wal_now();
             let cpu0 = servers.cpu_seconds();
             let t0 = Instant::now();
             let r = fio(&dir, &uri, rw, rw, "4k", a.iodepth, size, Some(a.seconds))
                 .map_err(|e| servers.with_logs(format!("{t} {rw}: {e}")))?;
             let cpu = servers.cpu_seconds() - cpu0;
+            let secs = t0.elapsed().as_secs_f64();
+            let leader_wal = wal0
+                .zip(wal_now())
+                .and_then(|(before, after)| before.cell(after, secs));
             let row = Row {
                 round,
                 target: t.clone(),
@@ -260,6 +322,7 @@ pub fn run(a: NbdArgs) -> Res<()> {
                 fio: r,
                 server_cpu_pct: 100.0 * cpu / t0.elapsed().as_secs_f64(),
                 ratio_vs_qemu: f64::NAN,
+                leader_wal,
             };
             if !a.json {
                 eprintln!(
@@ -451,18 +514,18 @@ pub fn ratio_line(w1: f64, w3: f64, read: f64) -> String {
 
 fn table(rows: &[Row], with_round: bool) -> String {
     let mut s = String::from(if with_round {
-        "| round | target | rw | IOPS | MB/s | p50 us | p99 us | p99.9 us | server CPU % | fio CPU % | x qemu-nbd |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| round | target | rw | IOPS | MB/s | p50 us | p99 us | p99.9 us | server CPU % | fio CPU % | x qemu-nbd | leader WAL batches/s x entries, disk us |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n"
     } else {
-        "| target | rw | IOPS | MB/s | p50 us | p99 us | p99.9 us | server CPU % | fio CPU % | x qemu-nbd |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n"
+        "| target | rw | IOPS | MB/s | p50 us | p99 us | p99.9 us | server CPU % | fio CPU % | x qemu-nbd | leader WAL batches/s x entries, disk us |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n"
     });
     for r in rows {
         if with_round {
             s.push_str(&format!("| {} ", r.round));
         }
         s.push_str(&format!(
-            "| {} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |\n",
+            "| {} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} |\n",
             r.target,
             r.rw,
             r.fio.iops,
@@ -472,7 +535,11 @@ fn table(rows: &[Row], with_round: bool) -> String {
             r.fio.p999_us,
             r.server_cpu_pct,
             r.fio.fio_cpu_pct,
-            r.ratio_vs_qemu
+            r.ratio_vs_qemu,
+            r.leader_wal.map_or("-".into(), |w| format!(
+                "{:.0} x {:.1}, {:.0}",
+                w.batches_per_s, w.entries_per_batch, w.disk_us_per_batch
+            ))
         ));
     }
     s
@@ -753,8 +820,15 @@ fn node_command(exe: &Path, dir: &Path, node: &Node, nodes: &[Node], a: &NbdArgs
     cmd
 }
 
-/// Starts an `n`-replica bd-server group in `dir`; returns the leader's NBD URI.
-fn start_bd(exe: &Path, dir: &Path, n: u64, a: &NbdArgs, servers: &mut Servers) -> Res<String> {
+/// Starts an `n`-replica bd-server group in `dir`; returns the leader's NBD URI and HTTP
+/// address.
+fn start_bd(
+    exe: &Path,
+    dir: &Path,
+    n: u64,
+    a: &NbdArgs,
+    servers: &mut Servers,
+) -> Res<(String, SocketAddr)> {
     let lo = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
     let cores = u16::try_from(a.cores).map_err(|_| "--cores too large".to_string())?;
     let mut nodes = Vec::new();
@@ -794,11 +868,17 @@ fn start_bd(exe: &Path, dir: &Path, n: u64, a: &NbdArgs, servers: &mut Servers) 
     };
     let node = &nodes[(leader - 1) as usize];
     wait_tcp(node.nbd, servers, "bd-server")?;
-    Ok(format!("nbd://{}/{EXPORT_BD}", node.nbd))
+    Ok((format!("nbd://{}/{EXPORT_BD}", node.nbd), node.http))
 }
 
 /// The leader of bg0 as the node at `http` reports it.
 fn leader_of(http: SocketAddr) -> Option<u64> {
+    let v = status_json(http)?;
+    v["bgs"].as_array()?.iter().find(|b| b["bg"] == 0)?["leader"].as_u64()
+}
+
+/// The node's `/status.json` at `http`, or `None` if it cannot be read.
+fn status_json(http: SocketAddr) -> Option<serde_json::Value> {
     let mut s = TcpStream::connect_timeout(&http, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.write_all(b"GET /status.json HTTP/1.0\r\nHost: localhost\r\n\r\n")
@@ -806,8 +886,7 @@ fn leader_of(http: SocketAddr) -> Option<u64> {
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let body = &buf[buf.find("\r\n\r\n")? + 4..];
-    let v: serde_json::Value = serde_json::from_str(body).ok()?;
-    v["bgs"].as_array()?.iter().find(|b| b["bg"] == 0)?["leader"].as_u64()
+    serde_json::from_str(body).ok()
 }
 
 /// Runs one fio job and parses its JSON. `seconds: None` = a full pass over `size`, untimed.
@@ -1105,7 +1184,51 @@ mod tests {
             },
             server_cpu_pct: 0.0,
             ratio_vs_qemu: f64::NAN,
+            leader_wal: None,
         }
+    }
+
+    #[test]
+    fn wal_counters_sum_a_nodes_cores_and_a_cell_is_their_difference() {
+        let status = |k: u64| {
+            serde_json::json!({
+                "core_stats": [
+                    {"core": 0, "wal_appended_entries": 100 * k, "wal_batches": 10 * k,
+                     "wal_batch_disk_us": 5000 * k},
+                    {"core": 1, "wal_appended_entries": 20 * k, "wal_batches": 2 * k,
+                     "wal_batch_disk_us": 1000 * k},
+                ]
+            })
+        };
+        let before = WalCounters::from_status(&status(1)).unwrap();
+        assert_eq!(
+            before,
+            WalCounters {
+                entries: 120,
+                batches: 12,
+                disk_us: 6000
+            }
+        );
+        let after = WalCounters::from_status(&status(3)).unwrap();
+        let c = before.cell(after, 2.0).unwrap();
+        assert_eq!(c.batches_per_s, 12.0);
+        assert_eq!(c.entries_per_batch, 10.0);
+        assert_eq!(c.disk_us_per_batch, 500.0);
+        assert_eq!(before.cell(before, 2.0), None, "no batches, no cell");
+        assert_eq!(
+            after.cell(before, 2.0),
+            None,
+            "a restarted node's counters went back"
+        );
+        let no_wal = serde_json::json!({"core_stats": [{"core": 0}]});
+        assert_eq!(WalCounters::from_status(&no_wal), None);
+        assert_eq!(WalCounters::from_status(&serde_json::json!({})), None);
+        let mut rows = vec![cell(1, "1rep", "randwrite", 100.0)];
+        rows[0].leader_wal = Some(c);
+        rows.push(cell(1, "qemu-nbd", "randwrite", 50.0));
+        let t = table(&rows, false);
+        assert!(t.contains("| 12 x 10.0, 500 |"), "{t}");
+        assert!(t.lines().last().unwrap().ends_with("| - |"), "{t}");
     }
 
     #[test]
