@@ -430,7 +430,7 @@ impl Wal {
         let dir = segment::open_dir(&cfg.dir)?;
         // A zero-fill the previous session did not finish or use.
         let _ = std::fs::remove_file(cfg.dir.join(segment::PREPARED_NAME));
-        let rec = recovery::recover(&cfg.dir, &dir)?;
+        let rec = recovery::recover(&cfg.dir, &dir, cfg.direct_io)?;
         let free = Self::free_files(&cfg, rec.next_seq)?;
         let io = Io::open(
             cfg.io_backend,

@@ -55,7 +55,7 @@ pub struct Segment {
     /// the WAL writes with direct I/O (its segments are then not in the
     /// page cache, and direct reads of them ran 4x faster than buffered
     /// ones here; see `Wal::read`); `None` where the filesystem refuses
-    /// `O_DIRECT`.
+    /// `O_DIRECT` or the WAL writes buffered.
     pub rfile: Option<Arc<File>>,
     /// Bytes the file occupies (preallocated length for the active one).
     pub len: u64,
@@ -82,13 +82,20 @@ fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> Error {
     }
 }
 
-pub fn recover(dir_path: &Path, dir: &File) -> Result<Recovered, Error> {
-    recover_with(dir_path, dir, SCANNED_BYTES_MAX)
+/// `direct_reads`: give each segment an `O_DIRECT` descriptor for entry
+/// reads ([`Segment::rfile`]); only a WAL writing with direct I/O uses one.
+pub fn recover(dir_path: &Path, dir: &File, direct_reads: bool) -> Result<Recovered, Error> {
+    recover_with(dir_path, dir, direct_reads, SCANNED_BYTES_MAX)
 }
 
 /// [`recover`] keeping at most `scanned_bytes_max` of pass 1's decoded
 /// segments for pass 2.
-fn recover_with(dir_path: &Path, dir: &File, scanned_bytes_max: usize) -> Result<Recovered, Error> {
+fn recover_with(
+    dir_path: &Path,
+    dir: &File,
+    direct_reads: bool,
+    scanned_bytes_max: usize,
+) -> Result<Recovered, Error> {
     let mut seqs = Vec::new();
     let rd = std::fs::read_dir(dir_path).map_err(|e| io_err("list directory", dir_path, 0, e))?;
     for ent in rd {
@@ -228,10 +235,15 @@ fn recover_with(dir_path: &Path, dir: &File, scanned_bytes_max: usize) -> Result
             .map_err(|e| io_err("stat segment", &path, 0, e))?
             .len();
         let file = Arc::new(file);
+        let rfile = if direct_reads {
+            segment::open_direct(&path)?.map(Arc::new)
+        } else {
+            None
+        };
         out.segments.insert(
             seq,
             Segment {
-                rfile: segment::open_direct(&path)?.map(Arc::new),
+                rfile,
                 path,
                 wfile: file.clone(),
                 file,
@@ -764,12 +776,15 @@ mod tests {
         }
         w.close().unwrap();
         let dir = File::open(tmp.path()).unwrap();
-        let kept = recover_with(tmp.path(), &dir, usize::MAX).unwrap();
-        let again = recover_with(tmp.path(), &dir, 0).unwrap();
+        let kept = recover_with(tmp.path(), &dir, true, usize::MAX).unwrap();
+        let again = recover_with(tmp.path(), &dir, true, 0).unwrap();
         assert!(kept.segments.len() > 3, "{} segments", kept.segments.len());
         assert_eq!(format!("{:?}", kept.groups), format!("{:?}", again.groups));
         assert_eq!(kept.next_seq, again.next_seq);
         assert!(kept.groups.get(&0).is_some_and(|g| g.compacted_index > 0));
         assert_eq!(kept.groups.len(), 4);
+        assert!(kept.segments.values().all(|s| s.rfile.is_some()));
+        let buffered = recover_with(tmp.path(), &dir, false, usize::MAX).unwrap();
+        assert!(buffered.segments.values().all(|s| s.rfile.is_none()));
     }
 }
