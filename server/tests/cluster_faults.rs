@@ -177,15 +177,12 @@ fn whole_cluster_killed_mid_write_keeps_every_acknowledged_write() {
         })
     };
     // Kill while batches keep coming: after 100 blocks, long before the 900.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while written.load(Ordering::SeqCst) < 100 {
-        assert!(
-            Instant::now() < deadline,
-            "the workload stalled\n{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    c.wait_until(
+        "the workload stalled",
+        Duration::from_secs(60),
+        Duration::from_millis(5),
+        || written.load(Ordering::SeqCst) >= 100,
+    );
     for i in 0..3 {
         c.kill(i);
     }
@@ -238,19 +235,12 @@ fn follower_with_deleted_data_is_rebuilt_by_install_snapshot() {
     let acked = write_blocks(&c.nodes[other].uri(), 64..96);
     assert_eq!(acked.len(), 32, "writes with two nodes up\n{}", c.logs());
     // Wait for the leader to compact its log past the first entries.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let first = c.nodes[c.leader()].stat("first_log_index").unwrap_or(0);
-        if first > 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the leader never compacted its log\n{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_until(
+        "the leader never compacted its log",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || c.nodes[c.leader()].stat("first_log_index").unwrap_or(0) > 1,
+    );
     let commit = c.commit_index();
     let log_before = c.nodes[f].log();
     assert_eq!(count(&log_before, "snapshot installed"), 0);

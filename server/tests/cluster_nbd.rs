@@ -198,15 +198,12 @@ fn cluster_failover_sigkill_leader_then_catch_up_by_snapshot() {
     std::thread::sleep(Duration::from_millis(400));
     c.kill(l);
     killed.store(true, Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while after_kill.load(Ordering::SeqCst) < 5 {
-        assert!(
-            Instant::now() < deadline,
-            "the workload stalled after the kill\n{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    c.wait_until(
+        "the workload stalled after the kill",
+        Duration::from_secs(40),
+        Duration::from_millis(20),
+        || after_kill.load(Ordering::SeqCst) >= 5,
+    );
     stop.store(true, Ordering::SeqCst);
     let (acked, issued, slowest) = writer.join().unwrap();
     eprintln!(
@@ -236,21 +233,18 @@ fn cluster_failover_sigkill_leader_then_catch_up_by_snapshot() {
     let commit = leader_status["last_committed_index"].as_u64().unwrap();
     // Restart the killed node: it catches up and its data file holds every acknowledged write.
     c.spawn(l);
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        if let Some(s) = c.nodes[l].status() {
-            if s["known_applied_index"].as_u64().unwrap_or(0) >= commit {
+    c.wait_until(
+        &format!("restarted node did not catch up to {commit}"),
+        Duration::from_secs(40),
+        Duration::from_millis(100),
+        || match c.nodes[l].status() {
+            Some(s) if s["known_applied_index"].as_u64().unwrap_or(0) >= commit => {
                 eprintln!("restarted node caught up: {s}");
-                break;
+                true
             }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "restarted node did not catch up to {commit}\n{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            _ => false,
+        },
+    );
     let data = std::fs::File::open(c.nodes[l].data_file()).unwrap();
     let mut buf = vec![0u8; 65536];
     for b in acked.iter().chain(more.iter()) {

@@ -350,6 +350,22 @@ impl Cluster {
         }
     }
 
+    /// Polls `done` every `poll` until it holds; past `timeout`, fails the test with `what`
+    /// and every node's log.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        poll: Duration,
+        mut done: impl FnMut() -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}\n{}", self.logs());
+            std::thread::sleep(poll);
+        }
+    }
+
     /// Index of the node that is leader of bg0 (as reported by a live node).
     pub fn leader(&self) -> usize {
         let deadline = Instant::now() + LEADER_TIMEOUT;
