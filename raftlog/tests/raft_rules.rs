@@ -438,6 +438,61 @@ fn without_check_quorum_isolated_leader_stays() {
 
 /// A leader that removes itself keeps leading until the change commits,
 /// then steps down; the rest elect a leader among themselves.
+/// A new leader refuses a membership change until an entry of its own term
+/// has committed. Otherwise a configuration entry of an earlier term that
+/// never committed (kept in some logs) and the new leader's change can each
+/// count a majority of their own with disjoint quorums, and a committed entry
+/// is lost (Ongaro's single-server change bug; simulator seeds 7053530 and
+/// 7073735 built exactly that before the rule).
+#[test]
+fn new_leader_changes_membership_only_after_committing_in_its_term() {
+    let mut c = Cluster::new(3, cfg(), 11);
+    let l1 = c.elect();
+    c.propose(l1, "x");
+    // Followers' acknowledgements are lost: whoever leads next cannot
+    // commit its no-op.
+    c.filter = Some(Box::new(|m: &Message| {
+        matches!(m.body, MessageBody::AppendEntriesResponse { .. })
+    }));
+    c.isolate(l1);
+    let mut l2 = None;
+    for _ in 0..200 {
+        c.tick();
+        l2 = c
+            .leader()
+            .filter(|&l| l != l1 && c.node(l).term() > c.node(l1).term());
+        if l2.is_some() {
+            break;
+        }
+    }
+    let l2 = l2.expect("a new leader among the other two");
+    let term = c.node(l2).term();
+    assert!(c.node(l2).commit_index() < c.node(l2).last_index());
+    let last = c.node(l2).last_index();
+    for r in [
+        c.node_mut(l2).remove_peer(l1),
+        c.node_mut(l2).add_learner(9),
+    ] {
+        match r {
+            Err(Error::Busy { what, .. }) => assert!(what.contains("not committed"), "{what}"),
+            other => panic!("membership change accepted before a commit in term {term}: {other:?}"),
+        }
+    }
+    assert_eq!(c.node(l2).last_index(), last, "nothing appended");
+    // Once its no-op commits, the same change goes ahead.
+    c.filter = None;
+    c.ticks(3);
+    assert_eq!(c.node(l2).term(), term);
+    assert!(c.node(l2).commit_index() >= last);
+    assert!(matches!(
+        c.node_mut(l2).remove_peer(l1),
+        Ok(ConfChangeStart::Started)
+    ));
+    c.settle();
+    c.ticks(3);
+    assert!(!c.node(l2).conf().voters.contains(&l1));
+}
+
 #[test]
 fn removed_leader_steps_down_after_removal_commits() {
     let mut c = Cluster::new(3, cfg(), 8);

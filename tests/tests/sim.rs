@@ -42,6 +42,35 @@ fn broken_vote_log_check_is_caught_within_1000_seeds() {
     );
 }
 
+/// Seeds in which a new leader started a membership change before an entry
+/// of its term committed, and a committed entry was lost (leader
+/// completeness), found by a 300,000-seed sweep on 2026-12-07. The correct
+/// core passes them; with that rule broken they fail again, so the seeds
+/// still build the scenario.
+#[test]
+fn membership_change_regression_seeds() {
+    let seeds = [7_053_530, 7_073_735];
+    for seed in seeds {
+        let r = run_seed(seed, &SimOptions::default());
+        assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+    }
+    let broken = SimOptions {
+        broken_rule: BrokenRule::ConfChangeBeforeTermCommit,
+        ..SimOptions::default()
+    };
+    tests::sim::install_quiet_panic_hook();
+    for seed in seeds {
+        let r = run_seed(seed, &broken);
+        assert!(
+            r.violations
+                .iter()
+                .any(|v| v.contains("leader completeness")),
+            "seed {seed} no longer builds the membership change bug: {:?}",
+            r.violations
+        );
+    }
+}
+
 /// The correct core passes a small sweep in-process too (the long sweep is
 /// the `sim` binary's job).
 #[test]

@@ -59,6 +59,9 @@ pub enum BrokenRule {
     /// quorum acknowledged before its pause (its clock stood still, so the
     /// lease looks fresh while the others may have elected a new leader).
     ResumeKeepsLease,
+    /// A new leader starts membership changes before an entry of its term
+    /// has committed (the single-server change bug, see `conf_for_change`).
+    ConfChangeBeforeTermCommit,
 }
 
 /// Settings of one group. Times are in ticks of the host's clock.
@@ -1945,6 +1948,20 @@ impl RaftNode {
                 what: "another configuration change is running",
             });
         }
+        // A new leader may still carry, or meet in other logs, a configuration entry of an
+        // earlier term that never committed. Appending its own change before an entry of its
+        // term commits can then let two configurations that differ in two members each count
+        // a majority of their own, with disjoint quorums (the single-server membership change
+        // bug, Ongaro, raft-dev 2015). Committing one entry of its term first settles which
+        // history wins; the no-op a leader appends on election does that quickly.
+        if !self.committed_in_term()
+            && self.cfg.broken_rule != BrokenRule::ConfChangeBeforeTermCommit
+        {
+            return Err(Error::Busy {
+                group,
+                what: "the leader has not committed an entry of its term yet",
+            });
+        }
         Ok(self.conf().clone())
     }
 
@@ -2011,6 +2028,14 @@ impl RaftNode {
         if !caught_up {
             return;
         }
+        // Checked when the change started, and it stays true for the rest of the term.
+        assert!(
+            self.committed_in_term()
+                || self.cfg.broken_rule == BrokenRule::ConfChangeBeforeTermCommit,
+            "group {}: configuration entry appended before an entry of term {} committed",
+            self.group,
+            self.term
+        );
         let target = target.clone();
         let changed: usize = target.voters.symmetric_difference(&current.voters).count();
         let entry_conf = if changed <= 1 {
