@@ -115,6 +115,13 @@ pub enum CoreRequest {
         bg: GroupId,
         reply: oneshot::Sender<Result<Index>>,
     },
+    /// Hand `bg`'s leadership (held here) to `to`, or to the most up-to-date voter; answers
+    /// with the target once the transfer has started.
+    TransferLeader {
+        bg: GroupId,
+        to: Option<NodeId>,
+        reply: oneshot::Sender<Result<NodeId>>,
+    },
     Shutdown,
 }
 
@@ -698,6 +705,23 @@ impl Core {
                 let _ = reply.send(self.links());
             }
             CoreRequest::Snapshot { bg, reply } => self.take_snapshot(bg, Some(reply)),
+            CoreRequest::TransferLeader { bg, to, reply } => {
+                // A hibernating leader must tick again to send TimeoutNow and to give up the
+                // transfer if the target never campaigns.
+                self.wake_group(bg);
+                let r = match self.groups.get_mut(&bg) {
+                    None => Err(Error::UnknownBg { bg }),
+                    Some(g) => g
+                        .raft
+                        .transfer_leadership(to)
+                        .map_err(|source| Error::Raft { bg, source }),
+                };
+                if let Ok(target) = &r {
+                    info!(bg, target, "leadership transfer started");
+                    self.dirty.insert(bg);
+                }
+                let _ = reply.send(r);
+            }
             CoreRequest::Shutdown => {}
         }
         Ok(())

@@ -51,7 +51,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
-use raftlog::core::{GroupId, Index};
+use raftlog::core::{GroupId, Index, NodeId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
@@ -222,6 +222,20 @@ impl Engine {
         let h = self.bg(bg).ok_or(Error::UnknownBg { bg })?;
         let (reply, rx) = oneshot::channel();
         h.tx.send(CoreRequest::Snapshot { bg, reply })
+            .await
+            .map_err(|_| h.gone())?;
+        rx.await.map_err(|_| h.gone())?
+    }
+
+    /// Starts handing `bg`'s leadership to `to` (None: the most up-to-date other voter), as
+    /// braft's `transfer_leader`; returns the target. This node must be the leader
+    /// (`Error::Raft` with `raftlog::Error::NotLeader` names the leader it knows otherwise).
+    /// The transfer completes asynchronously: the target campaigns once it has the whole log,
+    /// and the leader resumes if no election happened within an election timeout.
+    pub async fn transfer_leader(&self, bg: GroupId, to: Option<NodeId>) -> Result<NodeId> {
+        let h = self.bg(bg).ok_or(Error::UnknownBg { bg })?;
+        let (reply, rx) = oneshot::channel();
+        h.tx.send(CoreRequest::TransferLeader { bg, to, reply })
             .await
             .map_err(|_| h.gone())?;
         rx.await.map_err(|_| h.gone())?

@@ -1,7 +1,7 @@
 //! Three engines in one process on loopback (insecure transport): writes through every node
 //! (followers forward), reads back everywhere, a snapshot on demand (saved off the core thread;
-//! the log is compacted once it is durable), and a restart that recovers
-//! the data from the WAL and the data file.
+//! the log is compacted once it is durable), a leadership transfer to a chosen follower (and
+//! the ways it is refused), and a restart that recovers the data from the WAL and the data file.
 
 mod common;
 
@@ -106,6 +106,49 @@ fn three_engines_replicate_forward_snapshot_and_recover() {
             "log compacted below the snapshot: {s:?}"
         );
         snapshot_at = (leader, idx);
+
+        // Leadership transfer (braft's transfer_leader): refused off the leader (naming it),
+        // for an unknown BG and for a node that is not a voter; then handed to a chosen
+        // follower, which wins the election, and writes keep working through the old leader.
+        let target = if leader == 3 { 1 } else { leader + 1 };
+        let follower = &engines[(target - 1) as usize];
+        match follower.transfer_leader(0, Some(target)).await {
+            Err(engine::Error::Raft {
+                source: raftlog::Error::NotLeader { leader: l, .. },
+                ..
+            }) => assert_eq!(l, Some(leader)),
+            other => panic!("transfer on a follower: {other:?}"),
+        }
+        let old = &engines[(leader - 1) as usize];
+        assert!(matches!(
+            old.transfer_leader(7, None).await,
+            Err(engine::Error::UnknownBg { bg: 7 })
+        ));
+        assert!(matches!(
+            old.transfer_leader(0, Some(99)).await,
+            Err(engine::Error::Raft {
+                source: raftlog::Error::UnknownPeer { peer: 99, .. },
+                ..
+            })
+        ));
+        let term_before = old.status().await[0].term;
+        assert_eq!(old.transfer_leader(0, Some(target)).await.unwrap(), target);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = &follower.status().await[0];
+            if s.state == "LEADER" {
+                assert!(s.term > term_before, "{s:?}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {target} never took over: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let h = old.bg(0).unwrap();
+        h.write(5 << 20, pattern(9, 4096)).await.unwrap();
+        assert!(follower.bg(0).unwrap().read(5 << 20, 4096).await.unwrap() == pattern(9, 4096));
     });
     eprintln!("phase 1 done after {:?}", t0.elapsed());
     // Restart every node: state comes back from the meta file, the data file and the WAL.

@@ -90,6 +90,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+
+    /// `bdctl`: a node's HTTP endpoint could not be reached or refused the action.
+    #[error("node {addr}: {reason}")]
+    Admin { addr: SocketAddr, reason: String },
+
+    /// `bdctl`: the cluster as a whole did not do what was asked (no leader found, a
+    /// leadership transfer that did not complete in time).
+    #[error("{0}")]
+    AdminOutcome(String),
 }
 
 impl Error {
@@ -107,7 +116,9 @@ impl Error {
             | Error::ConfigFile { .. }
             | Error::Certs(_)
             | Error::HttpBind { .. }
-            | Error::Dev { .. } => Errno::Io,
+            | Error::Dev { .. }
+            | Error::Admin { .. }
+            | Error::AdminOutcome(_) => Errno::Io,
         }
     }
 }

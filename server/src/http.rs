@@ -1,12 +1,17 @@
-//! A tiny HTTP/1.1 status server (GET only, one request per connection): `/raft_stat` (braft's
-//! fields per block group, then one line of traffic counters per core, text) and `/status.json`. Hand-rolled because two read-only pages do
-//! not justify an HTTP stack; every client input is bounded (request head size, time).
+//! A tiny HTTP/1.1 server (one request per connection) for status and administration:
+//! `GET /raft_stat` (braft's fields per block group, then one line of traffic counters per
+//! core, text), `GET /status.json`, and two admin actions on a block group, answered in JSON:
+//! `POST /bgs/<id>/snapshot` (take a snapshot now) and `POST /bgs/<id>/transfer_leader[?to=<node>]`
+//! (braft's transfer_leader). `bdctl` is their command-line client. Hand-rolled because a few
+//! routes without request bodies do not justify an HTTP stack; every client input is bounded
+//! (request head size, time).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use engine::Engine;
+use raftlog::core::{GroupId, NodeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
@@ -28,47 +33,162 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// Serves until the task is aborted.
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
     if let Ok(a) = listener.local_addr() {
-        info!(addr = %a, "HTTP status listening (/raft_stat, /status.json)");
+        info!(addr = %a, "HTTP listening (GET /raft_stat, /status.json; POST /bgs/<id>/snapshot, /bgs/<id>/transfer_leader)");
     }
     loop {
-        let Ok((sock, peer)) = listener.accept().await else {
+        let Ok((mut sock, peer)) = listener.accept().await else {
             continue;
         };
         let engine = engine.clone();
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT * 2, handle(sock, engine)).await {
-                debug!(%peer, error = %e, "HTTP connection timed out");
+            // The client gets REQUEST_TIMEOUT for its request head and again for reading the
+            // answer; the action in between (a snapshot syncs a whole data file) is not cut.
+            let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut sock)).await {
+                Ok(Ok(head)) => head,
+                Ok(Err(reply)) => {
+                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, send(&mut sock, reply)).await;
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "HTTP request head not received in time");
+                    return;
+                }
+            };
+            let reply = handle(&head, &engine).await;
+            if tokio::time::timeout(REQUEST_TIMEOUT, send(&mut sock, Some(reply)))
+                .await
+                .is_err()
+            {
+                debug!(%peer, "HTTP client did not take its answer in time");
             }
         });
     }
 }
 
-async fn handle(mut sock: TcpStream, engine: Arc<Engine>) {
+/// The request head (up to the blank line), or the reply that refuses it.
+async fn read_head(sock: &mut TcpStream) -> Result<String, Option<Reply>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    let head_end = loop {
+    loop {
         if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p;
+            return Ok(String::from_utf8_lossy(&buf[..p]).into_owned());
         }
         if buf.len() > REQUEST_HEAD_BYTES_MAX {
-            let _ = respond(&mut sock, 431, "text/plain", "request head too large\n").await;
-            return;
+            return Err(Some(Reply::text(431, "request head too large\n")));
         }
-        match tokio::time::timeout(REQUEST_TIMEOUT, sock.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]);
+    }
+}
+
+async fn send(sock: &mut TcpStream, reply: Option<Reply>) {
+    if let Some(r) = reply {
+        let _ = respond(sock, r.code, r.ctype, &r.body).await;
+    }
+}
+
+async fn handle(head: &str, engine: &Engine) -> Reply {
     let mut parts = head.lines().next().unwrap_or("").split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" {
-        let _ = respond(&mut sock, 405, "text/plain", "only GET is supported\n").await;
-        return;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    match Route::parse(path) {
+        Route::Page(page) if method == "GET" => page_reply(page, engine).await,
+        Route::Page(_) => Reply::text(405, "only GET is supported here\n"),
+        Route::Admin { bg, action } if method == "POST" => admin(engine, bg, action, query).await,
+        Route::Admin { .. } => Reply::json(405, error_doc("use POST for admin actions")),
+        Route::BadBg(raw) => Reply::json(
+            400,
+            error_doc(&format!("bad block group id {raw:?} (a decimal number)")),
+        ),
+        Route::NotFound => Reply::text(404, NOT_FOUND),
     }
-    let path = target.split('?').next().unwrap_or("");
-    match path {
-        "/raft_stat" => {
+}
+
+const NOT_FOUND: &str = "not found; try GET /raft_stat, GET /status.json, \
+POST /bgs/<id>/snapshot or POST /bgs/<id>/transfer_leader?to=<node>\n";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Page {
+    Index,
+    RaftStat,
+    StatusJson,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Snapshot,
+    TransferLeader,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    Page(Page),
+    Admin {
+        bg: GroupId,
+        action: Action,
+    },
+    /// `/bgs/<raw>/<known action>` with an id that is not a number.
+    BadBg(&'a str),
+    NotFound,
+}
+
+impl<'a> Route<'a> {
+    fn parse(path: &'a str) -> Route<'a> {
+        match path {
+            "/" => return Route::Page(Page::Index),
+            "/raft_stat" => return Route::Page(Page::RaftStat),
+            "/status.json" => return Route::Page(Page::StatusJson),
+            _ => {}
+        }
+        let mut seg = path.strip_prefix("/bgs/").unwrap_or("").split('/');
+        let (Some(raw), Some(action), None) = (seg.next(), seg.next(), seg.next()) else {
+            return Route::NotFound;
+        };
+        let action = match action {
+            "snapshot" => Action::Snapshot,
+            "transfer_leader" => Action::TransferLeader,
+            _ => return Route::NotFound,
+        };
+        match raw.parse::<GroupId>() {
+            Ok(bg) if raw.bytes().all(|b| b.is_ascii_digit()) => Route::Admin { bg, action },
+            _ => Route::BadBg(raw),
+        }
+    }
+}
+
+struct Reply {
+    code: u16,
+    ctype: &'static str,
+    body: String,
+}
+
+impl Reply {
+    fn text(code: u16, body: &str) -> Reply {
+        Reply {
+            code,
+            ctype: "text/plain; charset=utf-8",
+            body: body.to_string(),
+        }
+    }
+
+    fn json(code: u16, doc: serde_json::Value) -> Reply {
+        Reply {
+            code,
+            ctype: "application/json",
+            body: format!("{doc}\n"),
+        }
+    }
+}
+
+fn error_doc(msg: &str) -> serde_json::Value {
+    serde_json::json!({ "error": msg })
+}
+
+async fn page_reply(page: Page, engine: &Engine) -> Reply {
+    match page {
+        Page::RaftStat => {
             let mut body = String::new();
             for s in engine.status().await {
                 body.push_str(&s.raft_stat_text());
@@ -80,41 +200,118 @@ async fn handle(mut sock: TcpStream, engine: Arc<Engine>) {
             for l in engine.links().await {
                 body.push_str(&l.raft_stat_text());
             }
-            let _ = respond(&mut sock, 200, "text/plain; charset=utf-8", &body).await;
+            Reply::text(200, &body)
         }
-        "/status.json" => {
+        Page::StatusJson => {
             let status = engine.status().await;
-            let doc = serde_json::json!({
-                "node": engine.config().node_id,
-                "cores": engine.config().cores,
-                "bgs": status,
-                "core_stats": engine.core_stats(),
-                "links": engine.links().await,
-            });
-            let _ = respond(&mut sock, 200, "application/json", &format!("{doc}\n")).await;
-        }
-        "/" => {
-            let body = "bd-server status\n  /raft_stat    raft state of every block group (braft's fields)\n  /status.json  the same as JSON\n";
-            let _ = respond(&mut sock, 200, "text/plain", body).await;
-        }
-        _ => {
-            let _ = respond(
-                &mut sock,
-                404,
-                "text/plain",
-                "not found; try /raft_stat or /status.json\n",
+            Reply::json(
+                200,
+                serde_json::json!({
+                    "node": engine.config().node_id,
+                    "cores": engine.config().cores,
+                    "bgs": status,
+                    "core_stats": engine.core_stats(),
+                    "links": engine.links().await,
+                }),
             )
-            .await;
+        }
+        Page::Index => Reply::text(
+            200,
+            "bd-server status and admin\n  \
+             GET  /raft_stat                         raft state of every block group (braft's fields)\n  \
+             GET  /status.json                       the same as JSON\n  \
+             POST /bgs/<id>/snapshot                 take a snapshot of a block group now\n  \
+             POST /bgs/<id>/transfer_leader?to=<n>   hand its leadership to node n (no `to`: the most up-to-date voter)\n",
+        ),
+    }
+}
+
+/// Runs an admin action; the JSON always names the node and the block group.
+async fn admin(engine: &Engine, bg: GroupId, action: Action, query: &str) -> Reply {
+    let node = engine.config().node_id;
+    match action {
+        Action::Snapshot => {
+            if !query.is_empty() {
+                return Reply::json(400, error_doc("snapshot takes no parameters"));
+            }
+            match engine.snapshot(bg).await {
+                Ok(index) => {
+                    info!(bg, index, "snapshot taken on demand (HTTP)");
+                    Reply::json(
+                        200,
+                        serde_json::json!({ "node": node, "bg": bg, "snapshot_index": index }),
+                    )
+                }
+                Err(e) => admin_error(node, bg, &e),
+            }
+        }
+        Action::TransferLeader => {
+            let to = match transfer_target(query) {
+                Ok(to) => to,
+                Err(msg) => return Reply::json(400, error_doc(&msg)),
+            };
+            match engine.transfer_leader(bg, to).await {
+                Ok(target) => Reply::json(
+                    200,
+                    serde_json::json!({ "node": node, "bg": bg, "target": target }),
+                ),
+                Err(e) => admin_error(node, bg, &e),
+            }
         }
     }
+}
+
+/// `to=<node id>` or nothing.
+fn transfer_target(query: &str) -> Result<Option<NodeId>, String> {
+    let mut to = None;
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        match kv.split_once('=') {
+            Some(("to", v)) => match v.parse::<NodeId>() {
+                Ok(id) if id > 0 && to.is_none() => to = Some(id),
+                Ok(_) if to.is_some() => return Err("`to` given twice".into()),
+                _ => return Err(format!("bad node id {v:?} in `to` (a number > 0)")),
+            },
+            _ => return Err(format!("unknown parameter {kv:?} (only `to=<node id>`)")),
+        }
+    }
+    Ok(to)
+}
+
+/// An engine error as an HTTP status and a JSON body with the message (and, when this node
+/// is not the leader, the leader it knows, so a client can go there).
+fn admin_error(node: NodeId, bg: GroupId, e: &engine::Error) -> Reply {
+    use raftlog::Error as R;
+    let code = match e {
+        engine::Error::UnknownBg { .. } => 404,
+        engine::Error::Raft { source, .. } => match source {
+            R::NotLeader { .. } | R::Busy { .. } | R::TransferInProgress { .. } => 409,
+            R::UnknownPeer { .. } | R::Invalid { .. } => 400,
+            _ => 500,
+        },
+        engine::Error::ShuttingDown { .. } => 503,
+        _ => 500,
+    };
+    let mut doc = serde_json::json!({ "node": node, "bg": bg, "error": e.to_string() });
+    if let engine::Error::Raft {
+        source: R::NotLeader { leader, .. },
+        ..
+    } = e
+    {
+        doc["leader"] = serde_json::json!(leader);
+    }
+    Reply::json(code, doc)
 }
 
 async fn respond(sock: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
-        _ => "Request Header Fields Too Large",
+        409 => "Conflict",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
     };
     let head = format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -125,11 +322,15 @@ async fn respond(sock: &mut TcpStream, code: u16, ctype: &str, body: &str) -> st
     sock.shutdown().await
 }
 
-/// A minimal GET for the dev supervisor and tests: returns the body of a 200 response.
-pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+/// A minimal HTTP/1.1 client for `bdctl`, the dev supervisor and tests: sends `method path`
+/// without a body and returns the status code and the body.
+pub async fn request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await?;
     let mut out = Vec::new();
@@ -137,12 +338,92 @@ pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("malformed HTTP response"))?;
-    if !head.starts_with("HTTP/1.1 200") {
+        .ok_or_else(|| std::io::Error::other(format!("malformed HTTP response from {addr}")))?;
+    let code = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "malformed HTTP status line from {addr}: {:?}",
+                head.lines().next().unwrap_or("")
+            ))
+        })?;
+    Ok((code, body.to_string()))
+}
+
+/// GET `path`: the body of a 200 response, else an error naming the status.
+pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let (code, body) = request(addr, "GET", path).await?;
+    if code != 200 {
         return Err(std::io::Error::other(format!(
-            "HTTP {}",
-            head.lines().next().unwrap_or("")
+            "HTTP {code} from {addr}{path}"
         )));
     }
-    Ok(body.to_string())
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_parse_pages_admin_actions_and_bad_ids() {
+        assert_eq!(Route::parse("/"), Route::Page(Page::Index));
+        assert_eq!(Route::parse("/raft_stat"), Route::Page(Page::RaftStat));
+        assert_eq!(Route::parse("/status.json"), Route::Page(Page::StatusJson));
+        assert_eq!(
+            Route::parse("/bgs/12/snapshot"),
+            Route::Admin {
+                bg: 12,
+                action: Action::Snapshot
+            }
+        );
+        assert_eq!(
+            Route::parse("/bgs/0/transfer_leader"),
+            Route::Admin {
+                bg: 0,
+                action: Action::TransferLeader
+            }
+        );
+        for bad in ["x", "-1", "+3", "", "99999999999999999999999"] {
+            assert_eq!(
+                Route::parse(&format!("/bgs/{bad}/snapshot")),
+                Route::BadBg(bad),
+                "{bad:?}"
+            );
+        }
+        for unknown in [
+            "/bgs",
+            "/bgs/",
+            "/bgs/1",
+            "/bgs/1/",
+            "/bgs/1/compact",
+            "/bgs/1/snapshot/now",
+            "/raft_stat/",
+            "//raft_stat",
+            "/bg/1/snapshot",
+        ] {
+            assert_eq!(Route::parse(unknown), Route::NotFound, "{unknown:?}");
+        }
+    }
+
+    #[test]
+    fn transfer_target_takes_one_node_id_or_none() {
+        assert_eq!(transfer_target(""), Ok(None));
+        assert_eq!(transfer_target("to=3"), Ok(Some(3)));
+        assert_eq!(transfer_target("&to=3&"), Ok(Some(3)));
+        for (q, says) in [
+            ("to=0", "bad node id"),
+            ("to=x", "bad node id"),
+            ("to=", "bad node id"),
+            ("to=-2", "bad node id"),
+            ("to=2&to=3", "twice"),
+            ("peer=2", "unknown parameter"),
+            ("to", "unknown parameter"),
+        ] {
+            let e = transfer_target(q).unwrap_err();
+            assert!(e.contains(says), "{q:?}: {e}");
+        }
+    }
 }

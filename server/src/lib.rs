@@ -4,7 +4,8 @@
 //! - [`nbd`]: the NBD protocol server (handshake, transmission, limits), generic over a backend.
 //! - [`backend`]: the backend of a replicated block group, a thin adapter over
 //!   [`engine::BgHandle`].
-//! - [`http`]: `/raft_stat` and `/status.json`.
+//! - [`http`]: `/raft_stat`, `/status.json` and the admin actions (`POST /bgs/<id>/snapshot`,
+//!   `POST /bgs/<id>/transfer_leader`); [`ctl`]: `bdctl`, their command-line client.
 //! - [`config`] and [`cli`]: the TOML config, flags, `run`, `init-ca`, `issue-cert`; [`dev`]: the
 //!   local 3-process cluster.
 //!
@@ -18,6 +19,7 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod dev;
 pub mod error;
 pub mod http;

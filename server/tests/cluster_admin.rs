@@ -1,0 +1,185 @@
+//! Operating a running cluster: `bdctl` (status, on-demand snapshots, leadership transfer)
+//! against three `bd-server run` processes, and the HTTP admin routes it uses, bad requests
+//! included.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+
+fn bdctl(c: &Cluster, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bdctl"));
+    for n in &c.nodes {
+        cmd.arg("--node").arg(n.http.to_string());
+    }
+    cmd.args(args).output().expect("run bdctl")
+}
+
+fn ok(c: &Cluster, args: &[&str]) -> String {
+    let out = bdctl(c, args);
+    assert!(
+        out.status.success(),
+        "bdctl {args:?} failed:\n{}\n{}",
+        text(&out),
+        c.logs()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(c: &Cluster, args: &[&str]) -> String {
+    let out = bdctl(c, args);
+    assert!(
+        !out.status.success(),
+        "bdctl {args:?} succeeded:\n{}",
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bdctl_takes_snapshots_and_moves_leadership() {
+    let c = Cluster::start(&[]);
+    let l = c.leader();
+    let written = write_blocks(&c.nodes[l].uri(), 0..16);
+    assert_eq!(written.len(), 16);
+    let commit = c.commit_index();
+
+    // status: one row per node for bg0, exactly one of them the leader.
+    let out = ok(&c, &["status"]);
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 3, "{out}");
+    assert_eq!(
+        rows.iter().filter(|r| r.contains(" LEADER ")).count(),
+        1,
+        "{out}"
+    );
+    let leader_row = rows.iter().find(|r| r.contains(" LEADER ")).unwrap();
+    assert!(leader_row.contains(&c.nodes[l].http.to_string()), "{out}");
+
+    // snapshot: every replica snapshots its own copy, at an index covering the writes.
+    let out = ok(&c, &["snapshot", "--bg", "0"]);
+    assert_eq!(out.lines().count(), 3, "{out}");
+    for n in &c.nodes {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("node {} ", n.id)))
+            .unwrap_or_else(|| panic!("no line for node {}: {out}", n.id));
+        let idx: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        // The leader applied every write before answering it; followers may trail.
+        assert!(idx > 0, "{line}");
+        if n.id == c.nodes[l].id {
+            assert!(idx >= commit, "{line}: leader's commit was {commit}");
+        }
+        assert_eq!(n.stat("last_snapshot_index"), Some(idx), "node {}", n.id);
+    }
+
+    // transfer-leader to a chosen follower: it leads, and writes keep working through the
+    // old leader (now forwarding).
+    let target = (l + 1) % 3;
+    let to = c.nodes[target].id.to_string();
+    let out = ok(&c, &["transfer-leader", "--bg", "0", "--to", &to]);
+    assert!(out.contains(&format!("node {to} is the leader")), "{out}");
+    assert_eq!(c.leader(), target);
+    assert_eq!(write_blocks(&c.nodes[l].uri(), 16..20).len(), 4);
+    let read = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &c.nodes[target].uri(),
+            "-c",
+            &format!("read -P {} {} 64k", pattern(19), 19 * 65536),
+        ],
+    );
+    assert!(read.contains("read 65536/65536"), "{read}");
+    // Without --to, the most up-to-date other voter takes over.
+    let out = ok(&c, &["transfer-leader", "--bg", "0"]);
+    assert!(out.contains("is the leader"), "{out}");
+    assert_ne!(c.leader(), target);
+    // Asking for the current leader changes nothing.
+    let now = c.nodes[c.leader()].id.to_string();
+    let out = ok(&c, &["transfer-leader", "--bg", "0", "--to", &now]);
+    assert!(out.contains("already the leader"), "{out}");
+
+    // Errors name what is wrong and exit non-zero.
+    let err = fails(&c, &["snapshot", "--bg", "7"]);
+    assert!(
+        err.contains("bg 7: not hosted on this node (HTTP 404)"),
+        "{err}"
+    );
+    let err = fails(&c, &["transfer-leader", "--bg", "0", "--to", "9"]);
+    assert!(err.contains("peer 9 is not a member (HTTP 400)"), "{err}");
+    let err = fails(&c, &["transfer-leader", "--bg", "5"]);
+    assert!(err.contains("bg 5: no leader among"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_bdctl"))
+        .args(["--node", "127.0.0.1:1", "status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node 127.0.0.1:1: GET /status.json"), "{err}");
+}
+
+#[test]
+fn http_admin_routes_refuse_bad_requests() {
+    let mut c = Cluster::start(&[]);
+    let l = c.leader();
+    let f = (l + 1) % 3;
+    let (leader, follower) = (c.nodes[l].http, c.nodes[f].http);
+    let call = |addr, method, path: &str| {
+        http_call(addr, method, path).unwrap_or_else(|| panic!("{method} {path}: no answer"))
+    };
+    let json = |body: &str| -> serde_json::Value {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{body:?}: {e}"))
+    };
+    // Admin actions only with POST, pages only with GET.
+    assert_eq!(call(leader, "GET", "/bgs/0/snapshot").0, 405);
+    assert_eq!(call(leader, "POST", "/raft_stat").0, 405);
+    assert_eq!(call(leader, "PUT", "/status.json").0, 405);
+    let (code, body) = call(leader, "POST", "/bgs/x1/snapshot");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        json(&body)["error"].as_str().unwrap().contains("\"x1\""),
+        "{body}"
+    );
+    assert_eq!(call(leader, "POST", "/bgs/0/compact").0, 404);
+    assert_eq!(call(leader, "POST", "/bgs/0/snapshot?now=1").0, 400);
+    assert_eq!(
+        call(leader, "POST", "/bgs/0/transfer_leader?to=zero").0,
+        400
+    );
+    let (code, body) = call(leader, "POST", "/bgs/3/snapshot");
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(json(&body)["bg"], 3);
+    // A follower refuses a transfer and names the leader.
+    let (code, body) = call(follower, "POST", "/bgs/0/transfer_leader");
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(json(&body)["leader"], c.nodes[l].id, "{body}");
+    // A snapshot on demand answers with its index, in status right after.
+    let (code, body) = call(follower, "POST", "/bgs/0/snapshot");
+    assert_eq!(code, 200, "{body}");
+    let idx = json(&body)["snapshot_index"].as_u64().unwrap();
+    assert_eq!(c.nodes[f].stat("last_snapshot_index"), Some(idx));
+    // A transfer answers with its target, which then leads.
+    let target = c.nodes[(l + 2) % 3].id;
+    let (code, body) = call(
+        leader,
+        "POST",
+        &format!("/bgs/0/transfer_leader?to={target}"),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["target"], target);
+    c.wait_until(
+        "the transfer target leads bg0",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            c.nodes[(target - 1) as usize]
+                .status()
+                .is_some_and(|s| s["state"] == "LEADER")
+        },
+    );
+    c.assert_all_alive();
+}
