@@ -7,7 +7,8 @@
 //! operation has been written and synced, so the counter bounds everything
 //! between a producer and the disk: queue, batch being filled, batches in
 //! flight. When it is full, producers wait (async: `Notify`; blocking: a
-//! condvar taken only on this slow path).
+//! condvar taken only on this slow path); the writer's release of a batch's
+//! bytes touches either only while some producer waits.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -80,6 +81,10 @@ pub(crate) struct Shared {
     space: Notify,
     space_lock: Mutex<()>,
     space_cv: Condvar,
+    /// Producers between announcing that they may wait for space and giving up waiting:
+    /// `release` touches `space` and `space_cv` (each behind a lock) only when this is not 0,
+    /// so the writer takes no lock per batch while nobody waits.
+    space_waiters: AtomicUsize,
     pub failed: OnceLock<String>,
     /// The `Wal` was dropped: nobody will drain the queue any more.
     pub closed: AtomicBool,
@@ -96,6 +101,7 @@ impl Shared {
             space: Notify::new(),
             space_lock: Mutex::new(()),
             space_cv: Condvar::new(),
+            space_waiters: AtomicUsize::new(0),
             failed: OnceLock::new(),
             closed: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
@@ -109,7 +115,7 @@ impl Shared {
     /// Reserves `n` bytes; an op larger than the whole budget is admitted
     /// alone, when nothing else is buffered, so it cannot wait forever.
     fn try_reserve(&self, n: usize) -> bool {
-        let mut cur = self.queued_bytes.load(Ordering::Acquire);
+        let mut cur = self.queued_bytes.load(Ordering::SeqCst);
         loop {
             if cur != 0 && cur + n > self.bytes_max {
                 return false;
@@ -117,8 +123,8 @@ impl Shared {
             match self.queued_bytes.compare_exchange_weak(
                 cur,
                 cur + n,
-                Ordering::AcqRel,
-                Ordering::Acquire,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
             ) {
                 Ok(_) => return true,
                 Err(actual) => cur = actual,
@@ -130,11 +136,22 @@ impl Shared {
         if n == 0 {
             return;
         }
-        let prev = self.queued_bytes.fetch_sub(n, Ordering::AcqRel);
+        // SeqCst with the waiters' increment-then-recheck: either this load sees a waiter, or
+        // that waiter's re-check (after its increment) sees the bytes given back here.
+        let prev = self.queued_bytes.fetch_sub(n, Ordering::SeqCst);
         assert!(prev >= n, "append buffer accounting underflow");
+        if self.space_waiters.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         self.space.notify_waiters();
         let _g = self.space_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.space_cv.notify_all();
+    }
+
+    /// Counts a producer as waiting for space until the guard drops.
+    fn waiting(&self) -> WaiterGuard<'_> {
+        self.space_waiters.fetch_add(1, Ordering::SeqCst);
+        WaiterGuard(&self.space_waiters)
     }
 
     fn refuse(&self) -> Option<Error> {
@@ -167,6 +184,15 @@ impl Shared {
     }
 }
 
+/// Decrements the waiter count when a producer stops waiting (space found, or an error).
+struct WaiterGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A cloneable, `Send + Sync` handle producers use to submit operations.
 #[derive(Clone)]
 pub struct WalHandle {
@@ -178,6 +204,10 @@ impl WalHandle {
     /// full. The returned [`Durable`] resolves when `op` is durable.
     pub async fn submit(&self, op: WalOp) -> Result<Durable, Error> {
         let n = op.size_bytes();
+        if self.shared.refuse().is_none() && self.shared.try_reserve(n) {
+            return Ok(self.shared.push(op, n));
+        }
+        let _waiting = self.shared.waiting();
         loop {
             if let Some(e) = self.shared.refuse() {
                 return Err(e);
@@ -198,6 +228,10 @@ impl WalHandle {
     /// the buffer is full. Never call it on the writer's own thread.
     pub fn submit_blocking(&self, op: WalOp) -> Result<Durable, Error> {
         let n = op.size_bytes();
+        if self.shared.refuse().is_none() && self.shared.try_reserve(n) {
+            return Ok(self.shared.push(op, n));
+        }
+        let _waiting = self.shared.waiting();
         loop {
             if let Some(e) = self.shared.refuse() {
                 return Err(e);
@@ -278,5 +312,92 @@ impl Future for Durable {
         Pin::new(&mut self.rx)
             .poll(cx)
             .map(|r| r.unwrap_or(Err(Error::WalClosed { group })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Producers on a runtime and on plain threads against a buffer that holds one op at a
+    /// time, drained by a writer thread that releases each op's bytes: every producer gets
+    /// through (a lost wake-up would leave an async producer waiting forever, caught by the
+    /// timeout), the waiter count goes back to 0 and the bytes to nothing.
+    #[test]
+    fn waiting_producers_are_always_woken() {
+        const OPS: u64 = 2000;
+        let shared = Arc::new(Shared::new(100));
+        let h = WalHandle {
+            shared: shared.clone(),
+        };
+        let op = |group| WalOp::RemoveGroup { group };
+        assert_eq!(op(0).size_bytes(), 64, "one op fills the buffer");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let writer = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while n < 4 * OPS {
+                    match shared.queue.pop() {
+                        Some(r) => {
+                            let _ = r.reply.send(Ok(()));
+                            shared.release(r.bytes);
+                            n += 1;
+                        }
+                        None => std::thread::yield_now(),
+                    }
+                }
+            })
+        };
+        let mut threads = Vec::new();
+        for t in 0..2u64 {
+            let h = h.clone();
+            threads.push(std::thread::spawn(move || {
+                for i in 0..OPS {
+                    h.submit_blocking(op(t * OPS + i)).unwrap().wait().unwrap();
+                }
+            }));
+        }
+        let asyncs = {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let tasks: Vec<_> = (0..2u64)
+                        .map(|t| {
+                            let h = h.clone();
+                            tokio::spawn(async move {
+                                for i in 0..OPS {
+                                    h.submit(op(10 * OPS + t * OPS + i))
+                                        .await
+                                        .unwrap()
+                                        .await
+                                        .unwrap();
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                });
+            })
+        };
+        std::thread::spawn(move || {
+            for t in threads {
+                t.join().unwrap();
+            }
+            asyncs.join().unwrap();
+            writer.join().unwrap();
+            let _ = done_tx.send(());
+        });
+        done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a producer waiting for space was never woken");
+        assert_eq!(shared.space_waiters.load(Ordering::SeqCst), 0);
+        assert_eq!(shared.queued_bytes(), 0);
     }
 }
