@@ -1,6 +1,6 @@
 //! A tiny HTTP/1.1 server (one request per connection) for status and administration:
 //! `GET /raft_stat` (braft's fields per block group, then one line of traffic counters per
-//! core, text), `GET /status.json`, and two admin actions on a block group, answered in JSON:
+//! core, text), `GET /status.json`, `GET /metrics` (Prometheus text format), and two admin actions on a block group, answered in JSON:
 //! `POST /bgs/<id>/snapshot` (take a snapshot now) and `POST /bgs/<id>/transfer_leader[?to=<node>]`
 //! (braft's transfer_leader). `bdctl` is their command-line client. Hand-rolled because a few
 //! routes without request bodies do not justify an HTTP stack; every client input is bounded
@@ -33,7 +33,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// Serves until the task is aborted.
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
     if let Ok(a) = listener.local_addr() {
-        info!(addr = %a, "HTTP listening (GET /raft_stat, /status.json; POST /bgs/<id>/snapshot, /bgs/<id>/transfer_leader)");
+        info!(addr = %a, "HTTP listening (GET /raft_stat, /status.json, /metrics; POST /bgs/<id>/snapshot, /bgs/<id>/transfer_leader)");
     }
     loop {
         let Ok((mut sock, peer)) = listener.accept().await else {
@@ -106,7 +106,7 @@ async fn handle(head: &str, engine: &Engine) -> Reply {
     }
 }
 
-const NOT_FOUND: &str = "not found; try GET /raft_stat, GET /status.json, \
+const NOT_FOUND: &str = "not found; try GET /raft_stat, GET /status.json, GET /metrics, \
 POST /bgs/<id>/snapshot or POST /bgs/<id>/transfer_leader?to=<node>\n";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +114,7 @@ enum Page {
     Index,
     RaftStat,
     StatusJson,
+    Metrics,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +141,7 @@ impl<'a> Route<'a> {
             "/" => return Route::Page(Page::Index),
             "/raft_stat" => return Route::Page(Page::RaftStat),
             "/status.json" => return Route::Page(Page::StatusJson),
+            "/metrics" => return Route::Page(Page::Metrics),
             _ => {}
         }
         let mut seg = path.strip_prefix("/bgs/").unwrap_or("").split('/');
@@ -215,11 +217,25 @@ async fn page_reply(page: Page, engine: &Engine) -> Reply {
                 }),
             )
         }
+        Page::Metrics => {
+            let text = crate::metrics::render(
+                engine.config().node_id,
+                &engine.status().await,
+                &engine.core_stats(),
+                &engine.links().await,
+            );
+            Reply {
+                code: 200,
+                ctype: "text/plain; version=0.0.4; charset=utf-8",
+                body: text,
+            }
+        }
         Page::Index => Reply::text(
             200,
             "bd-server status and admin\n  \
              GET  /raft_stat                         raft state of every block group (braft's fields)\n  \
              GET  /status.json                       the same as JSON\n  \
+             GET  /metrics                           the same for Prometheus\n  \
              POST /bgs/<id>/snapshot                 take a snapshot of a block group now\n  \
              POST /bgs/<id>/transfer_leader?to=<n>   hand its leadership to node n (no `to`: the most up-to-date voter)\n",
         ),
@@ -372,6 +388,7 @@ mod tests {
         assert_eq!(Route::parse("/"), Route::Page(Page::Index));
         assert_eq!(Route::parse("/raft_stat"), Route::Page(Page::RaftStat));
         assert_eq!(Route::parse("/status.json"), Route::Page(Page::StatusJson));
+        assert_eq!(Route::parse("/metrics"), Route::Page(Page::Metrics));
         assert_eq!(
             Route::parse("/bgs/12/snapshot"),
             Route::Admin {

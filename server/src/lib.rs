@@ -5,7 +5,8 @@
 //! - [`backend`]: the backend of a replicated block group, a thin adapter over
 //!   [`engine::BgHandle`].
 //! - [`http`]: `/raft_stat`, `/status.json` and the admin actions (`POST /bgs/<id>/snapshot`,
-//!   `POST /bgs/<id>/transfer_leader`); [`ctl`]: `bdctl`, their command-line client.
+//!   `POST /bgs/<id>/transfer_leader`); [`metrics`]: `/metrics` for Prometheus; [`ctl`]:
+//!   `bdctl`, the admin actions' command-line client.
 //! - [`config`] and [`cli`]: the TOML config, flags, `run`, `init-ca`, `issue-cert`; [`dev`]: the
 //!   local 3-process cluster.
 //!
@@ -23,6 +24,7 @@ pub mod ctl;
 pub mod dev;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod nbd;
 
 pub use error::Error;

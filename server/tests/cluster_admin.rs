@@ -181,5 +181,43 @@ fn http_admin_routes_refuse_bad_requests() {
                 .is_some_and(|s| s["state"] == "LEADER")
         },
     );
+    // /metrics: one leader over the three nodes, the commit index as /status.json says, and
+    // the WAL's counters moving.
+    let metric = |addr, series: &str| -> f64 {
+        let (code, body) = call(addr, "GET", "/metrics");
+        assert_eq!(code, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+            .parse()
+            .unwrap()
+    };
+    let leaders: f64 = c
+        .nodes
+        .iter()
+        .map(|n| {
+            metric(
+                n.http,
+                &format!(
+                    "bd_bg_is_leader{{node=\"{}\",bg=\"0\",export=\"bg0\"}}",
+                    n.id
+                ),
+            )
+        })
+        .sum();
+    assert_eq!(leaders, 1.0);
+    let t = &c.nodes[(target - 1) as usize];
+    // Commit indexes only grow: the metric, read after the status, is at least as far.
+    let before = t.stat("last_committed_index").unwrap() as f64;
+    let commit = metric(
+        t.http,
+        &format!("bd_bg_commit_index{{node=\"{target}\",bg=\"0\",export=\"bg0\"}}"),
+    );
+    assert!(commit >= before && commit > 0.0, "{commit} < {before}");
+    let batches = metric(
+        t.http,
+        &format!("bd_wal_batches_total{{node=\"{target}\",core=\"0\"}}"),
+    );
+    assert!(batches > 0.0);
     c.assert_all_alive();
 }
