@@ -1,10 +1,12 @@
 //! A tiny HTTP/1.1 server (one request per connection) for status and administration:
 //! `GET /raft_stat` (braft's fields per block group, then one line of traffic counters per
-//! core, text), `GET /status.json`, `GET /metrics` (Prometheus text format), and two admin actions on a block group, answered in JSON:
-//! `POST /bgs/<id>/snapshot` (take a snapshot now) and `POST /bgs/<id>/transfer_leader[?to=<node>]`
-//! (braft's transfer_leader). `bdctl` is their command-line client. Hand-rolled because a few
-//! routes without request bodies do not justify an HTTP stack; every client input is bounded
-//! (request head size, time).
+//! core, text), `GET /status.json`, `GET /metrics` (Prometheus text format), and two admin
+//! actions on a block group, answered in JSON: `POST /bgs/<id>/snapshot` (take a snapshot now)
+//! and `POST /bgs/<id>/transfer_leader[?to=<node>]` (braft's transfer_leader). `bdctl` is their
+//! command-line client. There is no authentication: whoever reaches `http_listen` may run the
+//! admin actions, so it belongs on loopback (the default) or a management network. Hand-rolled
+//! because a few routes without request bodies do not justify an HTTP stack; every client input
+//! is bounded (request head size, time).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +22,8 @@ use crate::error::Error;
 
 /// Longest request head accepted (bytes).
 const REQUEST_HEAD_BYTES_MAX: usize = 8 << 10;
+/// Largest response [`request`] reads (the status of thousands of block groups is a few MB).
+const RESPONSE_BYTES_MAX: usize = 64 << 20;
 /// Time a client has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -350,7 +354,15 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str) -> std::io::Res
     )
     .await?;
     let mut out = Vec::new();
-    s.read_to_end(&mut out).await?;
+    (&mut s)
+        .take(RESPONSE_BYTES_MAX as u64 + 1)
+        .read_to_end(&mut out)
+        .await?;
+    if out.len() > RESPONSE_BYTES_MAX {
+        return Err(std::io::Error::other(format!(
+            "HTTP response from {addr}{path} over {RESPONSE_BYTES_MAX} bytes"
+        )));
+    }
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")
