@@ -1,8 +1,9 @@
 //! A tiny HTTP/1.1 server (one request per connection) for status and administration:
 //! `GET /raft_stat` (braft's fields per block group, then one line of traffic counters per
-//! core, text), `GET /status.json`, `GET /metrics` (Prometheus text format), and two admin
-//! actions on a block group, answered in JSON: `POST /bgs/<id>/snapshot` (take a snapshot now)
-//! and `POST /bgs/<id>/transfer_leader[?to=<node>]` (braft's transfer_leader). `bdctl` is their
+//! core, text), `GET /status.json`, `GET /metrics` (Prometheus text format), `GET /dashboard`
+//! (an HTML page of the same), and two admin actions on a block group, answered in JSON:
+//! `POST /bgs/<id>/snapshot` (take a snapshot now) and
+//! `POST /bgs/<id>/transfer_leader[?to=<node>]` (braft's transfer_leader). `bdctl` is their
 //! command-line client. There is no authentication: whoever reaches `http_listen` may run the
 //! admin actions, so it belongs on loopback (the default) or a management network. Hand-rolled
 //! because a few routes without request bodies do not justify an HTTP stack; every client input
@@ -37,7 +38,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// Serves until the task is aborted.
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
     if let Ok(a) = listener.local_addr() {
-        info!(addr = %a, "HTTP listening (GET /raft_stat, /status.json, /metrics; POST /bgs/<id>/snapshot, /bgs/<id>/transfer_leader)");
+        info!(addr = %a, "HTTP listening (GET /raft_stat, /status.json, /metrics, /dashboard; POST /bgs/<id>/snapshot, /bgs/<id>/transfer_leader)");
     }
     loop {
         let Ok((mut sock, peer)) = listener.accept().await else {
@@ -110,7 +111,8 @@ async fn handle(head: &str, engine: &Engine) -> Reply {
     }
 }
 
-const NOT_FOUND: &str = "not found; try GET /raft_stat, GET /status.json, GET /metrics, \
+const NOT_FOUND: &str =
+    "not found; try GET /raft_stat, GET /status.json, GET /metrics, GET /dashboard, \
 POST /bgs/<id>/snapshot or POST /bgs/<id>/transfer_leader?to=<node>\n";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +121,7 @@ enum Page {
     RaftStat,
     StatusJson,
     Metrics,
+    Dashboard,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +149,7 @@ impl<'a> Route<'a> {
             "/raft_stat" => return Route::Page(Page::RaftStat),
             "/status.json" => return Route::Page(Page::StatusJson),
             "/metrics" => return Route::Page(Page::Metrics),
+            "/dashboard" => return Route::Page(Page::Dashboard),
             _ => {}
         }
         let mut seg = path.strip_prefix("/bgs/").unwrap_or("").split('/');
@@ -234,12 +238,23 @@ async fn page_reply(page: Page, engine: &Engine) -> Reply {
                 body: text,
             }
         }
+        Page::Dashboard => Reply {
+            code: 200,
+            ctype: "text/html; charset=utf-8",
+            body: crate::dashboard::render(
+                engine.config().node_id,
+                &engine.status().await,
+                &engine.core_stats(),
+                &engine.links().await,
+            ),
+        },
         Page::Index => Reply::text(
             200,
             "bd-server status and admin\n  \
              GET  /raft_stat                         raft state of every block group (braft's fields)\n  \
              GET  /status.json                       the same as JSON\n  \
              GET  /metrics                           the same for Prometheus\n  \
+             GET  /dashboard                         the same as an HTML page (reloads every 2 s)\n  \
              POST /bgs/<id>/snapshot                 take a snapshot of a block group now\n  \
              POST /bgs/<id>/transfer_leader?to=<n>   hand its leadership to node n (no `to`: the most up-to-date voter)\n",
         ),
@@ -401,6 +416,7 @@ mod tests {
         assert_eq!(Route::parse("/raft_stat"), Route::Page(Page::RaftStat));
         assert_eq!(Route::parse("/status.json"), Route::Page(Page::StatusJson));
         assert_eq!(Route::parse("/metrics"), Route::Page(Page::Metrics));
+        assert_eq!(Route::parse("/dashboard"), Route::Page(Page::Dashboard));
         assert_eq!(
             Route::parse("/bgs/12/snapshot"),
             Route::Admin {

@@ -5,7 +5,8 @@
 //! - [`backend`]: the backend of a replicated block group, a thin adapter over
 //!   [`engine::BgHandle`].
 //! - [`http`]: `/raft_stat`, `/status.json` and the admin actions (`POST /bgs/<id>/snapshot`,
-//!   `POST /bgs/<id>/transfer_leader`); [`metrics`]: `/metrics` for Prometheus; [`ctl`]:
+//!   `POST /bgs/<id>/transfer_leader`); [`metrics`]: `/metrics` for Prometheus; [`dashboard`]:
+//!   `/dashboard`, an HTML page of the same; [`ctl`]:
 //!   `bdctl`, the admin actions' command-line client.
 //! - [`config`] and [`cli`]: the TOML config, flags, `run`, `init-ca`, `issue-cert`; [`dev`]: the
 //!   local 3-process cluster.
@@ -21,6 +22,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod ctl;
+pub mod dashboard;
 pub mod dev;
 pub mod error;
 pub mod http;

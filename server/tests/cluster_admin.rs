@@ -219,5 +219,20 @@ fn http_admin_routes_refuse_bad_requests() {
         &format!("bd_wal_batches_total{{node=\"{target}\",core=\"0\"}}"),
     );
     assert!(batches > 0.0);
+    // /dashboard: an HTML page per node; the new leader's says it leads bg0.
+    let led: Vec<bool> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            let (code, body) = call(n.http, "GET", "/dashboard");
+            assert_eq!(code, 200);
+            assert!(
+                body.contains("<table id=\"bgs\">") && body.contains("<td class=\"l\">bg0</td>")
+            );
+            body.contains("1 block groups, 1 led here")
+        })
+        .collect();
+    assert_eq!(led.iter().filter(|l| **l).count(), 1, "{led:?}");
+    assert!(led[(target - 1) as usize]);
     c.assert_all_alive();
 }
