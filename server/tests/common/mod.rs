@@ -151,10 +151,15 @@ pub fn free_udp() -> SocketAddr {
 }
 
 /// `method path` without a body: the status code and the body (None if the node does not
-/// answer).
-pub fn http_call(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
+/// answer within `read_timeout`).
+fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    read_timeout: Duration,
+) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    s.set_read_timeout(Some(read_timeout)).ok()?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -163,22 +168,21 @@ pub fn http_call(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, Str
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
-    let code = head.get(9..12)?.parse().ok()?;
+    let code = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
     Some((code, body.to_string()))
 }
 
+/// An admin call (a snapshot may take a while): status code and body.
+pub fn http_call(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
+    http_exchange(addr, method, path, Duration::from_secs(30))
+}
+
+/// The body of a 200 answer to `GET path` (polled: a node that hangs counts as not answering).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+    match http_exchange(addr, "GET", path, Duration::from_secs(5))? {
+        (200, body) => Some(body),
+        _ => None,
+    }
 }
 
 pub struct Node {
