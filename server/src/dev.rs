@@ -225,6 +225,7 @@ async fn supervise(
         );
     }
     println!("data and logs in {logs}/ ; Ctrl-C stops the cluster");
+    println!("{}", control_hint(nodes));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Dev {
             node: 0,
@@ -244,5 +245,53 @@ async fn supervise(
                 }
             }
         }
+    }
+}
+
+/// The line telling how to look at and control the cluster: the first node's dashboard and the
+/// `bdctl` command (with `--node` flags unless the nodes are at bdctl's default addresses).
+fn control_hint(nodes: &[DevNode]) -> String {
+    let http: Vec<String> = nodes.iter().map(|n| n.http.to_string()).collect();
+    let flags = if http == crate::ctl::DEV_NODES {
+        String::new()
+    } else {
+        http.iter().map(|a| format!(" --node {a}")).collect()
+    };
+    format!(
+        "dashboard: http://{}/dashboard ; control: bdctl{flags} status (cargo run --release -p server --bin bdctl -- ...)",
+        http.first().map_or("", |a| a.as_str())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn nodes(argv: &[&str]) -> Vec<DevNode> {
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Command::Dev(args) = cli.command else {
+            panic!("not dev")
+        };
+        layout(&args).unwrap()
+    }
+
+    #[test]
+    fn the_control_hint_needs_node_flags_only_off_the_default_ports() {
+        let hint = control_hint(&nodes(&["bd-server", "dev"]));
+        assert_eq!(
+            hint,
+            "dashboard: http://127.0.0.1:10909/dashboard ; control: bdctl status \
+             (cargo run --release -p server --bin bdctl -- ...)"
+        );
+        let hint = control_hint(&nodes(&["bd-server", "dev", "--base-port", "20000"]));
+        assert!(
+            hint.starts_with(
+                "dashboard: http://127.0.0.1:20100/dashboard ; control: bdctl --node \
+                 127.0.0.1:20100 --node 127.0.0.1:20101 --node 127.0.0.1:20102 status"
+            ),
+            "{hint}"
+        );
     }
 }
