@@ -25,6 +25,10 @@ use crate::error::Error;
 const REQUEST_HEAD_BYTES_MAX: usize = 8 << 10;
 /// Largest response [`request`] reads (the status of thousands of block groups is a few MB).
 const RESPONSE_BYTES_MAX: usize = 64 << 20;
+/// Connections served at once; more are answered 503 and closed, so a flood of idle or slow
+/// clients costs bounded tasks and descriptors (each one's head must arrive within
+/// `REQUEST_TIMEOUT`).
+pub const HTTP_CONNECTIONS_MAX: usize = 64;
 /// Time a client has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -40,12 +44,23 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, "HTTP listening (GET /raft_stat, /status.json, /metrics, /dashboard; POST /bgs/<id>/snapshot, /bgs/<id>/transfer_leader)");
     }
+    let slots = Arc::new(tokio::sync::Semaphore::new(HTTP_CONNECTIONS_MAX));
     loop {
         let Ok((mut sock, peer)) = listener.accept().await else {
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, limit = HTTP_CONNECTIONS_MAX, "HTTP connections at their limit; refusing");
+            tokio::spawn(async move {
+                let busy = Reply::text(503, "too many HTTP connections; try again\n");
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), send(&mut sock, Some(busy))).await;
+            });
+            continue;
+        };
         let engine = engine.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             // The client gets REQUEST_TIMEOUT for its request head and again for reading the
             // answer; the action in between (a snapshot syncs a whole data file) is not cut.
             let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut sock)).await {

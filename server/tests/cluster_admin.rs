@@ -181,6 +181,24 @@ fn http_admin_routes_refuse_bad_requests() {
                 .is_some_and(|s| s["state"] == "LEADER")
         },
     );
+    // At most HTTP_CONNECTIONS_MAX connections are served at once: with that many idle ones
+    // open, the next request is refused with 503; once they are gone, requests are served.
+    let idle: Vec<std::net::TcpStream> = (0..server::http::HTTP_CONNECTIONS_MAX)
+        .map(|_| std::net::TcpStream::connect(leader).unwrap())
+        .collect();
+    c.wait_until(
+        "a request beyond the connection limit is refused",
+        Duration::from_secs(4),
+        Duration::from_millis(20),
+        || http_call(leader, "GET", "/status.json").is_some_and(|(code, _)| code == 503),
+    );
+    drop(idle);
+    c.wait_until(
+        "requests are served again once the idle connections closed",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || http_call(leader, "GET", "/status.json").is_some_and(|(code, _)| code == 200),
+    );
     // /metrics: one leader over the three nodes, the commit index as /status.json says, and
     // the WAL's counters moving.
     let metric = |addr, series: &str| -> f64 {
