@@ -1618,6 +1618,120 @@ pub fn resumed_leader_scenario(seed: u64, broken_rule: BrokenRule) -> Result<See
     })
 }
 
+/// Ongaro's single-server membership change counterexample, scripted on four
+/// nodes, since random seeds build it about once in 150,000: leader L1 appends
+/// "remove X1" while cut off and never commits it; among the others L2 is
+/// elected, and at once (before its first entry can commit) is asked to remove
+/// X2, the node it cannot reach; its change commits with L2 and X1, a majority
+/// of its new configuration but not of the old one; then L2 is cut off and L1
+/// comes back to X2 alone. A majority of L1's configuration ({L1, X2, L2}) is
+/// {L1, X2}, and X2 never saw L2's entries, so L1 wins. The correct core
+/// refuses L2's change (Busy) and nothing is lost; with
+/// `BrokenRule::ConfChangeBeforeTermCommit` L1 becomes leader without L2's
+/// committed entries. `Err` when the seed's timing does not build the scenario
+/// (L2 happens to be X1).
+pub fn membership_change_scenario(
+    seed: u64,
+    broken_rule: BrokenRule,
+) -> Result<SeedReport, String> {
+    let opts = SimOptions {
+        nodes: Some(4),
+        ops: 0,
+        broken_rule,
+        verbose: false,
+    };
+    guarded(seed, Some(4), move || {
+        let mut sim = Sim::new(seed, opts);
+        let e = 2 * sim.cfg.election_timeout_ticks as u64 * TICK;
+        sim.quiet();
+        sim.faults.hibernate = 0.0;
+        sim.run_until(20 * e, "a leader committed in its term", |s| {
+            s.settled_leader().is_some()
+        })?;
+        let l1 = sim.settled_leader().expect("checked");
+        let t1 = sim.nodes[l1].raft.as_ref().expect("up").term();
+        let x1 = (0..4).find(|&i| i != l1).expect("four nodes");
+        let cut = |sim: &mut Sim, a: usize, b: usize| {
+            sim.blocked.insert((a, b));
+            sim.blocked.insert((b, a));
+        };
+        for o in (0..4).filter(|&o| o != l1) {
+            cut(&mut sim, l1, o);
+        }
+        let r = sim.nodes[l1]
+            .raft
+            .as_mut()
+            .expect("up")
+            .remove_peer(x1 as u64 + 1);
+        if !matches!(r, Ok(raftlog::core::ConfChangeStart::Started)) {
+            return Err(format!("L1's removal of X1 did not start: {r:?}"));
+        }
+        sim.process(l1);
+        sim.run_until(20 * e, "a new leader among the other three", |s| {
+            (0..4).any(|i| {
+                i != l1
+                    && s.nodes[i]
+                        .raft
+                        .as_ref()
+                        .is_some_and(|r| r.role() == Role::Leader && r.term() > t1)
+            })
+        })?;
+        let l2 = (0..4)
+            .find(|&i| {
+                i != l1
+                    && sim.nodes[i]
+                        .raft
+                        .as_ref()
+                        .is_some_and(|r| r.role() == Role::Leader)
+            })
+            .expect("checked");
+        if l2 == x1 {
+            return Err("L2 is the node L1 removed".into());
+        }
+        let x2 = (0..4)
+            .find(|&i| i != l1 && i != l2 && i != x1)
+            .expect("four nodes");
+        cut(&mut sim, l2, x2);
+        let r = sim.nodes[l2]
+            .raft
+            .as_mut()
+            .expect("up")
+            .remove_peer(x2 as u64 + 1);
+        sim.process(l2);
+        sim.trace(("scenario: L2 removes X2", format!("{r:?}")));
+        // The moment is right only if L2 has not committed yet: the correct core refuses,
+        // the broken one goes ahead.
+        let early = match broken_rule {
+            BrokenRule::ConfChangeBeforeTermCommit => {
+                matches!(r, Ok(raftlog::core::ConfChangeStart::Started))
+            }
+            _ => matches!(r, Err(raftlog::Error::Busy { .. })),
+        };
+        if !early {
+            return Err(format!(
+                "L2's removal of X2 was not asked before L2 committed: {r:?}"
+            ));
+        }
+        let t = sim.now;
+        sim.run_until(3 * e, "L2 replicates to X1", |s| s.now > t + e)?;
+        // L2 goes away; L1 reaches X2 only.
+        for o in 0..4 {
+            if o != l2 {
+                cut(&mut sim, l2, o);
+            }
+        }
+        sim.blocked.remove(&(l1, x2));
+        sim.blocked.remove(&(x2, l1));
+        let _ = sim.run_until(20 * e, "L1 leads again", |s| {
+            s.nodes[l1]
+                .raft
+                .as_ref()
+                .is_some_and(|r| r.role() == Role::Leader)
+        });
+        Ok(sim.finish())
+    })
+}
+
 /// Runs one seed. A panic inside the core (a failed assertion) is a
 /// violation of that seed, not the end of the run.
 pub fn run_seed(seed: u64, opts: &SimOptions) -> SeedReport {
