@@ -264,24 +264,9 @@ fn writes_survive_leadership_transfers_under_load() {
     c.leader();
     let uri = c.nodes[0].uri();
     let fio = std::thread::spawn(move || {
-        run_ok(
-            "fio",
-            &[
-                "--name=bd",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--size=8m",
-                "--iodepth=16",
-                "--time_based",
-                "--runtime=4",
-                "--verify=crc32c",
-                "--verify_fatal=1",
-                "--verify_state_save=0",
-                "--do_verify=1",
-                "--output-format=terse",
-            ],
+        fio_verify(
+            &uri,
+            &["--size=8m", "--iodepth=16", "--time_based", "--runtime=4"],
         )
     });
     let mut moves = 0;
@@ -292,8 +277,7 @@ fn writes_survive_leadership_transfers_under_load() {
         moves += 1;
         std::thread::sleep(Duration::from_millis(400));
     }
-    // run_ok fails the test if fio reports an error or a verify mismatch.
-    let out = fio.join().expect("fio thread");
-    assert!(!out.is_empty(), "fio printed nothing");
+    // fio_verify fails the test if fio reports an error or a verify mismatch.
+    fio.join().expect("fio thread");
     assert_eq!(moves, 3);
 }

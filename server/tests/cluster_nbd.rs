@@ -132,25 +132,7 @@ fn cluster_fio_verify_through_a_follower() {
     let l = c.leader();
     let f = (l + 1) % 3;
     let uri = c.nodes[f].uri();
-    let out = run_ok(
-        "fio",
-        &[
-            "--name=bd",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=4m",
-            "--iodepth=8",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            // No verify state file in the working directory.
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--output-format=terse",
-        ],
-    );
-    assert!(!out.is_empty(), "fio printed nothing");
+    fio_verify(&uri, &["--size=4m", "--iodepth=8"]);
 }
 
 #[test]

@@ -96,6 +96,29 @@ pub fn run_ok(name: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// fio's nbd engine writing 4 KiB blocks at random through `uri` with crc32c verification
+/// (`extra`: size, depth, time limits); fails the test on any error or mismatch.
+pub fn fio_verify(uri: &str, extra: &[&str]) -> String {
+    let uri = format!("--uri={uri}");
+    let mut args = vec![
+        "--name=bd",
+        "--ioengine=nbd",
+        uri.as_str(),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        // No verify state file in the working directory.
+        "--verify_state_save=0",
+        "--do_verify=1",
+        "--output-format=terse",
+    ];
+    args.extend_from_slice(extra);
+    let out = run_ok("fio", &args);
+    assert!(!out.is_empty(), "fio printed nothing");
+    out
+}
+
 /// qemu-io exits 0 even when a command fails, so its output is checked too.
 pub fn qemu_io(uri: &str, commands: &[String]) -> String {
     let mut args = vec!["-f", "raw", uri];
