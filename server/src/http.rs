@@ -114,8 +114,9 @@ async fn handle(head: &str, engine: &Engine) -> Reply {
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     match Route::parse(path) {
+        Route::Index if method == "GET" => Reply::text(200, INDEX),
         Route::Page(page) if method == "GET" => page_reply(page, engine).await,
-        Route::Page(_) => Reply::text(405, "only GET is supported here\n"),
+        Route::Index | Route::Page(_) => Reply::text(405, "only GET is supported here\n"),
         Route::Admin { bg, action } if method == "POST" => admin(engine, bg, action, query).await,
         Route::Admin { .. } => Reply::json(405, error_doc("use POST for admin actions")),
         Route::BadBg(raw) => Reply::json(
@@ -130,9 +131,18 @@ const NOT_FOUND: &str =
     "not found; try GET /raft_stat, GET /status.json, GET /metrics, GET /dashboard, \
 POST /bgs/<id>/snapshot or POST /bgs/<id>/transfer_leader?to=<node>\n";
 
+/// `GET /`: what the server answers.
+const INDEX: &str = "bd-server status and admin\n  \
+GET  /raft_stat                         raft state of every block group (braft's fields)\n  \
+GET  /status.json                       the same as JSON\n  \
+GET  /metrics                           the same for Prometheus\n  \
+GET  /dashboard                         the same as an HTML page (reloads every 2 s)\n  \
+POST /bgs/<id>/snapshot                 take a snapshot of a block group now\n  \
+POST /bgs/<id>/transfer_leader?to=<n>   hand its leadership to node n (no `to`: the most up-to-date voter)\n";
+
+/// A status page: the node's state in one format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Page {
-    Index,
     RaftStat,
     StatusJson,
     Metrics,
@@ -147,6 +157,7 @@ enum Action {
 
 #[derive(Debug, PartialEq, Eq)]
 enum Route<'a> {
+    Index,
     Page(Page),
     Admin {
         bg: GroupId,
@@ -160,7 +171,7 @@ enum Route<'a> {
 impl<'a> Route<'a> {
     fn parse(path: &'a str) -> Route<'a> {
         match path {
-            "/" => return Route::Page(Page::Index),
+            "/" => return Route::Index,
             "/raft_stat" => return Route::Page(Page::RaftStat),
             "/status.json" => return Route::Page(Page::StatusJson),
             "/metrics" => return Route::Page(Page::Metrics),
@@ -212,67 +223,46 @@ fn error_doc(msg: &str) -> serde_json::Value {
 }
 
 async fn page_reply(page: Page, engine: &Engine) -> Reply {
+    // Every status page shows the same three snapshots, each in its own format.
+    let node = engine.config().node_id;
+    let bgs = engine.status().await;
+    let cores = engine.core_stats();
+    let links = engine.links().await;
     match page {
         Page::RaftStat => {
             let mut body = String::new();
-            for s in engine.status().await {
+            for s in &bgs {
                 body.push_str(&s.raft_stat_text());
                 body.push('\n');
             }
-            for c in engine.core_stats() {
+            for c in &cores {
                 body.push_str(&c.raft_stat_text());
             }
-            for l in engine.links().await {
+            for l in &links {
                 body.push_str(&l.raft_stat_text());
             }
             Reply::text(200, &body)
         }
-        Page::StatusJson => {
-            let status = engine.status().await;
-            Reply::json(
-                200,
-                serde_json::json!({
-                    "node": engine.config().node_id,
-                    "cores": engine.config().cores,
-                    "bgs": status,
-                    "core_stats": engine.core_stats(),
-                    "links": engine.links().await,
-                }),
-            )
-        }
-        Page::Metrics => {
-            let text = crate::metrics::render(
-                engine.config().node_id,
-                &engine.status().await,
-                &engine.core_stats(),
-                &engine.links().await,
-            );
-            Reply {
-                code: 200,
-                ctype: "text/plain; version=0.0.4; charset=utf-8",
-                body: text,
-            }
-        }
+        Page::StatusJson => Reply::json(
+            200,
+            serde_json::json!({
+                "node": node,
+                "cores": engine.config().cores,
+                "bgs": bgs,
+                "core_stats": cores,
+                "links": links,
+            }),
+        ),
+        Page::Metrics => Reply {
+            code: 200,
+            ctype: "text/plain; version=0.0.4; charset=utf-8",
+            body: crate::metrics::render(node, &bgs, &cores, &links),
+        },
         Page::Dashboard => Reply {
             code: 200,
             ctype: "text/html; charset=utf-8",
-            body: crate::dashboard::render(
-                engine.config().node_id,
-                &engine.status().await,
-                &engine.core_stats(),
-                &engine.links().await,
-            ),
+            body: crate::dashboard::render(node, &bgs, &cores, &links),
         },
-        Page::Index => Reply::text(
-            200,
-            "bd-server status and admin\n  \
-             GET  /raft_stat                         raft state of every block group (braft's fields)\n  \
-             GET  /status.json                       the same as JSON\n  \
-             GET  /metrics                           the same for Prometheus\n  \
-             GET  /dashboard                         the same as an HTML page (reloads every 2 s)\n  \
-             POST /bgs/<id>/snapshot                 take a snapshot of a block group now\n  \
-             POST /bgs/<id>/transfer_leader?to=<n>   hand its leadership to node n (no `to`: the most up-to-date voter)\n",
-        ),
     }
 }
 
@@ -427,7 +417,7 @@ mod tests {
 
     #[test]
     fn routes_parse_pages_admin_actions_and_bad_ids() {
-        assert_eq!(Route::parse("/"), Route::Page(Page::Index));
+        assert_eq!(Route::parse("/"), Route::Index);
         assert_eq!(Route::parse("/raft_stat"), Route::Page(Page::RaftStat));
         assert_eq!(Route::parse("/status.json"), Route::Page(Page::StatusJson));
         assert_eq!(Route::parse("/metrics"), Route::Page(Page::Metrics));
