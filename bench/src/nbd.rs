@@ -320,7 +320,7 @@ pub fn run(a: NbdArgs) -> Res<()> {
                 target: t.clone(),
                 rw: rw.into(),
                 fio: r,
-                server_cpu_pct: 100.0 * cpu / t0.elapsed().as_secs_f64(),
+                server_cpu_pct: 100.0 * cpu / secs,
                 ratio_vs_qemu: f64::NAN,
                 leader_wal,
             };
