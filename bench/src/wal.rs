@@ -20,8 +20,13 @@
 //! durable on its own, as a WAL batch is) in the shapes the ratios are about:
 //! 64 × 4 KiB per flush as 1, 2 or 4 writes at a time, and 4 MiB as four
 //! 1 MiB writes. They bound what a log that makes each batch durable with a
-//! write + flush of its own can reach with the same appenders on this disk;
-//! the line before the last gives them as bounds on X and Y. The last line of output is always
+//! write + flush of its own can reach with the same appenders on this disk.
+//! Two more bound the other design, flushes shared by every batch written
+//! before them: 64 appenders with no CPU, whose waiting entries one or two
+//! threads write as one O_DIRECT write without a flush, while one thread
+//! runs fdatasync back to back and acknowledges what was written before
+//! each began. The line before the last gives the best of them as bounds on
+//! X and Y. The last line of output is always
 //! `ratio_vs_naive_at_64=X ratio_vs_raw_seq_64k=Y`.
 //!
 //! Each round ends with a restart row: `Wal::open` timed on a closed log of
@@ -281,7 +286,7 @@ fn ratio_lines(per_round: &[Ratios]) -> Vec<String> {
         "this run".to_string()
     };
     out.push(format!(
-        "ceilings on this disk (a flush per durable write, same appenders; {what}): \
+        "ceilings on this disk (same appenders with no CPU; {what}): \
          ratio_vs_naive_at_64<={:.2} ratio_vs_raw_seq_64k<={:.2}",
         med(|r| r.x_max),
         med(|r| r.y_max)
@@ -409,6 +414,16 @@ fn baseline_cells(root: &Path, a: &WalArgs, wal_64k_mb_per_s: Option<f64>) -> Re
                 rows.push(r);
             }
             Err(e) => eprintln!("ceiling ({chunk} B x{depth}) skipped: {e}"),
+        }
+    }
+    // The other design: flushes shared by every batch written before them.
+    for writers in [1, 2] {
+        match shared_flush_cell(&raw_path, total, dur, 64, 4096, writers) {
+            Ok(r) => {
+                progress(&r, a.json);
+                rows.push(r);
+            }
+            Err(e) => eprintln!("shared-flush ceiling (writes x{writers}) skipped: {e}"),
         }
     }
     let _ = std::fs::remove_file(&raw_path);
@@ -870,6 +885,159 @@ fn ceiling_cell(path: &Path, total: u64, chunk: usize, depth: usize, entry: usiz
     Ok(c)
 }
 
+/// Where the shared-flush ceiling's appenders are: waiting to be written,
+/// written and waiting for a flush that starts after their write ended.
+struct SharedFlush {
+    /// Since when each waiting appender has waited (its append began).
+    pending: Vec<Instant>,
+    written: Vec<Instant>,
+    next_offset: u64,
+    acked: u64,
+    flushes: u64,
+    stop: bool,
+    error: Option<String>,
+    h: Histogram<u64>,
+}
+
+/// A ceiling row for the other way a log can make appends durable: not a
+/// flush per batch (the O_DSYNC rows) but flushes shared by every batch
+/// written before them. A closed loop of `n` appenders that cost no CPU:
+/// `writers` threads each take every waiting entry (the pending batch) and
+/// write it as one O_DIRECT write without a flush; one thread runs
+/// fdatasync back to back, and each one acknowledges every entry whose
+/// write had completed before it began; those appenders append again at
+/// once. Runs for `dur` over `total` bytes of `path` (the written raw file,
+/// overwritten from the start again when it is full).
+fn shared_flush_cell(
+    path: &Path,
+    total: u64,
+    dur: Duration,
+    n: usize,
+    entry: usize,
+    writers: usize,
+) -> Res<Row> {
+    let batch_max = n * entry;
+    let total = total.max(batch_max as u64) / 4096 * 4096;
+    if std::fs::metadata(path).map_or(true, |m| m.len() < total) {
+        drop(prealloc(path, total, true)?);
+    }
+    let f = Arc::new(
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?,
+    );
+    let t0 = Instant::now();
+    let state = Arc::new((
+        Mutex::new(SharedFlush {
+            pending: vec![t0; n],
+            written: Vec::new(),
+            next_offset: 0,
+            acked: 0,
+            flushes: 0,
+            stop: false,
+            error: None,
+            h: hist(),
+        }),
+        std::sync::Condvar::new(),
+    ));
+    let fail = |st: &mut SharedFlush, e: String| {
+        st.error.get_or_insert(e);
+        st.stop = true;
+    };
+    let mut threads = Vec::new();
+    for _ in 0..writers {
+        let (f, state) = (f.clone(), state.clone());
+        threads.push(std::thread::spawn(move || {
+            let layout = std::alloc::Layout::from_size_align(batch_max, 4096).expect("layout");
+            // SAFETY: non-zero size; freed below with the same layout.
+            let ptr = unsafe { std::alloc::alloc(layout) };
+            assert!(!ptr.is_null(), "allocation failed");
+            // SAFETY: `ptr` points to `batch_max` writable bytes we own.
+            let buf = unsafe { std::slice::from_raw_parts_mut(ptr, batch_max) };
+            buf.fill(0x3c);
+            let (lock, cv) = &*state;
+            let mut st = lock.lock().unwrap();
+            loop {
+                while st.pending.is_empty() && !st.stop {
+                    st = cv.wait(st).unwrap();
+                }
+                if st.stop {
+                    break;
+                }
+                let batch = std::mem::take(&mut st.pending);
+                let len = (batch.len() * entry) as u64;
+                if st.next_offset + len > total {
+                    st.next_offset = 0;
+                }
+                let off = st.next_offset;
+                st.next_offset += len;
+                drop(st);
+                let res = f.write_all_at(&buf[..len as usize], off);
+                st = lock.lock().unwrap();
+                match res {
+                    Ok(()) => st.written.extend(batch),
+                    Err(e) => fail(&mut st, format!("shared-flush write at {off}: {e}")),
+                }
+                cv.notify_all();
+            }
+            drop(st);
+            // SAFETY: allocated above with this layout.
+            unsafe { std::alloc::dealloc(ptr, layout) };
+        }));
+    }
+    {
+        let (f, state) = (f.clone(), state.clone());
+        threads.push(std::thread::spawn(move || {
+            let (lock, cv) = &*state;
+            let mut st = lock.lock().unwrap();
+            loop {
+                while st.written.is_empty() && !st.stop {
+                    st = cv.wait(st).unwrap();
+                }
+                if st.stop {
+                    break;
+                }
+                // Only what was written before the flush begins is durable after it.
+                let covered = std::mem::take(&mut st.written);
+                drop(st);
+                let res = f.sync_data();
+                let now = Instant::now();
+                st = lock.lock().unwrap();
+                if let Err(e) = res {
+                    fail(&mut st, format!("shared-flush fdatasync: {e}"));
+                    break;
+                }
+                st.flushes += 1;
+                st.acked += covered.len() as u64;
+                for since in &covered {
+                    let _ = st.h.record((now - *since).as_micros().max(1) as u64);
+                }
+                st.pending.extend(std::iter::repeat_n(now, covered.len()));
+                cv.notify_all();
+            }
+        }));
+    }
+    std::thread::sleep(dur);
+    let (acked, flushes, secs) = {
+        let mut st = state.0.lock().unwrap();
+        st.stop = true;
+        state.1.notify_all();
+        (st.acked, st.flushes, t0.elapsed().as_secs_f64())
+    };
+    for t in threads {
+        t.join()
+            .map_err(|_| "shared-flush thread panicked".to_string())?;
+    }
+    let st = state.0.lock().unwrap();
+    if let Some(e) = &st.error {
+        return Err(e.clone());
+    }
+    let mode = format!("ceiling: shared flushes, writes x{writers}");
+    Ok(row(&mode, entry, n, acked, flushes, secs, &st.h))
+}
+
 fn seq_cell(
     path: &Path,
     total: u64,
@@ -1057,6 +1225,21 @@ mod tests {
         let data = std::fs::read(&p).unwrap();
         assert_eq!(data.len() as u64, 64 << 20);
         assert!(data.iter().all(|&b| b == 0x3c));
+    }
+
+    #[test]
+    fn the_shared_flush_ceiling_acknowledges_every_appender_after_a_flush() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("raw");
+        let r = shared_flush_cell(&p, 1 << 20, Duration::from_millis(300), 8, 4096, 2).unwrap();
+        assert_eq!(r.mode, "ceiling: shared flushes, writes x2");
+        assert_eq!((r.entry_bytes, r.appenders), (4096, 8));
+        assert!(r.fsyncs_per_s > 0.0, "{r:?}");
+        // A flush acknowledges between one entry and every appender.
+        assert!((1.0..=8.0).contains(&r.mean_batch), "{r:?}");
+        assert!(r.p50_us > 0 && r.p50_us <= r.p99_us, "{r:?}");
+        // The writes wrapped within the file, which stays its size.
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
     }
 
     fn at(mode: &str, entry: usize, n: usize, appends_per_s: f64, mb_per_s: f64) -> Row {
