@@ -23,6 +23,10 @@ pub struct BgSpec {
     /// has a log or a snapshot.
     pub members: Vec<NodeId>,
     pub size_bytes: u64,
+    /// This node holds a replica that is not among `members` yet: it waits, without
+    /// campaigning, until the leader adds it (`Engine::change_peers`, `bdctl add-peer`) and
+    /// sends it the log or a snapshot. `members` are then the group's current voters.
+    pub join: bool,
 }
 
 impl BgSpec {
@@ -270,11 +274,27 @@ impl EngineConfig {
                     bg.id, bg.size_bytes
                 ));
             }
-            if !bg.members.contains(&self.node_id) {
+            if bg.members.is_empty() || bg.members.contains(&0) {
                 return bad(format!(
-                    "bg {}: members {:?} do not include this node {}",
-                    bg.id, bg.members, self.node_id
+                    "bg {}: members {:?} must be node ids above 0, at least one",
+                    bg.id, bg.members
                 ));
+            }
+            match (bg.join, bg.members.contains(&self.node_id)) {
+                (false, false) => {
+                    return bad(format!(
+                        "bg {}: members {:?} do not include this node {} (a replica that waits \
+                         to be added to the group is declared with join)",
+                        bg.id, bg.members, self.node_id
+                    ))
+                }
+                (true, true) => {
+                    return bad(format!(
+                        "bg {}: join is set but this node {} is already among members {:?}",
+                        bg.id, self.node_id, bg.members
+                    ))
+                }
+                _ => {}
             }
             for m in &bg.members {
                 if *m != self.node_id && !self.peers.contains_key(m) {

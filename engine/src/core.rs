@@ -50,8 +50,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use raftlog::core::{
-    Configuration, Entry, EntryKind, Event, GroupId, Index, Message, MessageBody, NodeId, RaftNode,
-    Restore, Role, SnapshotMeta, SplitMix64, Term,
+    ConfChangeStart, Configuration, Entry, EntryKind, Event, GroupId, Index, Message, MessageBody,
+    NodeId, RaftNode, Restore, Role, SnapshotMeta, SplitMix64, Term,
 };
 use raftlog::storage::LogStore;
 use raftlog::wal::{Durable, Wal, WalConfig, WalHandle, WalOp};
@@ -100,6 +100,13 @@ pub enum ClientOp {
     Flush,
 }
 
+/// A single-peer membership change (braft's add_peer / remove_peer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerChange {
+    Add(NodeId),
+    Remove(NodeId),
+}
+
 /// A request from outside the core (the NBD front end, the HTTP status page).
 pub enum CoreRequest {
     Client {
@@ -114,6 +121,13 @@ pub enum CoreRequest {
     Snapshot {
         bg: GroupId,
         reply: oneshot::Sender<Result<Index>>,
+    },
+    /// Add or remove a peer of `bg` (led here); answers whether a change started (false: the
+    /// configuration already is the requested one).
+    ChangePeers {
+        bg: GroupId,
+        change: PeerChange,
+        reply: oneshot::Sender<Result<bool>>,
     },
     /// Hand `bg`'s leadership (held here) to `to`, or to the most up-to-date voter; answers
     /// with the target once the transfer has started.
@@ -722,6 +736,31 @@ impl Core {
                 }
                 let _ = reply.send(r);
             }
+            CoreRequest::ChangePeers { bg, change, reply } => {
+                self.wake_group(bg);
+                // A replica can only live where this node has a link to.
+                let stranger = match change {
+                    PeerChange::Add(n) if n != self.me && !self.cfg.peers.contains_key(&n) => {
+                        Some(n)
+                    }
+                    _ => None,
+                };
+                let r = match (self.groups.get_mut(&bg), stranger) {
+                    (None, _) => Err(Error::UnknownBg { bg }),
+                    (Some(_), Some(node)) => Err(Error::NotAPeer { bg, node }),
+                    (Some(g), None) => match change {
+                        PeerChange::Add(n) => g.raft.add_peer(n),
+                        PeerChange::Remove(n) => g.raft.remove_peer(n),
+                    }
+                    .map(|start| start == ConfChangeStart::Started)
+                    .map_err(|source| Error::Raft { bg, source }),
+                };
+                if let Ok(true) = r {
+                    info!(bg, ?change, "membership change started");
+                    self.dirty.insert(bg);
+                }
+                let _ = reply.send(r);
+            }
             CoreRequest::Shutdown => {}
         }
         Ok(())
@@ -943,7 +982,11 @@ impl Core {
                             from,
                             "forwarded request from a node that is not a member refused"
                         );
-                        self.reply(client, Err(Error::UnknownBg { bg: group_field }));
+                        let e = Error::NotAMember {
+                            bg: group_field,
+                            node: from,
+                        };
+                        self.reply(client, Err(e));
                     }
                     Some(Role::Leader) => {
                         self.wake_group(group_field);
@@ -1024,8 +1067,9 @@ impl Core {
         // Only members talk raft to a group (the transport authenticates nodes, not their
         // membership): a message from any other node — one that holds a cluster certificate
         // but no replica, or anyone on loopback in insecure mode — could otherwise depose the
-        // leader with a higher term or become the leader a follower forwards to.
-        if !is_member(g.raft.conf(), from) {
+        // leader with a higher term or become the leader a follower forwards to. A peer the
+        // leader is adding counts from the start of its catch-up (`is_peer`).
+        if !g.raft.is_peer(from) {
             warn!(
                 core = self.core,
                 bg, from, "raft message from a node that is not a member of the group dropped"

@@ -70,6 +70,20 @@ pub enum Error {
     #[error("bg {bg}: not hosted on this node")]
     UnknownBg { bg: GroupId },
 
+    /// A replica outside the group's configuration (removed, or not added yet) cannot serve it.
+    #[error(
+        "bg {bg}: node {node} is not a member of the group (removed, or not added yet); use \
+         the export on a member"
+    )]
+    NotAMember { bg: GroupId, node: NodeId },
+
+    /// A membership change names a node this one has no address for.
+    #[error(
+        "bg {bg}: node {node} is not a peer of this node (no peer address), so it cannot hold \
+         a replica; list it among the peers of every node first"
+    )]
+    NotAPeer { bg: GroupId, node: NodeId },
+
     /// A request is outside the volume (the front end checks first; this is the last guard).
     #[error(
         "bg {bg}: {op} of {len} bytes at offset {offset} is outside the volume of {size} bytes"
@@ -133,7 +147,9 @@ pub enum ErrorKind {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::OutOfRange { .. } | Error::Config { .. } => ErrorKind::Invalid,
+            Error::OutOfRange { .. } | Error::Config { .. } | Error::NotAPeer { .. } => {
+                ErrorKind::Invalid
+            }
             Error::File { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 ErrorKind::NoSpace
             }

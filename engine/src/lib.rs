@@ -57,6 +57,7 @@ use tracing::{error, info, warn};
 
 pub use block::BlockOp;
 pub use config::{BgSpec, EngineConfig};
+pub use core::PeerChange;
 pub use error::{Error, ErrorKind, Result};
 pub use status::{BgStatus, CoreStat, LinkStat, PeerStat};
 
@@ -236,6 +237,21 @@ impl Engine {
         let h = self.bg(bg).ok_or(Error::UnknownBg { bg })?;
         let (reply, rx) = oneshot::channel();
         h.tx.send(CoreRequest::TransferLeader { bg, to, reply })
+            .await
+            .map_err(|_| h.gone())?;
+        rx.await.map_err(|_| h.gone())?
+    }
+
+    /// Starts a membership change of `bg` (braft's add_peer / remove_peer), held here as its
+    /// leader. `Ok(true)`: the change runs (a new peer first catches up on the log, then the
+    /// configuration entry commits; `BgStatus::voters` shows the result, and the catch-up
+    /// fails after `catchup_timeout` if the peer never answers); `Ok(false)`: the configuration
+    /// is already the requested one. A peer to add must be this node or one of its `peers`,
+    /// and hold the group (a replica declared with `join` on that node).
+    pub async fn change_peers(&self, bg: GroupId, change: PeerChange) -> Result<bool> {
+        let h = self.bg(bg).ok_or(Error::UnknownBg { bg })?;
+        let (reply, rx) = oneshot::channel();
+        h.tx.send(CoreRequest::ChangePeers { bg, change, reply })
             .await
             .map_err(|_| h.gone())?;
         rx.await.map_err(|_| h.gone())?

@@ -1187,6 +1187,9 @@ fn add_peer_appends_config_only_after_catchup() {
     assert_eq!(c.node(l).last_index(), last);
     assert!(c.node(l).status().conf_change_in_progress);
     assert_eq!(c.node(l).conf(), &Configuration::new([1, 2, 3]));
+    // The peer being brought in is one the leader talks to; no other outsider is.
+    assert!(c.node(l).is_peer(4) && c.node(l).is_peer(2));
+    assert!(!c.node(l).is_peer(5));
     c.heal();
     c.ticks(5);
     let confs = config_entries(&c, l);
@@ -1256,6 +1259,10 @@ fn add_peer_catchup_timeout_aborts() {
         }]
     );
     assert_eq!(c.node(l).conf(), &Configuration::new([1, 2, 3]));
+    assert!(
+        !c.node(l).is_peer(4),
+        "an aborted peer is an outsider again"
+    );
     assert!(config_entries(&c, l).is_empty());
     assert_eq!(c.node(l).last_index(), last);
     assert!(!c.node(l).status().conf_change_in_progress);

@@ -83,9 +83,19 @@ pub struct RunArgs {
     /// A peer as ID=QUIC_ADDR (repeat for each peer).
     #[arg(long = "peer", value_parser = parse_peer)]
     pub peers: Vec<PeerConfig>,
-    /// A block group this node holds, with this node and every --peer as members (repeat).
+    /// A block group this node holds, with this node and every --peer as members, or those of
+    /// --bg-members (repeat).
     #[arg(long = "bg")]
     pub bgs: Vec<u64>,
+    /// A block group this node holds a replica of that is not a member yet: it waits until the
+    /// leader adds it (`bdctl add-peer`). Its members are --bg-members, else every --peer
+    /// (repeat).
+    #[arg(long = "join-bg", value_name = "BG")]
+    pub join_bgs: Vec<u64>,
+    /// Initial members of the groups of --bg and --join-bg, as node ids (e.g. 1,2,3); default:
+    /// this node (for --bg) and every --peer.
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    pub bg_members: Vec<u64>,
     /// Size of the groups given with --bg.
     #[arg(long)]
     pub bg_size_bytes: Option<u64>,
@@ -242,15 +252,25 @@ impl RunArgs {
             c.peers.retain(|x| x.id != p.id);
             c.peers.push(p.clone());
         }
-        for id in &self.bgs {
-            let mut members: Vec<u64> = c.peers.iter().map(|p| p.id).collect();
-            members.push(c.node_id);
+        let joins = self.join_bgs.iter().map(|id| (id, true));
+        for (id, join) in self.bgs.iter().map(|id| (id, false)).chain(joins) {
+            let mut members: Vec<u64> = if self.bg_members.is_empty() {
+                let mut m: Vec<u64> = c.peers.iter().map(|p| p.id).collect();
+                if !join {
+                    m.push(c.node_id);
+                }
+                m
+            } else {
+                self.bg_members.clone()
+            };
             members.sort_unstable();
+            members.dedup();
             c.bgs.retain(|b| b.id != *id);
             c.bgs.push(BgConfig {
                 id: *id,
                 members,
                 size_bytes: self.bg_size_bytes.unwrap_or(BG_SIZE_BYTES_DEFAULT),
+                join,
             });
         }
         Ok(c)
@@ -377,5 +397,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--wal-batches-in-flight-max"), "{e}");
+    }
+
+    #[test]
+    fn join_bg_declares_a_replica_outside_the_members() {
+        let parse = |extra: &[&str]| {
+            let mut a = vec![
+                "bd-server",
+                "run",
+                "--node-id",
+                "4",
+                "--insecure-loopback",
+                "--peer",
+                "1=127.0.0.1:7001",
+                "--peer",
+                "2=127.0.0.1:7002",
+                "--peer",
+                "3=127.0.0.1:7003",
+            ];
+            a.extend_from_slice(extra);
+            let Command::Run(args) = Cli::try_parse_from(a).unwrap().command else {
+                panic!("not run");
+            };
+            args.resolve().unwrap().engine_config()
+        };
+        let e = parse(&["--join-bg", "0"]).unwrap();
+        assert_eq!(e.bgs[0].members, vec![1, 2, 3]);
+        assert!(e.bgs[0].join);
+        let e = parse(&["--bg", "1", "--bg-members", "4,3,2"]).unwrap();
+        assert_eq!(e.bgs[0].members, vec![2, 3, 4]);
+        assert!(!e.bgs[0].join);
+        // A member list without this node needs join, and join needs this node outside it.
+        let err = parse(&["--bg", "1", "--bg-members", "1,2,3"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("do not include this node 4"), "{err}");
+        let err = parse(&["--join-bg", "1", "--bg-members", "2,3,4"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already among members"), "{err}");
+        let err = parse(&["--join-bg", "1", "--bg-members", "1,2,5"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("member 5 has no peer address"), "{err}");
     }
 }

@@ -24,6 +24,8 @@
 //! id = 0                            # NBD export "bg0"
 //! members = [1, 2, 3]
 //! size_bytes = 1073741824
+//! # join = true                   # a replica that waits for `bdctl add-peer` (members: the
+//!                                 # group's current voters, without this node)
 //!
 //! [raft]
 //! tick_ms = 50
@@ -72,6 +74,10 @@ pub struct BgConfig {
     pub members: Vec<u64>,
     #[serde(default = "bg_size_default")]
     pub size_bytes: u64,
+    /// A replica that waits to be added (`bdctl add-peer`): `members` are the group's current
+    /// voters and do not include this node.
+    #[serde(default)]
+    pub join: bool,
 }
 
 fn bg_size_default() -> u64 {
@@ -238,6 +244,7 @@ impl ServerConfig {
                 id: b.id,
                 members: b.members.clone(),
                 size_bytes: b.size_bytes,
+                join: b.join,
             })
             .collect();
         let r = &self.raft;
@@ -305,6 +312,7 @@ mod tests {
             id: 0,
             members: vec![1],
             size_bytes: 1 << 20,
+            join: false,
         });
         let e = c.engine_config().unwrap();
         assert_eq!(e.bgs[0].id, 0);

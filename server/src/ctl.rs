@@ -1,5 +1,8 @@
 //! `bdctl`: braft_cli-style control of a running cluster through the nodes' HTTP endpoints
-//! (see [`crate::http`]): `status`, `snapshot`, `transfer-leader`.
+//! (see [`crate::http`]): `status`, `snapshot`, `transfer-leader`, and membership changes:
+//! `add-peer`, `remove-peer` and `move-replica` (add the new replica, then remove the old one:
+//! the group keeps three voters throughout, and a majority of the old ones and of the new ones
+//! agree on every step).
 //!
 //! Nodes do not know each other's HTTP addresses, so `bdctl` takes them all (`--node`,
 //! repeatable; by default the three nodes of `bd-server dev`) and finds a block group's leader
@@ -21,7 +24,7 @@ pub const DEV_NODES: [&str; 3] = ["127.0.0.1:10909", "127.0.0.1:10910", "127.0.0
 #[command(
     name = "bdctl",
     version,
-    about = "Control a bd cluster: block group status, snapshots, leadership transfer",
+    about = "Control a bd cluster: block group status, snapshots, leadership transfer, membership changes",
     long_about = "Control a bd cluster through the nodes' HTTP endpoints (`http_listen`).\n\n\
         Without --node, talks to the three nodes of `bd-server dev` \
         (127.0.0.1:10909, :10910, :10911). Exit status 1 if anything failed; every error names \
@@ -63,6 +66,51 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 10_000, value_name = "MS")]
         wait_ms: u64,
     },
+    /// Make a node a voter of a block group and wait until that configuration commits
+    /// (braft_cli add_peer). The node must hold the group (declared with `--join-bg` or
+    /// `join = true`) and be a peer of every node; it catches up on the log or a snapshot
+    /// first.
+    AddPeer {
+        /// Block group id.
+        #[arg(long)]
+        bg: u64,
+        /// Node id to add.
+        #[arg(long)]
+        peer: u64,
+        /// How long to wait for the configuration to commit before failing.
+        #[arg(long, default_value_t = 60_000, value_name = "MS")]
+        wait_ms: u64,
+    },
+    /// Remove a node from a block group and wait until that configuration commits (braft_cli
+    /// remove_peer). A leader that removes itself steps down once the change commits. The
+    /// removed replica's files stay on its node.
+    RemovePeer {
+        /// Block group id.
+        #[arg(long)]
+        bg: u64,
+        /// Node id to remove.
+        #[arg(long)]
+        peer: u64,
+        /// How long to wait for the configuration to commit before failing.
+        #[arg(long, default_value_t = 60_000, value_name = "MS")]
+        wait_ms: u64,
+    },
+    /// Move a block group's replica from one node to another: add-peer `--to`, then
+    /// remove-peer `--from`.
+    MoveReplica {
+        /// Block group id.
+        #[arg(long)]
+        bg: u64,
+        /// Node id that gives up its replica.
+        #[arg(long)]
+        from: u64,
+        /// Node id that takes it (holding the group with `--join-bg`).
+        #[arg(long)]
+        to: u64,
+        /// How long to wait for each of the two changes.
+        #[arg(long, default_value_t = 60_000, value_name = "MS")]
+        wait_ms: u64,
+    },
 }
 
 impl CtlArgs {
@@ -93,6 +141,26 @@ pub fn run(args: &CtlArgs) -> Result<(), Error> {
             CtlCommand::Snapshot { bg } => snapshot(&nodes, *bg).await,
             CtlCommand::TransferLeader { bg, to, wait_ms } => {
                 transfer_leader(&nodes, *bg, *to, Duration::from_millis(*wait_ms)).await
+            }
+            CtlCommand::AddPeer { bg, peer, wait_ms } => {
+                change_peer(&nodes, *bg, Change::Add(*peer), ms(*wait_ms)).await
+            }
+            CtlCommand::RemovePeer { bg, peer, wait_ms } => {
+                change_peer(&nodes, *bg, Change::Remove(*peer), ms(*wait_ms)).await
+            }
+            CtlCommand::MoveReplica {
+                bg,
+                from,
+                to,
+                wait_ms,
+            } => {
+                if from == to {
+                    return Err(Error::AdminOutcome(format!(
+                        "bg {bg}: --from and --to are the same node {from}"
+                    )));
+                }
+                change_peer(&nodes, *bg, Change::Add(*to), ms(*wait_ms)).await?;
+                change_peer(&nodes, *bg, Change::Remove(*from), ms(*wait_ms)).await
             }
         }
     })
@@ -154,13 +222,14 @@ fn report(errors: Vec<Error>, asked: usize) -> Result<(), Error> {
 /// The `status` table, one row per (node, block group).
 pub fn status_table(rows: &[(SocketAddr, Value)]) -> String {
     let mut out = format!(
-        "{:<22} {:>4} {:>6} {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10}  {}\n",
+        "{:<22} {:>4} {:>6} {:<10} {:>6} {:>6} {:<10} {:>10} {:>10} {:>10} {:>10}  {}\n",
         "node",
         "id",
         "bg",
         "state",
         "term",
         "leader",
+        "voters",
         "last_log",
         "commit",
         "applied",
@@ -170,13 +239,19 @@ pub fn status_table(rows: &[(SocketAddr, Value)]) -> String {
     for (addr, b) in rows {
         let n = |k: &str| b[k].as_u64().map_or("-".to_string(), |v| v.to_string());
         out.push_str(&format!(
-            "{:<22} {:>4} {:>6} {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10}  {}{}\n",
+            "{:<22} {:>4} {:>6} {:<10} {:>6} {:>6} {:<10} {:>10} {:>10} {:>10} {:>10}  {}{}\n",
             addr.to_string(),
             n("node"),
             n("bg"),
             b["state"].as_str().unwrap_or("?"),
             n("term"),
             n("leader"),
+            b["voters"].as_array().map_or("-".to_string(), |v| {
+                v.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
             n("last_log_index"),
             n("last_committed_index"),
             n("known_applied_index"),
@@ -283,6 +358,90 @@ async fn transfer_leader(
     }
 }
 
+fn ms(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    Add(u64),
+    Remove(u64),
+}
+
+/// Whether the configuration `change` asks for is in force on the leader among `rows`: its
+/// voters include (exclude) the peer, and the entry that made them so has committed.
+pub fn peer_change_committed(rows: &[(SocketAddr, Value)], bg: u64, add: bool, peer: u64) -> bool {
+    let Some((addr, _, term)) = find_leader(rows, bg) else {
+        return false;
+    };
+    rows.iter()
+        .find(|(a, b)| {
+            *a == addr && b["bg"].as_u64() == Some(bg) && b["term"].as_u64() == Some(term)
+        })
+        .is_some_and(|(_, b)| {
+            let voters: Vec<u64> = b["voters"]
+                .as_array()
+                .map(|v| v.iter().filter_map(Value::as_u64).collect())
+                .unwrap_or_default();
+            let committed = b["last_committed_index"].as_u64() >= b["conf_index"].as_u64();
+            voters.contains(&peer) == add && committed
+        })
+}
+
+/// Asks the leader of `bg` for `change` and waits until the new configuration commits.
+async fn change_peer(
+    nodes: &[SocketAddr],
+    bg: u64,
+    change: Change,
+    wait: Duration,
+) -> Result<(), Error> {
+    let (add, peer, route, verb) = match change {
+        Change::Add(p) => (true, p, "add_peer", "adding"),
+        Change::Remove(p) => (false, p, "remove_peer", "removing"),
+    };
+    let (rows, errors) = statuses(nodes).await;
+    for e in &errors {
+        eprintln!("bdctl: {e}");
+    }
+    let Some((addr, leader, term)) = find_leader(&rows, bg) else {
+        return Err(Error::AdminOutcome(format!(
+            "bg {bg}: no leader among {} (an election may be running, or the leader is on a \
+             node not given with --node)",
+            list(nodes)
+        )));
+    };
+    let doc = call(addr, "POST", &format!("/bgs/{bg}/{route}?peer={peer}")).await?;
+    if doc["started"].as_bool() == Some(false) {
+        println!("bg {bg}: nothing to do, the configuration already is the one asked for");
+        return Ok(());
+    }
+    println!("bg {bg}: {verb} node {peer} (leader: node {leader}, term {term})");
+    let deadline = Instant::now() + wait;
+    loop {
+        let (rows, _) = statuses(nodes).await;
+        if peer_change_committed(&rows, bg, add, peer) {
+            let voters = find_leader(&rows, bg)
+                .and_then(|(a, _, _)| {
+                    rows.iter()
+                        .find(|(r, b)| *r == a && b["bg"].as_u64() == Some(bg))
+                        .map(|(_, b)| b["voters"].to_string())
+                })
+                .unwrap_or_default();
+            println!("bg {bg}: configuration committed, voters {voters}");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::AdminOutcome(format!(
+                "bg {bg}: the change {verb} node {peer} did not commit within {} ms (a new \
+                 peer that cannot catch up aborts it after the catch-up timeout; see the \
+                 leader's log)",
+                wait.as_millis()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn list(nodes: &[SocketAddr]) -> String {
     nodes
         .iter()
@@ -299,7 +458,8 @@ mod tests {
         (
             addr.parse().unwrap(),
             serde_json::json!({"node": node, "bg": bg, "state": state, "term": term,
-                "leader": 1, "last_log_index": 10, "last_committed_index": 9,
+                "leader": 1, "voters": [1, 2, 3], "conf_index": 1,
+                "last_log_index": 10, "last_committed_index": 9,
                 "known_applied_index": 9, "last_snapshot_index": 4,
                 "snapshot_status": "IDLE", "hibernating": node == 3}),
         )
@@ -339,6 +499,7 @@ mod tests {
                 "LEADER",
                 "3",
                 "1",
+                "1,2,3",
                 "10",
                 "9",
                 "9",
@@ -347,6 +508,30 @@ mod tests {
             ]
         );
         assert!(lines[2].ends_with("IDLE  (hibernating)"), "{t}");
+    }
+
+    #[test]
+    fn a_peer_change_is_done_when_the_leaders_configuration_has_committed() {
+        let mut rows = vec![
+            row("127.0.0.1:1", 1, 0, "LEADER", 3),
+            row("127.0.0.1:2", 2, 0, "FOLLOWER", 3),
+        ];
+        assert!(peer_change_committed(&rows, 0, true, 2));
+        assert!(!peer_change_committed(&rows, 0, true, 4));
+        assert!(peer_change_committed(&rows, 0, false, 4));
+        assert!(
+            !peer_change_committed(&rows, 1, false, 4),
+            "no leader of bg 1"
+        );
+        // Appended, not committed yet.
+        rows[0].1["voters"] = serde_json::json!([1, 2, 3, 4]);
+        rows[0].1["conf_index"] = serde_json::json!(10);
+        assert!(!peer_change_committed(&rows, 0, true, 4));
+        rows[0].1["last_committed_index"] = serde_json::json!(10);
+        assert!(peer_change_committed(&rows, 0, true, 4));
+        // A follower's view does not count.
+        rows[1].1["voters"] = serde_json::json!([1, 2]);
+        assert!(!peer_change_committed(&rows, 0, false, 3));
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! A tiny HTTP/1.1 server (one request per connection) for status and administration:
 //! `GET /raft_stat` (braft's fields per block group, then one line of traffic counters per
 //! core, text), `GET /status.json`, `GET /metrics` (Prometheus text format), `GET /dashboard`
-//! (an HTML page of the same), and two admin actions on a block group, answered in JSON:
-//! `POST /bgs/<id>/snapshot` (take a snapshot now) and
-//! `POST /bgs/<id>/transfer_leader[?to=<node>]` (braft's transfer_leader). `bdctl` is their
+//! (an HTML page of the same), and admin actions on a block group, answered in JSON:
+//! `POST /bgs/<id>/snapshot` (take a snapshot now),
+//! `POST /bgs/<id>/transfer_leader[?to=<node>]` (braft's transfer_leader), and
+//! `POST /bgs/<id>/add_peer?peer=<node>` / `POST /bgs/<id>/remove_peer?peer=<node>` (braft's
+//! add_peer / remove_peer: a single-peer membership change, started here). `bdctl` is their
 //! command-line client. There is no authentication: whoever reaches `http_listen` may run the
 //! admin actions, so it belongs on loopback (the default) or a management network. Hand-rolled
 //! because a few routes without request bodies do not justify an HTTP stack; every client input
@@ -42,7 +44,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// Serves until the task is aborted.
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
     if let Ok(a) = listener.local_addr() {
-        info!(addr = %a, "HTTP listening (GET /raft_stat, /status.json, /metrics, /dashboard; POST /bgs/<id>/snapshot, /bgs/<id>/transfer_leader)");
+        info!(addr = %a, "HTTP listening (GET /raft_stat, /status.json, /metrics, /dashboard; POST /bgs/<id>/snapshot, /bgs/<id>/transfer_leader, /bgs/<id>/add_peer, /bgs/<id>/remove_peer)");
     }
     let slots = Arc::new(tokio::sync::Semaphore::new(HTTP_CONNECTIONS_MAX));
     loop {
@@ -129,7 +131,8 @@ async fn handle(head: &str, engine: &Engine) -> Reply {
 
 const NOT_FOUND: &str =
     "not found; try GET /raft_stat, GET /status.json, GET /metrics, GET /dashboard, \
-POST /bgs/<id>/snapshot or POST /bgs/<id>/transfer_leader?to=<node>\n";
+POST /bgs/<id>/snapshot, POST /bgs/<id>/transfer_leader?to=<node>, \
+POST /bgs/<id>/add_peer?peer=<node> or POST /bgs/<id>/remove_peer?peer=<node>\n";
 
 /// `GET /`: what the server answers.
 const INDEX: &str = "bd-server status and admin\n  \
@@ -138,7 +141,9 @@ GET  /status.json                       the same as JSON\n  \
 GET  /metrics                           the same for Prometheus\n  \
 GET  /dashboard                         the same as an HTML page (reloads every 2 s)\n  \
 POST /bgs/<id>/snapshot                 take a snapshot of a block group now\n  \
-POST /bgs/<id>/transfer_leader?to=<n>   hand its leadership to node n (no `to`: the most up-to-date voter)\n";
+POST /bgs/<id>/transfer_leader?to=<n>   hand its leadership to node n (no `to`: the most up-to-date voter)\n  \
+POST /bgs/<id>/add_peer?peer=<n>        make node n a voter (it catches up first; on the leader)\n  \
+POST /bgs/<id>/remove_peer?peer=<n>     remove node n from the group (on the leader)\n";
 
 /// A status page: the node's state in one format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,6 +158,8 @@ enum Page {
 enum Action {
     Snapshot,
     TransferLeader,
+    AddPeer,
+    RemovePeer,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -185,6 +192,8 @@ impl<'a> Route<'a> {
         let action = match action {
             "snapshot" => Action::Snapshot,
             "transfer_leader" => Action::TransferLeader,
+            "add_peer" => Action::AddPeer,
+            "remove_peer" => Action::RemovePeer,
             _ => return Route::NotFound,
         };
         match raw.parse::<GroupId>() {
@@ -298,23 +307,54 @@ async fn admin(engine: &Engine, bg: GroupId, action: Action, query: &str) -> Rep
                 Err(e) => admin_error(node, bg, &e),
             }
         }
+        Action::AddPeer | Action::RemovePeer => {
+            let peer = match node_param(query, "peer") {
+                Ok(Some(p)) => p,
+                Ok(None) => return Reply::json(400, error_doc("missing `peer=<node id>`")),
+                Err(msg) => return Reply::json(400, error_doc(&msg)),
+            };
+            let change = if action == Action::AddPeer {
+                engine::PeerChange::Add(peer)
+            } else {
+                engine::PeerChange::Remove(peer)
+            };
+            match engine.change_peers(bg, change).await {
+                Ok(started) => {
+                    info!(bg, ?change, started, "membership change asked for (HTTP)");
+                    Reply::json(
+                        200,
+                        serde_json::json!({ "node": node, "bg": bg, "peer": peer, "started": started }),
+                    )
+                }
+                Err(e) => admin_error(node, bg, &e),
+            }
+        }
     }
 }
 
 /// `to=<node id>` or nothing.
 fn transfer_target(query: &str) -> Result<Option<NodeId>, String> {
-    let mut to = None;
+    node_param(query, "to")
+}
+
+/// The query's only parameter, `name=<node id>`, if given.
+fn node_param(query: &str, name: &str) -> Result<Option<NodeId>, String> {
+    let mut found = None;
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
         match kv.split_once('=') {
-            Some(("to", v)) => match v.parse::<NodeId>() {
-                Ok(id) if id > 0 && to.is_none() => to = Some(id),
-                Ok(_) if to.is_some() => return Err("`to` given twice".into()),
-                _ => return Err(format!("bad node id {v:?} in `to` (a number > 0)")),
+            Some((k, v)) if k == name => match v.parse::<NodeId>() {
+                Ok(id) if id > 0 && found.is_none() => found = Some(id),
+                Ok(_) if found.is_some() => return Err(format!("`{name}` given twice")),
+                _ => return Err(format!("bad node id {v:?} in `{name}` (a number > 0)")),
             },
-            _ => return Err(format!("unknown parameter {kv:?} (only `to=<node id>`)")),
+            _ => {
+                return Err(format!(
+                    "unknown parameter {kv:?} (only `{name}=<node id>`)"
+                ))
+            }
         }
     }
-    Ok(to)
+    Ok(found)
 }
 
 /// An engine error as an HTTP status and a JSON body with the message (and, when this node
@@ -323,6 +363,7 @@ fn admin_error(node: NodeId, bg: GroupId, e: &engine::Error) -> Reply {
     use raftlog::Error as R;
     let code = match e {
         engine::Error::UnknownBg { .. } => 404,
+        engine::Error::NotAPeer { .. } => 400,
         engine::Error::Raft { source, .. } => match source {
             R::NotLeader { .. } | R::Busy { .. } | R::TransferInProgress { .. } => 409,
             R::UnknownPeer { .. } | R::Invalid { .. } => 400,
@@ -436,6 +477,20 @@ mod tests {
                 action: Action::TransferLeader
             }
         );
+        assert_eq!(
+            Route::parse("/bgs/3/add_peer"),
+            Route::Admin {
+                bg: 3,
+                action: Action::AddPeer
+            }
+        );
+        assert_eq!(
+            Route::parse("/bgs/3/remove_peer"),
+            Route::Admin {
+                bg: 3,
+                action: Action::RemovePeer
+            }
+        );
         for bad in ["x", "-1", "+3", "", "99999999999999999999999"] {
             assert_eq!(
                 Route::parse(&format!("/bgs/{bad}/snapshot")),
@@ -473,6 +528,21 @@ mod tests {
             ("to", "unknown parameter"),
         ] {
             let e = transfer_target(q).unwrap_err();
+            assert!(e.contains(says), "{q:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn peer_changes_take_exactly_one_peer() {
+        assert_eq!(node_param("peer=4", "peer"), Ok(Some(4)));
+        assert_eq!(node_param("", "peer"), Ok(None));
+        for (q, says) in [
+            ("peer=0", "bad node id"),
+            ("peer=four", "bad node id"),
+            ("peer=4&peer=5", "twice"),
+            ("to=4", "unknown parameter"),
+        ] {
+            let e = node_param(q, "peer").unwrap_err();
             assert!(e.contains(says), "{q:?}: {e}");
         }
     }

@@ -5,9 +5,9 @@
 //! - [`backend`]: the backend of a replicated block group, a thin adapter over
 //!   [`engine::BgHandle`].
 //! - [`http`]: `/raft_stat`, `/status.json` and the admin actions (`POST /bgs/<id>/snapshot`,
-//!   `POST /bgs/<id>/transfer_leader`); [`metrics`]: `/metrics` for Prometheus; [`dashboard`]:
-//!   `/dashboard`, an HTML page of the same; [`ctl`]:
-//!   `bdctl`, the admin actions' command-line client.
+//!   `transfer_leader`, `add_peer`, `remove_peer`); [`metrics`]: `/metrics` for Prometheus;
+//!   [`dashboard`]: `/dashboard`, an HTML page of the same; [`ctl`]: `bdctl`, the admin
+//!   actions' command-line client (with `move-replica`, the move-BG job).
 //! - [`config`] and [`cli`]: the TOML config, flags, `run`, `init-ca`, `issue-cert`; [`dev`]: the
 //!   local 3-process cluster.
 //!

@@ -45,6 +45,7 @@ pub fn node_config(
             id: bg,
             members: addrs.keys().copied().collect(),
             size_bytes: bg_bytes,
+            join: false,
         })
         .collect();
     c

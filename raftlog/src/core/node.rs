@@ -481,6 +481,20 @@ impl RaftNode {
     pub fn durable_index(&self) -> Index {
         self.durable
     }
+    /// Whether `id` takes part in the group as this node sees it: a member of its
+    /// configuration, or a peer this leader is bringing in (catching up before its
+    /// configuration entry is appended). A host that admits only members' messages must admit
+    /// these too, or a new peer's acknowledgements never reach the leader and the change
+    /// times out.
+    pub fn is_peer(&self, id: NodeId) -> bool {
+        self.conf().contains(id)
+            || matches!(
+                &self.conf_change,
+                Some(ConfPhase::CatchingUp { target, .. } | ConfPhase::Appended { target, .. })
+                    if target.contains(id)
+            )
+    }
+
     pub fn conf(&self) -> &Configuration {
         self.log.last_conf().1
     }

@@ -277,6 +277,9 @@ impl Node {
 
 pub struct Cluster {
     pub nodes: Vec<Node>,
+    /// Nodes 1..=members are the groups' initial members; the others hold them with
+    /// `--join-bg` (replicas waiting to be added).
+    pub members: usize,
     pub extra: Vec<String>,
     /// Block groups every node holds (members {1, 2, 3}), and their size.
     pub bgs: Vec<u64>,
@@ -295,12 +298,24 @@ impl Cluster {
 
     /// Like [`Cluster::start`] with the block groups `bgs` of `bg_bytes` each.
     pub fn start_with_bgs(bgs: &[u64], bg_bytes: u64, extra: &[&str]) -> Cluster {
+        Cluster::start_joining(3, 3, bgs, bg_bytes, extra)
+    }
+
+    /// `nodes` nodes, every one a peer of every other; bg `bgs` with nodes 1..=`members` as
+    /// members, held by the others as replicas that wait to be added.
+    pub fn start_joining(
+        nodes: usize,
+        members: usize,
+        bgs: &[u64],
+        bg_bytes: u64,
+        extra: &[&str],
+    ) -> Cluster {
         for _ in 0..START_ATTEMPTS_MAX {
-            let mut c = Cluster::start_once(bgs, bg_bytes, extra);
+            let mut c = Cluster::start_once(nodes, members, bgs, bg_bytes, extra);
             if c.wait_all_up(Duration::from_secs(20)) {
                 return c;
             }
-            for i in 0..3 {
+            for i in 0..c.nodes.len() {
                 c.kill(i);
             }
         }
@@ -324,9 +339,15 @@ impl Cluster {
         }
     }
 
-    fn start_once(bgs: &[u64], bg_bytes: u64, extra: &[&str]) -> Cluster {
+    fn start_once(
+        count: usize,
+        members: usize,
+        bgs: &[u64],
+        bg_bytes: u64,
+        extra: &[&str],
+    ) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
-        let nodes = (1..=3)
+        let nodes = (1..=count as u64)
             .map(|id| Node {
                 id,
                 nbd: free_tcp(),
@@ -338,12 +359,13 @@ impl Cluster {
             .collect();
         let mut c = Cluster {
             nodes,
+            members,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             bgs: bgs.to_vec(),
             bg_bytes,
             tmp,
         };
-        for i in 0..3 {
+        for i in 0..count {
             c.spawn(i);
         }
         c
@@ -374,8 +396,14 @@ impl Cluster {
         .args(["--bg-size-bytes", &self.bg_bytes.to_string()])
         .args(["--tick-ms", "20", "--election-timeout-ms", "600"])
         .args(&self.extra);
+        let joining = n.id as usize > self.members;
         for bg in &self.bgs {
-            cmd.arg("--bg").arg(bg.to_string());
+            cmd.arg(if joining { "--join-bg" } else { "--bg" })
+                .arg(bg.to_string());
+        }
+        if self.members < self.nodes.len() {
+            let ids: Vec<String> = (1..=self.members).map(|i| i.to_string()).collect();
+            cmd.arg("--bg-members").arg(ids.join(","));
         }
         for p in self.nodes.iter().filter(|p| p.id != n.id) {
             cmd.arg("--peer").arg(format!("{}={}", p.id, p.quic));
