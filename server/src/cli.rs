@@ -96,7 +96,7 @@ pub struct RunArgs {
     /// this node (for --bg) and every --peer.
     #[arg(long, value_delimiter = ',', value_name = "IDS")]
     pub bg_members: Vec<u64>,
-    /// Size of the groups given with --bg.
+    /// Size of the groups given with --bg and --join-bg.
     #[arg(long)]
     pub bg_size_bytes: Option<u64>,
     /// Directory with node.pem, node.key and ca.pem (from `issue-cert`).

@@ -40,7 +40,8 @@ pub struct CtlArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum CtlCommand {
-    /// One line per block group and node: role, term, leader, log, commit, applied, snapshot.
+    /// One line per block group and node: role, term, leader, voters, log, commit, applied,
+    /// snapshot.
     Status {
         /// Only this block group.
         #[arg(long)]

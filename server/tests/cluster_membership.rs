@@ -154,6 +154,18 @@ fn a_replica_moves_to_a_new_node_which_then_counts_in_every_quorum() {
     qemu_io(&c.nodes[last].uri(), &reads(0..40));
     let s = c.nodes[3].status().unwrap();
     assert_eq!(voters(&c.nodes[3]), expect, "{s}");
+    // Node 4 restarts with its config unchanged (`--join-bg`, members 1-3): its membership
+    // comes back from its log, so the two of them elect a leader again and take writes.
+    c.kill(3);
+    c.spawn(3);
+    assert_eq!(
+        write_blocks(&c.nodes[last].uri(), 40..44).len(),
+        4,
+        "{}",
+        c.logs()
+    );
+    qemu_io(&c.nodes[3].uri(), &reads(0..44));
+    assert_eq!(voters(&c.nodes[3]), expect);
     for n in [&c.nodes[3], &c.nodes[last]] {
         assert!(!n.log().contains("panicked"), "node {}:\n{}", n.id, n.log());
     }
