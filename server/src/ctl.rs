@@ -1,5 +1,6 @@
 //! `bdctl`: braft_cli-style control of a running cluster through the nodes' HTTP endpoints
-//! (see [`crate::http`]): `status`, `snapshot`, `transfer-leader`, and membership changes:
+//! (see [`crate::http`]): `status`, `snapshot`, `transfer-leader`, `balance-leaders` (spread the
+//! block groups' leaders evenly over the nodes by leadership transfers), and membership changes:
 //! `add-peer`, `remove-peer` and `move-replica` (add the new replica, then remove the old one:
 //! the group keeps three voters throughout, and a majority of the old ones and of the new ones
 //! agree on every step).
@@ -64,6 +65,18 @@ pub enum CtlCommand {
         #[arg(long)]
         to: Option<u64>,
         /// How long to wait for the new leader before failing.
+        #[arg(long, default_value_t = 10_000, value_name = "MS")]
+        wait_ms: u64,
+    },
+    /// Spread the leaders of all block groups evenly over the given nodes: transfer leadership
+    /// from nodes that lead more than their share to voters that lead fewer, one group at a
+    /// time, until the counts differ by at most one where the groups' voters allow it (after a
+    /// node restarts, the others keep the leaderships it lost).
+    BalanceLeaders {
+        /// Print the planned transfers without making them.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long to wait for each new leader.
         #[arg(long, default_value_t = 10_000, value_name = "MS")]
         wait_ms: u64,
     },
@@ -148,6 +161,9 @@ pub fn run(args: &CtlArgs) -> Result<(), Error> {
             }
             CtlCommand::RemovePeer { bg, peer, wait_ms } => {
                 change_peer(&nodes, *bg, Change::Remove(*peer), ms(*wait_ms)).await
+            }
+            CtlCommand::BalanceLeaders { dry_run, wait_ms } => {
+                balance_leaders(&nodes, *dry_run, ms(*wait_ms)).await
             }
             CtlCommand::MoveReplica {
                 bg,
@@ -359,6 +375,139 @@ async fn transfer_leader(
     }
 }
 
+/// One block group as `balance-leaders` sees it: its leader (if any) and its voters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Led {
+    pub bg: u64,
+    pub leader: Option<u64>,
+    pub voters: Vec<u64>,
+}
+
+/// Every block group among `rows`, with the leader of its highest term and that leader's
+/// voters (a group without a leader lists the voters some node reports).
+pub fn groups_led(rows: &[(SocketAddr, Value)]) -> Vec<Led> {
+    let mut bgs: Vec<u64> = rows.iter().filter_map(|(_, b)| b["bg"].as_u64()).collect();
+    bgs.sort_unstable();
+    bgs.dedup();
+    let voters_of = |b: &Value| -> Vec<u64> {
+        b["voters"]
+            .as_array()
+            .map(|v| v.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default()
+    };
+    bgs.into_iter()
+        .map(|bg| {
+            let leader = find_leader(rows, bg);
+            let row = rows.iter().find(|(a, b)| {
+                b["bg"].as_u64() == Some(bg) && leader.is_none_or(|(addr, _, _)| *a == addr)
+            });
+            Led {
+                bg,
+                leader: leader.map(|(_, id, _)| id),
+                voters: row.map(|(_, b)| voters_of(b)).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// Leadership transfers `(bg, from, to)` that even out how many groups each of `nodes` leads:
+/// repeatedly, a group of the node that leads the most moves to the voter of that group (among
+/// `nodes`) that leads the fewest, while that narrows the gap by two or more. Deterministic:
+/// ties go to the lower node id and group id.
+pub fn plan_leader_moves(groups: &[Led], nodes: &[u64]) -> Vec<(u64, u64, u64)> {
+    let mut count: std::collections::BTreeMap<u64, usize> = nodes.iter().map(|&n| (n, 0)).collect();
+    let mut leader: Vec<Option<u64>> = groups.iter().map(|g| g.leader).collect();
+    for l in leader.iter().flatten() {
+        if let Some(c) = count.get_mut(l) {
+            *c += 1;
+        }
+    }
+    let mut moves = Vec::new();
+    // Each move lowers the sum of squared counts, so this ends; the bound is a guard.
+    for _ in 0..groups.len() * nodes.len().max(1) {
+        let mut best: Option<(usize, u64, u64)> = None; // (gain, group index, to)
+        for (i, g) in groups.iter().enumerate() {
+            let Some(from) = leader[i] else { continue };
+            let Some(&cf) = count.get(&from) else {
+                continue;
+            };
+            for &to in &g.voters {
+                let Some(&ct) = count.get(&to) else { continue };
+                if to == from || cf < ct + 2 {
+                    continue;
+                }
+                let gain = cf - ct;
+                if best.is_none_or(|(bg_gain, _, _)| gain > bg_gain) {
+                    best = Some((gain, i as u64, to));
+                }
+            }
+        }
+        let Some((_, i, to)) = best else { break };
+        let i = i as usize;
+        let from = leader[i].expect("led");
+        *count.get_mut(&from).expect("counted") -= 1;
+        *count.get_mut(&to).expect("counted") += 1;
+        leader[i] = Some(to);
+        moves.push((groups[i].bg, from, to));
+    }
+    moves
+}
+
+async fn balance_leaders(nodes: &[SocketAddr], dry_run: bool, wait: Duration) -> Result<(), Error> {
+    let (rows, errors) = statuses(nodes).await;
+    if !errors.is_empty() {
+        // Counting leaders without every node would move leaderships onto nodes that look idle
+        // only because they did not answer.
+        return report(errors, nodes.len());
+    }
+    let mut ids: Vec<u64> = rows
+        .iter()
+        .filter_map(|(_, b)| b["node"].as_u64())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let groups = groups_led(&rows);
+    let leaderless: Vec<u64> = groups
+        .iter()
+        .filter(|g| g.leader.is_none())
+        .map(|g| g.bg)
+        .collect();
+    if !leaderless.is_empty() {
+        eprintln!("bdctl: no leader now for bg {leaderless:?}; left out");
+    }
+    let counts = |groups: &[Led]| -> String {
+        ids.iter()
+            .map(|n| {
+                let c = groups.iter().filter(|g| g.leader == Some(*n)).count();
+                format!("node {n}: {c}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("leaders before: {}", counts(&groups));
+    let moves = plan_leader_moves(&groups, &ids);
+    if moves.is_empty() {
+        println!("balanced: nothing to move");
+        return Ok(());
+    }
+    let mut errors = Vec::new();
+    for &(bg, from, to) in &moves {
+        if dry_run {
+            println!("would move bg {bg}: node {from} -> node {to}");
+            continue;
+        }
+        if let Err(e) = transfer_leader(nodes, bg, Some(to), wait).await {
+            eprintln!("bdctl: {e}");
+            errors.push(e);
+        }
+    }
+    if !dry_run {
+        let (rows, _) = statuses(nodes).await;
+        println!("leaders after: {}", counts(&groups_led(&rows)));
+    }
+    report(errors, moves.len())
+}
+
 fn ms(ms: u64) -> Duration {
     Duration::from_millis(ms)
 }
@@ -509,6 +658,72 @@ mod tests {
             ]
         );
         assert!(lines[2].ends_with("IDLE  (hibernating)"), "{t}");
+    }
+
+    fn led(bg: u64, leader: u64, voters: &[u64]) -> Led {
+        Led {
+            bg,
+            leader: Some(leader),
+            voters: voters.to_vec(),
+        }
+    }
+
+    #[test]
+    fn leader_moves_even_out_the_counts_within_each_groups_voters() {
+        let all = [1, 2, 3];
+        // Six groups all led by node 1: two move to each of the others.
+        let groups: Vec<Led> = (0..6).map(|bg| led(bg, 1, &all)).collect();
+        let moves = plan_leader_moves(&groups, &all);
+        assert_eq!(moves.len(), 4, "{moves:?}");
+        let to = |n: u64| moves.iter().filter(|m| m.2 == n).count();
+        assert_eq!((to(2), to(3)), (2, 2), "{moves:?}");
+        assert!(moves.iter().all(|m| m.1 == 1));
+        // Balanced already, or off by one: nothing.
+        let groups = vec![
+            led(0, 1, &all),
+            led(1, 2, &all),
+            led(2, 3, &all),
+            led(3, 1, &all),
+        ];
+        assert!(plan_leader_moves(&groups, &all).is_empty());
+        // A move only goes to a voter of the group: node 3 holds neither group here.
+        let groups = vec![led(0, 1, &[1, 2]), led(1, 1, &[1, 2]), led(2, 1, &[1, 2])];
+        assert_eq!(plan_leader_moves(&groups, &all), vec![(0, 1, 2)]);
+        // Nodes not asked about are neither counted nor targets; leaderless groups stay.
+        let mut groups: Vec<Led> = (0..4).map(|bg| led(bg, 1, &[1, 2, 4])).collect();
+        groups.push(Led {
+            bg: 9,
+            leader: None,
+            voters: all.to_vec(),
+        });
+        let moves = plan_leader_moves(&groups, &[1, 2]);
+        assert_eq!(moves, vec![(0, 1, 2), (1, 1, 2)]);
+    }
+
+    #[test]
+    fn groups_led_take_the_leader_of_the_highest_term_and_its_voters() {
+        let mut rows = vec![
+            row("127.0.0.1:1", 1, 0, "LEADER", 3),
+            row("127.0.0.1:2", 2, 0, "LEADER", 4),
+            row("127.0.0.1:3", 3, 1, "FOLLOWER", 2),
+        ];
+        rows[1].1["voters"] = serde_json::json!([2, 3, 4]);
+        let g = groups_led(&rows);
+        assert_eq!(
+            g,
+            vec![
+                Led {
+                    bg: 0,
+                    leader: Some(2),
+                    voters: vec![2, 3, 4]
+                },
+                Led {
+                    bg: 1,
+                    leader: None,
+                    voters: vec![1, 2, 3]
+                }
+            ]
+        );
     }
 
     #[test]

@@ -281,3 +281,67 @@ fn writes_survive_leadership_transfers_under_load() {
     fio.join().expect("fio thread");
     assert_eq!(moves, 3);
 }
+
+/// Leaders of every group, by node id, from the nodes' status pages.
+fn leader_counts(c: &Cluster, bgs: &[u64]) -> [usize; 3] {
+    let mut n = [0; 3];
+    for &bg in bgs {
+        let mut best: Option<(u64, u64)> = None;
+        for node in &c.nodes {
+            let doc = node.status_doc().expect("status");
+            for b in doc["bgs"].as_array().unwrap() {
+                if b["bg"] == bg && b["state"] == "LEADER" {
+                    let t = b["term"].as_u64().unwrap();
+                    if best.is_none_or(|(bt, _)| t > bt) {
+                        best = Some((t, node.id));
+                    }
+                }
+            }
+        }
+        if let Some((_, id)) = best {
+            n[(id - 1) as usize] += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn bdctl_balances_leaders_over_the_nodes() {
+    let bgs: Vec<u64> = (0..6).collect();
+    let mut c = Cluster::start_with_bgs(&bgs, 4 << 20, &[]);
+    c.wait_until(
+        "a leader for every group",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || leader_counts(&c, &bgs).iter().sum::<usize>() == bgs.len(),
+    );
+    // Every group led by node 1, as after the other two restarted.
+    for bg in &bgs {
+        let bg = bg.to_string();
+        ok(&c, &["transfer-leader", "--bg", &bg, "--to", "1"]);
+    }
+    assert_eq!(leader_counts(&c, &bgs), [6, 0, 0]);
+    let out = ok(&c, &["balance-leaders", "--dry-run"]);
+    assert!(
+        out.contains("leaders before: node 1: 6, node 2: 0, node 3: 0"),
+        "{out}"
+    );
+    assert_eq!(out.matches("would move").count(), 4, "{out}");
+    assert_eq!(
+        leader_counts(&c, &bgs),
+        [6, 0, 0],
+        "a dry run moves nothing"
+    );
+    let out = ok(&c, &["balance-leaders"]);
+    assert!(
+        out.contains("leaders after: node 1: 2, node 2: 2, node 3: 2"),
+        "{out}"
+    );
+    assert_eq!(leader_counts(&c, &bgs), [2, 2, 2]);
+    let out = ok(&c, &["balance-leaders"]);
+    assert!(out.contains("balanced: nothing to move"), "{out}");
+    // Without every node's answer it refuses rather than count a silent node as idle.
+    c.kill(2);
+    let e = fails(&c, &["balance-leaders"]);
+    assert!(e.contains(&c.nodes[2].http.to_string()), "{e}");
+}
