@@ -1226,6 +1226,47 @@ fn add_peer_appends_config_only_after_catchup() {
     assert_eq!(c.node(4).conf(), &Configuration::new([1, 2, 3, 4]));
 }
 
+/// A new peer built from a snapshot is not timed out while the snapshot is on its way (a
+/// whole volume takes far longer than catchup_timeout_ticks); the change completes once it
+/// is installed.
+#[test]
+fn a_new_peer_receiving_a_snapshot_is_not_timed_out() {
+    let cfg = RaftConfig {
+        catchup_timeout_ticks: 30,
+        snapshot_keep_entries: 5,
+        snapshot_timeout_ticks: 1000,
+        ..cfg()
+    };
+    let (mut c, l) = four_with_spare(cfg, 32);
+    for i in 0..30 {
+        c.propose(l, &format!("s{i}"));
+    }
+    take_snapshot(&mut c, l);
+    assert!(c.node(l).first_index() > 1, "node 4 needs the snapshot");
+    c.host_mut(4).hold_snapshots = true;
+    assert!(matches!(
+        c.node_mut(l).add_peer(4),
+        Ok(ConfChangeStart::Started)
+    ));
+    // Node 4 holds the snapshot (a long transfer) for three catch-up timeouts.
+    c.ticks(90);
+    assert!(c.host(4).to_install.is_some());
+    assert_eq!(peer_state(&c, l, 4), ProgressState::Snapshot);
+    assert!(c.node(l).status().conf_change_in_progress, "timed out");
+    assert!(!c
+        .events(l)
+        .iter()
+        .any(|e| matches!(e, Event::ConfChangeDone { .. })));
+    let meta = c.host_mut(4).to_install.take().unwrap();
+    c.install_snapshot(4, meta);
+    c.settle();
+    c.ticks(5);
+    assert!(c
+        .events(l)
+        .contains(&Event::ConfChangeDone { result: Ok(()) }));
+    assert_eq!(c.node(l).conf(), &Configuration::new([1, 2, 3, 4]));
+}
+
 /// A new peer that cannot catch up within catchup_timeout_ticks aborts the
 /// change with CatchupTimeout; the configuration stays and a new change
 /// may start.

@@ -800,8 +800,20 @@ impl RaftNode {
             }
         }
         let mut abort = false;
-        if let Some(ConfPhase::CatchingUp { ticks, .. }) = &mut self.conf_change {
-            *ticks += 1;
+        if let Some(ConfPhase::CatchingUp { target, ticks }) = &mut self.conf_change {
+            // A new peer is usually built from a snapshot, and streaming a whole volume takes
+            // far longer than catching up on a log: the clock stops while a snapshot is on its
+            // way to a new voter (the transfer has its own timeout, `snapshot_timeout_ticks`,
+            // after which the peer probes again and the clock runs), as braft waits for an
+            // installing replicator.
+            let installing = target.voters.iter().any(|id| {
+                self.progress
+                    .get(id)
+                    .is_some_and(|p| p.state == ProgressState::Snapshot)
+            });
+            if !installing {
+                *ticks += 1;
+            }
             abort = *ticks >= self.cfg.catchup_timeout_ticks;
         }
         if abort {
