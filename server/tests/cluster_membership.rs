@@ -55,11 +55,28 @@ fn reads(blocks: std::ops::Range<u64>) -> Vec<String> {
 
 #[test]
 fn a_replica_moves_to_a_new_node_which_then_counts_in_every_quorum() {
-    // A short log behind snapshots, so the new replica is built by InstallSnapshot.
-    let mut c = Cluster::start_joining(4, 3, &[0], BG_BYTES, &["--snapshot-keep-entries", "2"]);
+    // A short log behind snapshots, so the new replica is built by InstallSnapshot, and a
+    // snapshot stream slow enough (over 32 MiB of data at 8 MB/s, ~4 s; holes travel as zero
+    // runs) to outlast the catch-up timeout (100 ticks of 20 ms): the change must wait for the
+    // transfer, not abort.
+    let conf = tempfile::tempdir().unwrap();
+    let toml = conf.path().join("slow-snapshots.toml");
+    std::fs::write(&toml, "[raft]\nsnapshot_bytes_per_sec_max = 8000000\n").unwrap();
+    let toml = toml.to_str().unwrap();
+    let mut c = Cluster::start_joining(
+        4,
+        3,
+        &[0],
+        BG_BYTES,
+        &["--snapshot-keep-entries", "2", "--config", toml],
+    );
     let l = c.leader();
     assert!(l < 3, "the joining node cannot lead");
     assert_eq!(write_blocks(&c.nodes[l].uri(), 0..24).len(), 24);
+    let bulk: Vec<String> = (0..8)
+        .map(|i| format!("write -P 9 {} 4M", (24 << 20) + (i << 22)))
+        .collect();
+    qemu_io(&c.nodes[l].uri(), &bulk);
     ok(&c, &["snapshot", "--bg", "0"]);
     let joiner = &c.nodes[3];
     let s = joiner.status().expect("node 4 answers");
