@@ -1988,6 +1988,7 @@ impl Core {
                     leader: s.leader,
                     voters: s.conf.voters.iter().copied().collect(),
                     conf_index: s.conf_index,
+                    conf_changing: s.conf_change_in_progress,
                     first_log_index: s.first_log_index,
                     last_log_index: s.last_log_index,
                     disk_index: s.disk_index,

@@ -31,6 +31,9 @@ pub struct BgStatus {
     pub leader: Option<NodeId>,
     pub voters: Vec<NodeId>,
     pub conf_index: Index,
+    /// A membership change started here (as leader) has not finished: its new peer is
+    /// catching up, or its configuration entry is not committed yet.
+    pub conf_changing: bool,
     pub first_log_index: Index,
     pub last_log_index: Index,
     pub disk_index: Index,
@@ -152,6 +155,9 @@ impl BgStatus {
         let _ = writeln!(s, "leader: {leader}");
         let voters: Vec<String> = self.voters.iter().map(|v| v.to_string()).collect();
         let _ = writeln!(s, "conf_index: {}", self.conf_index);
+        if self.conf_changing {
+            let _ = writeln!(s, "conf_changing: true");
+        }
         let _ = writeln!(s, "peers: {}", voters.join(" "));
         let _ = writeln!(
             s,

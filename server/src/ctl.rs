@@ -538,6 +538,25 @@ pub fn peer_change_committed(rows: &[(SocketAddr, Value)], bg: u64, add: bool, p
         })
 }
 
+/// Whether the change `leader` started in `term` ended without the configuration it asked
+/// for: that leader, still leading in that term, has no change running any more (it aborted:
+/// a new peer that does not catch up within the catch-up timeout). Under a new leader the
+/// change may still commit, so that is not counted as ended.
+pub fn peer_change_abandoned(
+    rows: &[(SocketAddr, Value)],
+    bg: u64,
+    leader: u64,
+    term: u64,
+) -> bool {
+    rows.iter().any(|(_, b)| {
+        b["bg"].as_u64() == Some(bg)
+            && b["node"].as_u64() == Some(leader)
+            && b["state"].as_str() == Some("LEADER")
+            && b["term"].as_u64() == Some(term)
+            && b["conf_changing"].as_bool() == Some(false)
+    })
+}
+
 /// Asks the leader of `bg` for `change` and waits until the new configuration commits.
 async fn change_peer(
     nodes: &[SocketAddr],
@@ -569,7 +588,15 @@ async fn change_peer(
     let deadline = Instant::now() + wait;
     loop {
         let (rows, _) = statuses(nodes).await;
-        if peer_change_committed(&rows, bg, add, peer) {
+        let done = peer_change_committed(&rows, bg, add, peer);
+        if !done && peer_change_abandoned(&rows, bg, leader, term) {
+            return Err(Error::AdminOutcome(format!(
+                "bg {bg}: node {leader} gave up {verb} node {peer} (a new peer that does not \
+                 catch up within the catch-up timeout aborts the change; see that node's log \
+                 for `membership change done`)"
+            )));
+        }
+        if done {
             let voters = find_leader(&rows, bg)
                 .and_then(|(a, _, _)| {
                     rows.iter()
@@ -748,6 +775,29 @@ mod tests {
         // A follower's view does not count.
         rows[1].1["voters"] = serde_json::json!([1, 2]);
         assert!(!peer_change_committed(&rows, 0, false, 3));
+    }
+
+    #[test]
+    fn a_peer_change_is_abandoned_only_by_its_leader_in_its_term() {
+        let mut rows = vec![
+            row("127.0.0.1:1", 1, 0, "LEADER", 3),
+            row("127.0.0.1:2", 2, 0, "FOLLOWER", 3),
+        ];
+        rows[0].1["conf_changing"] = serde_json::json!(true);
+        assert!(!peer_change_abandoned(&rows, 0, 1, 3), "still running");
+        rows[0].1["conf_changing"] = serde_json::json!(false);
+        assert!(peer_change_abandoned(&rows, 0, 1, 3));
+        assert!(!peer_change_abandoned(&rows, 0, 1, 2), "another term");
+        assert!(
+            !peer_change_abandoned(&rows, 0, 2, 3),
+            "not the leader asked"
+        );
+        assert!(!peer_change_abandoned(&rows, 1, 1, 3), "another group");
+        rows[0].1["state"] = serde_json::json!("FOLLOWER");
+        assert!(
+            !peer_change_abandoned(&rows, 0, 1, 3),
+            "deposed: it may still commit"
+        );
     }
 
     #[test]

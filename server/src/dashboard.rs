@@ -169,6 +169,7 @@ mod tests {
             leader: Some(2),
             voters: vec![1, 2, 3],
             conf_index: 1,
+            conf_changing: false,
             first_log_index: 5,
             last_log_index: 40,
             disk_index: 40,

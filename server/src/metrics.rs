@@ -402,6 +402,7 @@ mod tests {
             leader: Some(1),
             voters: vec![1, 2, 3],
             conf_index: 1,
+            conf_changing: false,
             first_log_index: 10,
             last_log_index: 20,
             disk_index: 20,

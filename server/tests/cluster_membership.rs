@@ -116,6 +116,26 @@ fn a_replica_moves_to_a_new_node_which_then_counts_in_every_quorum() {
     let (code, _) = http_call(c.nodes[l].http, "GET", "/bgs/0/remove_peer?peer=1").unwrap();
     assert_eq!(code, 405);
     assert_eq!(voters(&c.nodes[l]), vec![1, 2, 3], "nothing changed");
+    // A new peer that is down never catches up: the leader aborts after the catch-up timeout
+    // and bdctl says so then, instead of waiting out --wait-ms.
+    c.kill(3);
+    let e = fails(
+        &c,
+        &["add-peer", "--bg", "0", "--peer", "4", "--wait-ms", "60000"],
+    );
+    assert!(e.contains("gave up adding node 4"), "{e}");
+    assert_eq!(
+        voters(&c.nodes[l]),
+        vec![1, 2, 3],
+        "aborted, nothing changed"
+    );
+    c.spawn(3);
+    c.wait_until(
+        "node 4 back",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || c.nodes[3].status().is_some(),
+    );
 
     // Move the leader's own replica to node 4: add it, then remove the old leader, which
     // steps down once its removal commits.
