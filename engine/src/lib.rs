@@ -244,8 +244,9 @@ impl Engine {
 
     /// Starts a membership change of `bg` (braft's add_peer / remove_peer), held here as its
     /// leader. `Ok(true)`: the change runs (a new peer first catches up on the log, then the
-    /// configuration entry commits; `BgStatus::voters` shows the result, and the catch-up
-    /// fails after `catchup_timeout` if the peer never answers); `Ok(false)`: the configuration
+    /// configuration entry commits; `BgStatus::voters` shows the result, `conf_changing` that it
+    /// runs. The catch-up fails after `catchup_timeout_ticks` of no snapshot on its way to the
+    /// peer if it never catches up); `Ok(false)`: the configuration
     /// is already the requested one. A peer to add must be this node or one of its `peers`,
     /// and hold the group (a replica declared with `join` on that node).
     pub async fn change_peers(&self, bg: GroupId, change: PeerChange) -> Result<bool> {

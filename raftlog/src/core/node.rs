@@ -481,6 +481,7 @@ impl RaftNode {
     pub fn durable_index(&self) -> Index {
         self.durable
     }
+
     /// Whether `id` takes part in the group as this node sees it: a member of its
     /// configuration, or a peer this leader is bringing in (catching up before its
     /// configuration entry is appended). A host that admits only members' messages must admit
@@ -806,11 +807,16 @@ impl RaftNode {
             // way to a new voter (the transfer has its own timeout, `snapshot_timeout_ticks`,
             // after which the peer probes again and the clock runs), as braft waits for an
             // installing replicator.
-            let installing = target.voters.iter().any(|id| {
-                self.progress
-                    .get(id)
-                    .is_some_and(|p| p.state == ProgressState::Snapshot)
-            });
+            let current = self.log.last_conf().1;
+            let installing = target
+                .voters
+                .iter()
+                .filter(|id| !current.voters.contains(id))
+                .any(|id| {
+                    self.progress
+                        .get(id)
+                        .is_some_and(|p| p.state == ProgressState::Snapshot)
+                });
             if !installing {
                 *ticks += 1;
             }
