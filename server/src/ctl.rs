@@ -84,31 +84,11 @@ pub enum CtlCommand {
     /// (braft_cli add_peer). The node must hold the group (declared with `--join-bg` or
     /// `join = true`) and be a peer of every node; it catches up on the log or a snapshot
     /// first.
-    AddPeer {
-        /// Block group id.
-        #[arg(long)]
-        bg: u64,
-        /// Node id to add.
-        #[arg(long)]
-        peer: u64,
-        /// How long to wait for the configuration to commit before failing.
-        #[arg(long, default_value_t = 60_000, value_name = "MS")]
-        wait_ms: u64,
-    },
+    AddPeer(PeerArgs),
     /// Remove a node from a block group and wait until that configuration commits (braft_cli
     /// remove_peer). A leader that removes itself steps down once the change commits. The
     /// removed replica's files stay on its node.
-    RemovePeer {
-        /// Block group id.
-        #[arg(long)]
-        bg: u64,
-        /// Node id to remove.
-        #[arg(long)]
-        peer: u64,
-        /// How long to wait for the configuration to commit before failing.
-        #[arg(long, default_value_t = 60_000, value_name = "MS")]
-        wait_ms: u64,
-    },
+    RemovePeer(PeerArgs),
     /// Move a block group's replica from one node to another: add-peer `--to`, then
     /// remove-peer `--from`.
     MoveReplica {
@@ -125,6 +105,20 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 60_000, value_name = "MS")]
         wait_ms: u64,
     },
+}
+
+/// The arguments of `add-peer` and `remove-peer`.
+#[derive(clap::Args, Debug)]
+pub struct PeerArgs {
+    /// Block group id.
+    #[arg(long)]
+    pub bg: u64,
+    /// Node id to add or remove.
+    #[arg(long)]
+    pub peer: u64,
+    /// How long to wait for the configuration to commit before failing.
+    #[arg(long, default_value_t = 60_000, value_name = "MS")]
+    pub wait_ms: u64,
 }
 
 impl CtlArgs {
@@ -156,11 +150,11 @@ pub fn run(args: &CtlArgs) -> Result<(), Error> {
             CtlCommand::TransferLeader { bg, to, wait_ms } => {
                 transfer_leader(&nodes, *bg, *to, Duration::from_millis(*wait_ms)).await
             }
-            CtlCommand::AddPeer { bg, peer, wait_ms } => {
-                change_peer(&nodes, *bg, Change::Add(*peer), ms(*wait_ms)).await
+            CtlCommand::AddPeer(a) => {
+                change_peer(&nodes, a.bg, Change::Add(a.peer), ms(a.wait_ms)).await
             }
-            CtlCommand::RemovePeer { bg, peer, wait_ms } => {
-                change_peer(&nodes, *bg, Change::Remove(*peer), ms(*wait_ms)).await
+            CtlCommand::RemovePeer(a) => {
+                change_peer(&nodes, a.bg, Change::Remove(a.peer), ms(a.wait_ms)).await
             }
             CtlCommand::BalanceLeaders { dry_run, wait_ms } => {
                 balance_leaders(&nodes, *dry_run, ms(*wait_ms)).await
@@ -322,23 +316,29 @@ pub fn find_leader(rows: &[(SocketAddr, Value)], bg: u64) -> Option<(SocketAddr,
         .max_by_key(|&(_, _, term)| term)
 }
 
+/// The leader of `bg` among `nodes` (address, node id, term), printing the errors of nodes
+/// that did not answer; an error if none leads.
+async fn current_leader(nodes: &[SocketAddr], bg: u64) -> Result<(SocketAddr, u64, u64), Error> {
+    let (rows, errors) = statuses(nodes).await;
+    for e in &errors {
+        eprintln!("bdctl: {e}");
+    }
+    find_leader(&rows, bg).ok_or_else(|| {
+        Error::AdminOutcome(format!(
+            "bg {bg}: no leader among {} (an election may be running, or the leader is on a \
+             node not given with --node)",
+            list(nodes)
+        ))
+    })
+}
+
 async fn transfer_leader(
     nodes: &[SocketAddr],
     bg: u64,
     to: Option<u64>,
     wait: Duration,
 ) -> Result<(), Error> {
-    let (rows, errors) = statuses(nodes).await;
-    for e in &errors {
-        eprintln!("bdctl: {e}");
-    }
-    let Some((addr, from, term)) = find_leader(&rows, bg) else {
-        return Err(Error::AdminOutcome(format!(
-            "bg {bg}: no leader among {} (an election may be running, or the leader is on a \
-             node not given with --node)",
-            list(nodes)
-        )));
-    };
+    let (addr, from, term) = current_leader(nodes, bg).await?;
     if to == Some(from) {
         println!("bg {bg}: node {from} is already the leader (term {term})");
         return Ok(());
@@ -568,17 +568,7 @@ async fn change_peer(
         Change::Add(p) => (true, p, "add_peer", "adding"),
         Change::Remove(p) => (false, p, "remove_peer", "removing"),
     };
-    let (rows, errors) = statuses(nodes).await;
-    for e in &errors {
-        eprintln!("bdctl: {e}");
-    }
-    let Some((addr, leader, term)) = find_leader(&rows, bg) else {
-        return Err(Error::AdminOutcome(format!(
-            "bg {bg}: no leader among {} (an election may be running, or the leader is on a \
-             node not given with --node)",
-            list(nodes)
-        )));
-    };
+    let (addr, leader, term) = current_leader(nodes, bg).await?;
     let doc = call(addr, "POST", &format!("/bgs/{bg}/{route}?peer={peer}")).await?;
     if doc["started"].as_bool() == Some(false) {
         println!("bg {bg}: nothing to do, the configuration already is the one asked for");

@@ -4,38 +4,16 @@
 
 mod common;
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::*;
 
-fn bdctl(c: &Cluster, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bdctl"));
-    for n in c.nodes.iter().filter(|n| n.child.is_some()) {
-        cmd.arg("--node").arg(n.http.to_string());
-    }
-    cmd.args(args).output().expect("run bdctl")
-}
-
 fn ok(c: &Cluster, args: &[&str]) -> String {
-    let out = bdctl(c, args);
-    assert!(
-        out.status.success(),
-        "bdctl {args:?} failed:\n{}\n{}",
-        text(&out),
-        c.logs()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    bdctl_ok(c, args)
 }
 
 fn fails(c: &Cluster, args: &[&str]) -> String {
-    let out = bdctl(c, args);
-    assert!(
-        !out.status.success(),
-        "bdctl {args:?} succeeded:\n{}",
-        text(&out)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    bdctl_fails(c, args)
 }
 
 fn voters(n: &Node) -> Vec<u64> {

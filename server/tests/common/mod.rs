@@ -138,6 +138,38 @@ pub fn qemu_io(uri: &str, commands: &[String]) -> String {
     all
 }
 
+/// Runs `bdctl` with `--node` for every running node of `c`, then `args`.
+pub fn bdctl(c: &Cluster, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bdctl"));
+    for n in c.nodes.iter().filter(|n| n.child.is_some()) {
+        cmd.arg("--node").arg(n.http.to_string());
+    }
+    cmd.args(args).output().expect("run bdctl")
+}
+
+/// `bdctl args`, which must succeed; its stdout.
+pub fn bdctl_ok(c: &Cluster, args: &[&str]) -> String {
+    let out = bdctl(c, args);
+    assert!(
+        out.status.success(),
+        "bdctl {args:?} failed:\n{}\n{}",
+        text(&out),
+        c.logs()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `bdctl args`, which must fail; its stderr.
+pub fn bdctl_fails(c: &Cluster, args: &[&str]) -> String {
+    let out = bdctl(c, args);
+    assert!(
+        !out.status.success(),
+        "bdctl {args:?} succeeded:\n{}",
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Attempts at starting a cluster whose ports were taken by someone else.
 const START_ATTEMPTS_MAX: usize = 5;
 
