@@ -497,7 +497,6 @@ async fn balance_leaders(nodes: &[SocketAddr], dry_run: bool, wait: Duration) ->
             continue;
         }
         if let Err(e) = transfer_leader(nodes, bg, Some(to), wait).await {
-            eprintln!("bdctl: {e}");
             errors.push(e);
         }
     }
