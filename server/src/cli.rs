@@ -252,6 +252,14 @@ impl RunArgs {
             c.peers.retain(|x| x.id != p.id);
             c.peers.push(p.clone());
         }
+        if let Some(id) = self.bgs.iter().find(|id| self.join_bgs.contains(id)) {
+            return Err(Error::Config {
+                what: format!(
+                    "bg {id} is given with both --bg (a member) and --join-bg (waiting to be \
+                     added)"
+                ),
+            });
+        }
         let joins = self.join_bgs.iter().map(|id| (id, true));
         for (id, join) in self.bgs.iter().map(|id| (id, false)).chain(joins) {
             let mut members: Vec<u64> = if self.bg_members.is_empty() {
@@ -436,6 +444,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("already among members"), "{err}");
+        let Command::Run(both) = Cli::try_parse_from([
+            "bd-server",
+            "run",
+            "--node-id",
+            "4",
+            "--bg",
+            "3",
+            "--join-bg",
+            "3",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not run");
+        };
+        let err = both.resolve().unwrap_err().to_string();
+        assert!(err.contains("bg 3 is given with both --bg"), "{err}");
         let err = parse(&["--join-bg", "1", "--bg-members", "1,2,5"])
             .unwrap_err()
             .to_string();
