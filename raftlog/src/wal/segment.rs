@@ -63,6 +63,96 @@ pub fn take_free(dir_path: &Path, dir: &File, free: &Path, seq: u64) -> Option<(
     adopt(dir_path, dir, path, "reused segment file")
 }
 
+/// A free file being renamed to the next segment's name, the directory
+/// synced, on a thread of its own while the current segment fills, so the
+/// rotation only takes it: [`take_free`] on the writer's thread stalls the
+/// core for the directory's journal commit (0.5 ms median, 7 ms seen, while
+/// 64 KiB appends kept 4 MiB of batches on the disk). Until the rotation the
+/// file is a trailing segment without a valid start record, which recovery
+/// removes after a crash (its old records carry another sequence number);
+/// a clean close gives it back its free name ([`Adopter::give_back`]).
+pub struct Adopter {
+    seq: u64,
+    free: PathBuf,
+    path: PathBuf,
+    thread: Option<JoinHandle<Option<File>>>,
+}
+
+impl Adopter {
+    /// Starts renaming `free` to segment `seq`; `Err(free)` if no thread
+    /// could be started (the caller keeps the file in its pool).
+    pub fn spawn(dir_path: &Path, dir: &File, free: PathBuf, seq: u64) -> Result<Adopter, PathBuf> {
+        let Ok(dir) = dir.try_clone() else {
+            return Err(free);
+        };
+        let (dp, f) = (dir_path.to_path_buf(), free.clone());
+        match std::thread::Builder::new()
+            .name("wal-next-segment".into())
+            .spawn(move || take_free(&dp, &dir, &f, seq).map(|(file, _)| file))
+        {
+            Ok(t) => Ok(Adopter {
+                seq,
+                free,
+                path: dir_path.join(file_name(seq)),
+                thread: Some(t),
+            }),
+            Err(_) => Err(free),
+        }
+    }
+
+    /// The segment this file is named after.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether the rename and the directory sync are done.
+    pub fn ready(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    fn join(&mut self) -> Option<File> {
+        match self.thread.take()?.join() {
+            Ok(f) => f,
+            Err(_) => {
+                tracing::warn!(path = %self.path.display(), "wal: the thread renaming the next segment file panicked; creating the segment without it");
+                // Whichever name it has now, it must not stay under the
+                // segment's: the writer creates that file itself.
+                let _ = std::fs::remove_file(&self.path);
+                None
+            }
+        }
+    }
+
+    /// Segment `seq`, durably named and open, waiting for the thread if it
+    /// is still running; `None` if the rename failed (warned, file removed).
+    pub fn take(mut self) -> Option<(File, PathBuf)> {
+        let f = self.join()?;
+        Some((f, self.path.clone()))
+    }
+
+    /// Renames the file back to its free name, for the next session's pool.
+    /// Not synced: if a crash loses the rename, recovery removes the file
+    /// as a trailing segment without a valid start record.
+    pub fn give_back(mut self) {
+        if let Some(f) = self.join() {
+            drop(f);
+            if let Err(e) = std::fs::rename(&self.path, &self.free) {
+                tracing::warn!(path = %self.path.display(), error = %e, "wal: cannot give the unused next segment file its free name back; the next open removes it");
+            }
+        }
+    }
+}
+
+impl Drop for Adopter {
+    fn drop(&mut self) {
+        // The rename must not land after the store is gone (a reopen of the
+        // directory would race with it).
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Makes the rename of a prepared file to segment `path` durable and opens
 /// it. On failure the file is removed (with a warning naming `what`), so the
 /// caller can create the segment the plain way under the same name.
