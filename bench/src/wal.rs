@@ -52,7 +52,7 @@ use bytes::Bytes;
 use clap::Args;
 use hdrhistogram::Histogram;
 use raftlog::core::types::{Entry, EntryKind};
-use raftlog::wal::{self, IoBackend, Wal, WalConfig};
+use raftlog::wal::{self, IoBackend, Wal, WalConfig, WalOp};
 use serde::Serialize;
 
 use crate::nbd::median;
@@ -104,7 +104,9 @@ pub struct WalArgs {
     segment_mib: u64,
     /// Live log kept by compaction, MiB over all groups: each appender
     /// compacts its group up to its own durable entry after every
-    /// `compact_mib / appenders` of its appends. 0 = never compact.
+    /// `compact_mib / appenders` of its appends (queued ahead of its next
+    /// append, not waited for on its own, as the engine does). 0 = never
+    /// compact.
     #[arg(long, default_value_t = 64)]
     compact_mib: u64,
     /// Measure everything this many times, every other round with the
@@ -652,7 +654,16 @@ fn wal_cell(dir: &Path, size: usize, n: usize, cell: u64, s: &WalSetup) -> Res<R
                     // Every entry of the group up to `index` is durable now
                     // (a group's batches are acknowledged in order).
                     if compact_every.is_some_and(|k| done.is_multiple_of(k)) {
-                        h.compact(base + g, index, 1).await.expect("compact");
+                        // As the engine does (`persist`): the compaction is
+                        // queued ahead of the group's next append and only
+                        // that append is waited for, not a durable round
+                        // trip of its own.
+                        let op = WalOp::Compact {
+                            group: base + g,
+                            index,
+                            term: 1,
+                        };
+                        drop(h.submit(op).await.expect("compact"));
                     }
                 }
                 hist_all.borrow_mut().add(&local_hist).expect("same bounds");
