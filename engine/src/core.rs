@@ -41,6 +41,7 @@
 
 mod hibernate;
 mod inline;
+mod refusals;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -71,6 +72,7 @@ use crate::snapshot::{FileSource, Incoming};
 use crate::status::{BgStatus, CoreCounters, LinkStat, PeerStat};
 use hibernate::Hibernation;
 use inline::InlineApplies;
+use refusals::{Refusals, Refused};
 
 /// Inputs drained per source per loop iteration, at most (keeps one busy source from starving
 /// the others and bounds the work between two flushes).
@@ -291,6 +293,8 @@ struct Core {
     apply_queued_bytes: u64,
     /// Which groups hibernate, and the peers' liveness ([`hibernate`]).
     hib: Hibernation,
+    /// Traffic from nodes that are not members, reported at a bounded rate.
+    refusals: Refusals,
     /// Whether buffered applies may be written on this thread now ([`inline`]).
     inline: InlineApplies,
     counters: Arc<CoreCounters>,
@@ -500,6 +504,7 @@ async fn setup(core: usize, cfg: &Arc<EngineConfig>, counters: Arc<CoreCounters>
         apply_queued_bytes: 0,
         hib,
         inline: InlineApplies::new(inline_applies, cfg.inline_apply_us_max),
+        refusals: Refusals::default(),
         counters,
     };
     info!(
@@ -976,12 +981,17 @@ impl Core {
                 match self.groups.get(&group_field).map(|g| g.raft.role()) {
                     // Forwards come from the replicas of the group (see `step` on members).
                     Some(_) if !is_member(self.groups[&group_field].raft.conf(), from) => {
-                        warn!(
-                            core = self.core,
-                            bg = group_field,
-                            from,
-                            "forwarded request from a node that is not a member refused"
-                        );
+                        if let Some(unreported) =
+                            self.refused(group_field, from, Refused::ForwardedRequest, now)
+                        {
+                            warn!(
+                                core = self.core,
+                                bg = group_field,
+                                from,
+                                unreported,
+                                "forwarded request from a node that is not a member refused"
+                            );
+                        }
                         let e = Error::NotAMember {
                             bg: group_field,
                             node: from,
@@ -1048,6 +1058,15 @@ impl Core {
         }
     }
 
+    /// Counts traffic of `from`, not a member of `bg`, refused; `Some(unreported)` when it is
+    /// to be logged (see `refusals`).
+    fn refused(&mut self, bg: GroupId, from: NodeId, what: Refused, now: Instant) -> Option<u64> {
+        self.counters
+            .raft_messages_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.refusals.note(bg, from, what, now)
+    }
+
     fn step(&mut self, from: NodeId, m: Message) {
         if m.from != from || m.to != self.me {
             warn!(
@@ -1070,10 +1089,16 @@ impl Core {
         // leader with a higher term or become the leader a follower forwards to. A peer the
         // leader is adding counts from the start of its catch-up (`is_peer`).
         if !g.raft.is_peer(from) {
-            warn!(
-                core = self.core,
-                bg, from, "raft message from a node that is not a member of the group dropped"
-            );
+            if let Some(unreported) = self.refused(bg, from, Refused::RaftMessage, Instant::now()) {
+                warn!(
+                    core = self.core,
+                    bg,
+                    from,
+                    unreported,
+                    "raft message from a node that is not a member of the group dropped (reported \
+                     once a minute per node and group; `unreported` counts the ones in between)"
+                );
+            }
             return;
         }
         if let MessageBody::InstallSnapshot { meta } = &m.body {

@@ -71,6 +71,10 @@ pub struct CoreStat {
     pub groups_hibernating: u64,
     /// Hibernating groups woken (by a request, a raft message, or a silent leader node).
     pub wakes: u64,
+    /// Raft messages dropped and forwarded requests refused because their node is not a member
+    /// of the group (a replica removed while cut off keeps campaigning; the log reports each
+    /// node and group once a minute).
+    pub raft_messages_refused: u64,
     /// Buffered applies go on the core thread now (`inline_applies`; off with too many dirty
     /// pages on the machine or after a slow inline write).
     pub inline_applies_active: bool,
@@ -193,7 +197,8 @@ impl CoreStat {
     pub fn raft_stat_text(&self) -> String {
         format!(
             "[core {}] raft_messages_sent: {} frames_sent: {} bytes_sent: {} pings_sent: {} \
-             groups: {} groups_hibernating: {} wakes: {} inline_applies_active: {} applies_inline: {} \
+             groups: {} groups_hibernating: {} wakes: {} raft_messages_refused: {} \
+             inline_applies_active: {} applies_inline: {} \
              inline_slow_writes: {} inline_dirty_refusals: {} wal_batches: {} \
              wal_appended_entries: {} wal_appended_bytes: {} wal_batch_disk_us: {} \
              wal_segments: {} wal_recycled_segments: {} wal_zero_filled_segments: {} \
@@ -206,6 +211,7 @@ impl CoreStat {
             self.groups,
             self.groups_hibernating,
             self.wakes,
+            self.raft_messages_refused,
             self.inline_applies_active,
             self.applies_inline,
             self.inline_slow_writes,
@@ -233,6 +239,7 @@ pub(crate) struct CoreCounters {
     pub groups: AtomicU64,
     pub groups_hibernating: AtomicU64,
     pub wakes: AtomicU64,
+    pub raft_messages_refused: AtomicU64,
     pub inline_applies_active: std::sync::atomic::AtomicBool,
     pub applies_inline: AtomicU64,
     pub inline_slow_writes: AtomicU64,
@@ -259,6 +266,7 @@ impl CoreCounters {
             groups: get(&self.groups),
             groups_hibernating: get(&self.groups_hibernating),
             wakes: get(&self.wakes),
+            raft_messages_refused: get(&self.raft_messages_refused),
             inline_applies_active: self.inline_applies_active.load(Ordering::Relaxed),
             applies_inline: get(&self.applies_inline),
             inline_slow_writes: get(&self.inline_slow_writes),

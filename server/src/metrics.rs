@@ -189,7 +189,7 @@ pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat
 
     let core_labels = |c: &CoreStat| format!("node=\"{node}\",core=\"{}\"", c.core);
     type CoreValue = fn(&CoreStat) -> f64;
-    let core_families: [(&'static str, Kind, &'static str, CoreValue); 19] = [
+    let core_families: [(&'static str, Kind, &'static str, CoreValue); 20] = [
         (
             "bd_core_raft_messages_sent_total",
             Kind::Counter,
@@ -231,6 +231,12 @@ pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat
             Kind::Counter,
             "Hibernating block groups woken.",
             |c| c.wakes as f64,
+        ),
+        (
+            "bd_core_raft_messages_refused_total",
+            Kind::Counter,
+            "Raft messages and forwarded requests from nodes that are not members of the group, refused.",
+            |c| c.raft_messages_refused as f64,
         ),
         (
             "bd_core_inline_applies_active",

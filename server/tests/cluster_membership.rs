@@ -217,6 +217,21 @@ fn a_removed_member_can_be_added_back() {
         "{}",
         c.logs()
     );
+    // Counted in the leader's core stats and in /metrics.
+    let refused: u64 = c.nodes[l].status_doc().expect("leader answers")["core_stats"]
+        .as_array()
+        .expect("core_stats")
+        .iter()
+        .map(|s| s["raft_messages_refused"].as_u64().expect("counter"))
+        .sum();
+    assert!(refused >= 1, "{}", c.logs());
+    let metrics = http_get(c.nodes[l].http, "/metrics").expect("leader answers");
+    assert!(
+        metrics
+            .lines()
+            .any(|m| m.starts_with("bd_core_raft_messages_refused_total{") && !m.ends_with(" 0")),
+        "{metrics}"
+    );
     let out = ok(&c, &["add-peer", "--bg", "0", "--peer", &gone.to_string()]);
     assert!(out.contains("voters [1,2,3]"), "{out}");
     let commit = c.commit_index();
