@@ -322,9 +322,10 @@ pub struct WalStatus {
     pub free_segments: usize,
     /// Rotations whose file a background thread had already renamed to the
     /// segment's name and made durable (no directory sync on the writer's
-    /// thread), and whether the next segment's file is being or has been
-    /// prepared that way now.
+    /// thread; `segment::Adopter`).
     pub segments_taken_ahead: u64,
+    /// A free file is being, or has been, renamed to the next segment's name
+    /// that way (it is not counted in `free_segments` meanwhile).
     pub next_segment_ahead: bool,
     /// Sum over written batches of the time from handing the write to the I/O backend to
     /// reaping its completion, in microseconds (divide by `batches` for the mean): the disk's
