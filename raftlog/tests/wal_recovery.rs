@@ -1151,6 +1151,16 @@ fn version_3_segments_are_still_read() {
     assert_eq!(w.entries(1, 1, 5).unwrap(), ents(1, 4, 1, 100));
 }
 
+/// One round of the reuse tests: ten 4000-byte entries for group 1, synced,
+/// and the group compacted up to two entries behind its end.
+fn reuse_round(w: &mut Wal, last: &mut u64) {
+    let lo = *last + 1;
+    *last += 10;
+    w.append(1, &ents(lo, *last, 1, 4000)).unwrap();
+    w.compact(1, *last - 2, 1).unwrap();
+    w.sync().unwrap();
+}
+
 /// Purged segments become free files that later segments reuse (no new file
 /// to preallocate or zero-fill); at open, free files of another size and
 /// those over `segments_recycle_max` are deleted. Every entry written
@@ -1166,11 +1176,7 @@ fn purged_segments_are_reused_and_read_back_after_a_crash() {
     // One group that compacts behind itself: the cold-group rewrite moves
     // it forward and old segments are purged, again and again.
     for round in 0..60u64 {
-        let lo = last + 1;
-        last += 10;
-        w.append(1, &ents(lo, last, 1, 4000)).unwrap();
-        w.compact(1, last - 2, 1).unwrap();
-        w.sync().unwrap();
+        reuse_round(&mut w, &mut last);
         assert!(w.status().free_segments <= 3, "round {round}");
     }
     let st = w.status();
@@ -1244,11 +1250,7 @@ fn purged_segments_are_reused_and_read_back_after_a_crash() {
     );
     // And on through more reuse, then a clean close and open.
     for _ in 0..20u64 {
-        let lo = last + 1;
-        last += 10;
-        w.append(1, &ents(lo, last, 1, 4000)).unwrap();
-        w.compact(1, last - 2, 1).unwrap();
-        w.sync().unwrap();
+        reuse_round(&mut w, &mut last);
     }
     let st = w.status();
     assert!(st.recycled_segments > 0 && st.next_segment_ahead, "{st:?}");
@@ -1282,16 +1284,9 @@ fn the_next_segment_file_is_renamed_ahead_of_the_rotation() {
     c.segments_recycle_max = 3;
     let mut w = Wal::open(c.clone()).unwrap();
     let mut last = 0;
-    let round = |w: &mut Wal, last: &mut u64| {
-        let lo = *last + 1;
-        *last += 10;
-        w.append(1, &ents(lo, *last, 1, 4000)).unwrap();
-        w.compact(1, *last - 2, 1).unwrap();
-        w.sync().unwrap();
-    };
     // Until segments are purged into the free pool.
     while w.status().recycled_segments == 0 {
-        round(&mut w, &mut last);
+        reuse_round(&mut w, &mut last);
         assert!(last < 2000, "no segment reused: {:?}", w.status());
     }
     // The thread renames and syncs in well under the pause given it here;
@@ -1304,7 +1299,7 @@ fn the_next_segment_file_is_renamed_ahead_of_the_rotation() {
         }
         let before = st.active_segment;
         while w.status().active_segment == before {
-            round(&mut w, &mut last);
+            reuse_round(&mut w, &mut last);
         }
         taken = w.status().segments_taken_ahead;
         if taken >= 3 {
@@ -1312,7 +1307,7 @@ fn the_next_segment_file_is_renamed_ahead_of_the_rotation() {
         }
     }
     assert!(taken >= 3, "{:?}", w.status());
-    round(&mut w, &mut last);
+    reuse_round(&mut w, &mut last);
     w.close().unwrap();
     let mut w = Wal::open(c).unwrap();
     assert_eq!(w.status().truncated_at_open, vec![]);
