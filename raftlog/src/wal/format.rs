@@ -53,6 +53,11 @@
 //! entries and compaction records before it (see `recovery` and the purge
 //! rule in `index`). Version 4 compact records carry no payload.
 //!
+//! A free file taken ahead to be the next segment starts with a `Reserved`
+//! record (kind 9, naming that segment) until the segment's first batch
+//! overwrites it: recovery removes a last segment that still starts with it
+//! without reading the rest (see `segment::Adopter` and `recovery`).
+//!
 //! Every segment starts with a `SegmentStart` record naming its sequence
 //! number and ends with a `Seal` record once the writer moves on to the next
 //! one (or closes cleanly): a segment other than the last that lacks its seal
@@ -118,6 +123,10 @@ pub enum RecordKind {
     Seal = 6,
     GroupImage = 7,
     Pad = 8,
+    /// First record of a free file renamed ahead to be segment `aux`
+    /// (`segment::Adopter`): until the segment's start record overwrites it,
+    /// nothing in the file was written in this life.
+    Reserved = 9,
 }
 
 impl RecordKind {
@@ -131,6 +140,7 @@ impl RecordKind {
             6 => RecordKind::Seal,
             7 => RecordKind::GroupImage,
             8 => RecordKind::Pad,
+            9 => RecordKind::Reserved,
             _ => return None,
         })
     }
@@ -231,6 +241,13 @@ impl RecordHeader {
         b[..8].copy_from_slice(&seg.to_le_bytes());
         b[8..].copy_from_slice(&off.to_le_bytes());
         b
+    }
+
+    pub fn reserved(seq: u64) -> RecordHeader {
+        RecordHeader {
+            aux: seq,
+            ..RecordHeader::new(RecordKind::Reserved, 0)
+        }
     }
 
     pub fn pad() -> RecordHeader {
@@ -443,6 +460,34 @@ fn encode_inner<B: EncodeBuf>(
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     buf.resize(start + pad(buf.len() - start), 0);
     payload_start - start
+}
+
+/// One `align`-byte block marking a file as segment `seq`'s before anything
+/// of it is written: a `Reserved` record, padded. The first batch of the
+/// segment starts at offset 0 and covers at least this block, so while the
+/// block is intact the segment's first batch never reached the disk, and
+/// nothing in the file was acknowledged ([`is_reserved`]).
+pub fn reserved_block(seq: u64, align: usize) -> Vec<u8> {
+    // Stamped as batch 0 of a window of 1: a reader that does not know the
+    // kind (or finds the mark torn and the pad intact) takes the block for
+    // an unacknowledged first batch, which is what it is.
+    let stamp = |h: RecordHeader| h.in_batch(0, 0, 1);
+    let mut b = Vec::with_capacity(align);
+    encode(&mut b, &stamp(RecordHeader::reserved(seq)), seq, |_| {});
+    let n = pad_len(b.len() as u64, align as u64) as usize;
+    encode_pad(&mut b, &stamp(RecordHeader::pad()), seq, n);
+    assert_eq!(b.len(), align, "a reserved block is one block");
+    b
+}
+
+/// Whether `data` (a segment's bytes from offset 0) starts with a valid
+/// `Reserved` record of segment `seq` (see [`reserved_block`]).
+pub fn is_reserved(data: &[u8], seq: u64) -> bool {
+    matches!(
+        decode_at(data, 0, SegFormat::current(seq)),
+        Decoded::Record { header, .. }
+            if header.kind == RecordKind::Reserved as u8 && header.aux == seq
+    )
 }
 
 /// Bytes of `Pad` records that bring a batch ending at (8-aligned) `end`
@@ -689,6 +734,21 @@ pub fn parse_entries(h: &RecordHeader, payload: &[u8]) -> Result<Vec<EntryRow>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reserved_block_is_one_block_recognised_for_its_segment_only() {
+        let b = reserved_block(42, 4096);
+        assert_eq!(b.len(), 4096);
+        assert!(is_reserved(&b, 42));
+        assert!(!is_reserved(&b, 43), "the sequence number is in the crc");
+        assert!(SegFormat::detect(&b, 42).is_none(), "not a start record");
+        let mut start = Vec::new();
+        encode(&mut start, &RecordHeader::segment_start(42), 42, |_| {});
+        assert!(!is_reserved(&start, 42));
+        let mut torn = b.clone();
+        torn[40] ^= 1;
+        assert!(!is_reserved(&torn, 42));
+    }
 
     const F: SegFormat = SegFormat { seq: 7, v4: true };
 

@@ -28,6 +28,11 @@
 //!   Then everything from the hole on is unacknowledged: it is cut off with
 //!   a `warn!` and the segment sealed, so it can never later look like
 //!   corruption in the middle of the log.
+//! - A last segment whose first block is still the `Reserved` mark of a
+//!   file renamed ahead of a rotation (`segment::Adopter`) never had its
+//!   first batch on the disk (that batch starts at offset 0 and covers the
+//!   block), so nothing in it was acknowledged: it is removed without
+//!   reading further. Anywhere else the mark is corruption.
 //! - Anything else — a bad record followed by a valid one that does not
 //!   pass both checks, or a hole in any segment but the last — is
 //!   corruption: recovery refuses with an error naming the file and offset.
@@ -126,6 +131,37 @@ fn recover_with(
     while let Some(&seq) = seqs.last() {
         let path = dir_path.join(segment::file_name(seq));
         buf.start(&path, seq)?;
+        // A free file renamed ahead to be this segment (`segment::Adopter`)
+        // whose first block still holds its mark: the segment's first batch
+        // never reached the disk, so nothing in it was acknowledged, and
+        // whatever later blocks hold need not be read.
+        if format::is_reserved(buf.record_at(&path, 0)?, seq) {
+            // Back to the free pool rather than deleted (the next segment
+            // would otherwise be zero-filled before the store opens). Its
+            // free number is the last segment's: below every segment to
+            // come (see `Wal::free_files`), and no free file has it, since
+            // that segment is live. Only its mark verifies as a record of
+            // `seq`, and says what it says now.
+            let free = seq
+                .checked_sub(1)
+                .map(|k| dir_path.join(segment::free_name(k)))
+                .filter(|f| !f.exists());
+            tracing::info!(
+                path = %path.display(),
+                kept_as = ?free,
+                "wal: the next segment's file was renamed ahead of a rotation that had not happened (nothing in it was written); back to the free files"
+            );
+            match &free {
+                Some(f) => std::fs::rename(&path, f).map_err(|e| {
+                    io_err("return reserved segment to the free files", &path, 0, e)
+                })?,
+                None => std::fs::remove_file(&path)
+                    .map_err(|e| io_err("remove reserved segment", &path, 0, e))?,
+            }
+            segment::sync_dir(dir, dir_path)?;
+            seqs.pop();
+            continue;
+        }
         // No valid start record, and nothing after it (in either format)
         // that could not have been in flight with the start record's batch:
         // nothing of this file was ever acknowledged. A recycled file whose
@@ -511,6 +547,16 @@ fn decode_segment(
                 if off != 0 && kind == RecordKind::SegmentStart {
                     break Err(corrupt(path, off as u64, "second segment start record"));
                 }
+                if kind == RecordKind::Reserved {
+                    // Only ever at offset 0 of a file not started yet (which
+                    // the check above refuses, and `recover` removes when it
+                    // is the last).
+                    break Err(corrupt(
+                        path,
+                        off as u64,
+                        "reserved-file record inside a segment",
+                    ));
+                }
                 if kind == RecordKind::Seal {
                     if header.aux != seq {
                         break Err(corrupt(
@@ -611,7 +657,7 @@ fn apply(
         RecordKind::RemoveGroup => {
             groups.remove(&h.group);
         }
-        RecordKind::SegmentStart | RecordKind::Seal | RecordKind::Pad => {
+        RecordKind::SegmentStart | RecordKind::Seal | RecordKind::Pad | RecordKind::Reserved => {
             unreachable!("handled by the caller")
         }
     }

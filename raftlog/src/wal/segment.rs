@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::wal::buf::{AlignedBuf, DIRECT_ALIGN};
+use crate::wal::format;
 
 use crate::error::Error;
 
@@ -68,9 +69,10 @@ pub fn take_free(dir_path: &Path, dir: &File, free: &Path, seq: u64) -> Option<(
 /// rotation only takes it: [`take_free`] on the writer's thread stalls the
 /// core for the directory's journal commit (0.5 ms median, 7 ms seen, while
 /// 64 KiB appends kept 4 MiB of batches on the disk). Until the rotation the
-/// file is a trailing segment without a valid start record, which recovery
-/// removes after a crash (its old records carry another sequence number);
-/// a clean close gives it back its free name ([`Adopter::give_back`]).
+/// file is a trailing segment whose first block marks it as not started
+/// ([`reserve_free`]), which recovery removes after a crash without reading
+/// the rest; a clean close gives it back its free name
+/// ([`Adopter::give_back`]).
 pub struct Adopter {
     seq: u64,
     free: PathBuf,
@@ -88,7 +90,7 @@ impl Adopter {
         let (dp, f) = (dir_path.to_path_buf(), free.clone());
         match std::thread::Builder::new()
             .name("wal-next-segment".into())
-            .spawn(move || take_free(&dp, &dir, &f, seq).map(|(file, _)| file))
+            .spawn(move || reserve_free(&dp, &dir, &f, seq).map(|(file, _)| file))
         {
             Ok(t) => Ok(Adopter {
                 seq,
@@ -151,6 +153,31 @@ impl Drop for Adopter {
             let _ = t.join();
         }
     }
+}
+
+/// [`take_free`] for a file taken ahead of the rotation ([`Adopter`]), whose
+/// first block is then overwritten, durably, with a `Reserved` record of
+/// `seq` ([`format::reserved_block`]). After a crash before the segment's
+/// first batch lands, recovery removes the file on that block alone instead
+/// of reading all of it for records of this life. The mark goes in only
+/// once the new name is durable: before that, a crash can bring the file
+/// back under the name of the segment it was (purge does not sync the
+/// directory), whose start record must then still be there.
+fn reserve_free(dir_path: &Path, dir: &File, free: &Path, seq: u64) -> Option<(File, PathBuf)> {
+    let (f, path) = take_free(dir_path, dir, free, seq)?;
+    let mark = f
+        .write_all_at(&format::reserved_block(seq, DIRECT_ALIGN), 0)
+        .and_then(|()| f.sync_data());
+    if let Err(e) = mark {
+        // Nothing durable depends on this file: it is dropped, not retried.
+        // If the removal is lost in a crash, recovery removes the file as a
+        // trailing segment without a start record.
+        tracing::warn!(path = %path.display(), error = %e, "wal: cannot mark the next segment's file; removing it");
+        drop(f);
+        let _ = std::fs::remove_file(&path);
+        return None;
+    }
+    Some((f, path))
 }
 
 /// Makes the rename of a prepared file to segment `path` durable and opens
