@@ -1300,6 +1300,18 @@ fn purged_segments_are_reused_and_read_back_after_a_crash() {
     // active segment's tail is, as after every crash).
     let cut = w.status().truncated_at_open;
     assert!(cut.iter().all(|(p, _)| p != &ahead), "{cut:?}");
+    // Under a free number no later purge can give another file: below the
+    // oldest segment.
+    let oldest = seq_of(&segments(tmp.path())[0]);
+    for e in std::fs::read_dir(tmp.path()).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        if let Some(n) = name
+            .strip_prefix("free-")
+            .and_then(|n| n.strip_suffix(".walfree"))
+        {
+            assert!(n.parse::<u64>().unwrap() < oldest, "{name} {oldest}");
+        }
+    }
     assert_ne!(w.group_state(1).unwrap().hard_state.term, 9, "{logs}");
     assert!(!short.exists(), "a free file of another size is deleted");
     assert!(

@@ -137,15 +137,16 @@ fn recover_with(
         // whatever later blocks hold need not be read.
         if format::is_reserved(buf.record_at(&path, 0)?, seq) {
             // Back to the free pool rather than deleted (the next segment
-            // would otherwise be zero-filled before the store opens). Its
-            // free number is the last segment's: below every segment to
-            // come (see `Wal::free_files`), and no free file has it, since
-            // that segment is live. Only its mark verifies as a record of
-            // `seq`, and says what it says now.
-            let free = seq
-                .checked_sub(1)
+            // would otherwise be zero-filled before the store opens), under
+            // an unused free number below the oldest segment: below every
+            // segment to come (see `Wal::free_files`), and never the number
+            // of a segment purged later. Only its mark verifies as a record
+            // of `seq`, and says what it says now.
+            let below = if seqs.len() > 1 { seqs[0] } else { seq };
+            let free = (below.saturating_sub(1024)..below)
+                .rev()
                 .map(|k| dir_path.join(segment::free_name(k)))
-                .filter(|f| !f.exists());
+                .find(|f| !f.exists());
             tracing::info!(
                 path = %path.display(),
                 kept_as = ?free,
