@@ -55,8 +55,8 @@
 //!
 //! A free file taken ahead to be the next segment starts with a `Reserved`
 //! record (kind 9, naming that segment) until the segment's first batch
-//! overwrites it: recovery removes a last segment that still starts with it
-//! without reading the rest (see `segment::Adopter` and `recovery`).
+//! overwrites it: recovery returns a last segment that still starts with it
+//! to the free files without reading the rest (see `segment::Adopter` and `recovery`).
 //!
 //! Every segment starts with a `SegmentStart` record naming its sequence
 //! number and ends with a `Seal` record once the writer moves on to the next

@@ -31,8 +31,8 @@
 //! - A last segment whose first block is still the `Reserved` mark of a
 //!   file renamed ahead of a rotation (`segment::Adopter`) never had its
 //!   first batch on the disk (that batch starts at offset 0 and covers the
-//!   block), so nothing in it was acknowledged: it is removed without
-//!   reading further. Anywhere else the mark is corruption.
+//!   block), so nothing in it was acknowledged: it goes back to the free
+//!   files without being read further. Anywhere else the mark is corruption.
 //! - Anything else — a bad record followed by a valid one that does not
 //!   pass both checks, or a hole in any segment but the last — is
 //!   corruption: recovery refuses with an error naming the file and offset.

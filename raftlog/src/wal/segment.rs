@@ -70,8 +70,8 @@ pub fn take_free(dir_path: &Path, dir: &File, free: &Path, seq: u64) -> Option<(
 /// core for the directory's journal commit (0.5 ms median, 7 ms seen, while
 /// 64 KiB appends kept 4 MiB of batches on the disk). Until the rotation the
 /// file is a trailing segment whose first block marks it as not started
-/// ([`reserve_free`]), which recovery removes after a crash without reading
-/// the rest; a clean close gives it back its free name
+/// ([`reserve_free`]), which recovery returns to the free files after a
+/// crash without reading the rest; a clean close gives it back its free name
 /// ([`Adopter::give_back`]).
 pub struct Adopter {
     seq: u64,
@@ -158,8 +158,8 @@ impl Drop for Adopter {
 /// [`take_free`] for a file taken ahead of the rotation ([`Adopter`]), whose
 /// first block is then overwritten, durably, with a `Reserved` record of
 /// `seq` ([`format::reserved_block`]). After a crash before the segment's
-/// first batch lands, recovery removes the file on that block alone instead
-/// of reading all of it for records of this life. The mark goes in only
+/// first batch lands, recovery returns the file to the free files on that
+/// block alone instead of reading all of it for records of this life. The mark goes in only
 /// once the new name is durable: before that, a crash can bring the file
 /// back under the name of the segment it was (purge does not sync the
 /// directory), whose start record must then still be there.
