@@ -596,13 +596,6 @@ fn lock_epoch(m: &std::sync::Mutex<u64>) -> std::sync::MutexGuard<'_, u64> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Whether `node` is a voter (incoming or outgoing) or a learner of `conf`.
-fn is_member(conf: &Configuration, node: NodeId) -> bool {
-    conf.voters.contains(&node)
-        || conf.voters_outgoing.contains(&node)
-        || conf.learners.contains(&node)
-}
-
 /// Data-file completions (never, for the synchronous backend: its requests are reaped in the
 /// flush that submitted them).
 async fn wait_data(w: &Option<Rc<DataWaiter>>) {
@@ -980,7 +973,7 @@ impl Core {
                 };
                 match self.groups.get(&group_field).map(|g| g.raft.role()) {
                     // Forwards come from the replicas of the group (see `step` on members).
-                    Some(_) if !is_member(self.groups[&group_field].raft.conf(), from) => {
+                    Some(_) if !self.groups[&group_field].raft.conf().contains(from) => {
                         if let Some(unreported) =
                             self.refused(group_field, from, Refused::ForwardedRequest, now)
                         {

@@ -56,7 +56,7 @@ use raftlog::core::{GroupId, NodeId, RaftNode, Role};
 use tracing::{debug, info};
 use transport::{Frame, Lane};
 
-use super::{is_member, Core};
+use super::Core;
 use crate::codec::{HibernateFrame, HibernateWhat, SleepAt, KIND_HIBERNATE};
 use crate::config::EngineConfig;
 
@@ -198,7 +198,7 @@ impl Core {
         let mut woken = 0;
         for (bg, g) in self.groups.iter_mut() {
             if g.raft.role() == Role::Leader
-                && is_member(g.raft.conf(), from)
+                && g.raft.conf().contains(from)
                 && self.hib.wake(*bg, &mut g.raft, false)
             {
                 self.dirty.insert(*bg);
@@ -397,7 +397,7 @@ impl Core {
                         && g.raft.leader() == Some(from)
                         && g.raft.term() == at.term
                         && g.raft.quiescent() == Some((at.index, at.log_term))
-                        && is_member(g.raft.conf(), from)
+                        && g.raft.conf().contains(from)
                         && !busy.contains(&at.group)
                         && self.hib.groups.contains_key(&at.group);
                     if agrees {
