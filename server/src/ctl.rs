@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use engine::PeerChange;
 use serde_json::Value;
 
 use crate::error::Error;
@@ -148,13 +149,13 @@ pub fn run(args: &CtlArgs) -> Result<(), Error> {
             CtlCommand::Status { bg } => status(&nodes, *bg).await,
             CtlCommand::Snapshot { bg } => snapshot(&nodes, *bg).await,
             CtlCommand::TransferLeader { bg, to, wait_ms } => {
-                transfer_leader(&nodes, *bg, *to, Duration::from_millis(*wait_ms)).await
+                transfer_leader(&nodes, *bg, *to, ms(*wait_ms)).await
             }
             CtlCommand::AddPeer(a) => {
-                change_peer(&nodes, a.bg, Change::Add(a.peer), ms(a.wait_ms)).await
+                change_peer(&nodes, a.bg, PeerChange::Add(a.peer), ms(a.wait_ms)).await
             }
             CtlCommand::RemovePeer(a) => {
-                change_peer(&nodes, a.bg, Change::Remove(a.peer), ms(a.wait_ms)).await
+                change_peer(&nodes, a.bg, PeerChange::Remove(a.peer), ms(a.wait_ms)).await
             }
             CtlCommand::BalanceLeaders { dry_run, wait_ms } => {
                 balance_leaders(&nodes, *dry_run, ms(*wait_ms)).await
@@ -170,8 +171,8 @@ pub fn run(args: &CtlArgs) -> Result<(), Error> {
                         "bg {bg}: --from and --to are the same node {from}"
                     )));
                 }
-                change_peer(&nodes, *bg, Change::Add(*to), ms(*wait_ms)).await?;
-                change_peer(&nodes, *bg, Change::Remove(*from), ms(*wait_ms)).await
+                change_peer(&nodes, *bg, PeerChange::Add(*to), ms(*wait_ms)).await?;
+                change_peer(&nodes, *bg, PeerChange::Remove(*from), ms(*wait_ms)).await
             }
         }
     })
@@ -383,28 +384,39 @@ pub struct Led {
     pub voters: Vec<u64>,
 }
 
+/// The voters a status row reports.
+fn voters_of(b: &Value) -> Vec<u64> {
+    b["voters"]
+        .as_array()
+        .map(|v| v.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
+}
+
+/// The status row of `bg` on its leader among `rows` (see [`find_leader`]).
+fn leader_row(rows: &[(SocketAddr, Value)], bg: u64) -> Option<&Value> {
+    let (addr, _, _) = find_leader(rows, bg)?;
+    rows.iter()
+        .find(|(a, b)| *a == addr && b["bg"].as_u64() == Some(bg))
+        .map(|(_, b)| b)
+}
+
 /// Every block group among `rows`, with the leader of its highest term and that leader's
 /// voters (a group without a leader lists the voters some node reports).
 pub fn groups_led(rows: &[(SocketAddr, Value)]) -> Vec<Led> {
     let mut bgs: Vec<u64> = rows.iter().filter_map(|(_, b)| b["bg"].as_u64()).collect();
     bgs.sort_unstable();
     bgs.dedup();
-    let voters_of = |b: &Value| -> Vec<u64> {
-        b["voters"]
-            .as_array()
-            .map(|v| v.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default()
-    };
     bgs.into_iter()
         .map(|bg| {
-            let leader = find_leader(rows, bg);
-            let row = rows.iter().find(|(a, b)| {
-                b["bg"].as_u64() == Some(bg) && leader.is_none_or(|(addr, _, _)| *a == addr)
+            let row = leader_row(rows, bg).or_else(|| {
+                rows.iter()
+                    .find(|(_, b)| b["bg"].as_u64() == Some(bg))
+                    .map(|(_, b)| b)
             });
             Led {
                 bg,
-                leader: leader.map(|(_, id, _)| id),
-                voters: row.map(|(_, b)| voters_of(b)).unwrap_or_default(),
+                leader: find_leader(rows, bg).map(|(_, id, _)| id),
+                voters: row.map(voters_of).unwrap_or_default(),
             }
         })
         .collect()
@@ -511,30 +523,13 @@ fn ms(ms: u64) -> Duration {
     Duration::from_millis(ms)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Change {
-    Add(u64),
-    Remove(u64),
-}
-
 /// Whether the configuration `change` asks for is in force on the leader among `rows`: its
 /// voters include (exclude) the peer, and the entry that made them so has committed.
 pub fn peer_change_committed(rows: &[(SocketAddr, Value)], bg: u64, add: bool, peer: u64) -> bool {
-    let Some((addr, _, term)) = find_leader(rows, bg) else {
-        return false;
-    };
-    rows.iter()
-        .find(|(a, b)| {
-            *a == addr && b["bg"].as_u64() == Some(bg) && b["term"].as_u64() == Some(term)
-        })
-        .is_some_and(|(_, b)| {
-            let voters: Vec<u64> = b["voters"]
-                .as_array()
-                .map(|v| v.iter().filter_map(Value::as_u64).collect())
-                .unwrap_or_default();
-            let committed = b["last_committed_index"].as_u64() >= b["conf_index"].as_u64();
-            voters.contains(&peer) == add && committed
-        })
+    leader_row(rows, bg).is_some_and(|b| {
+        let committed = b["last_committed_index"].as_u64() >= b["conf_index"].as_u64();
+        voters_of(b).contains(&peer) == add && committed
+    })
 }
 
 /// Whether the change `leader` started in `term` ended without the configuration it asked
@@ -560,12 +555,12 @@ pub fn peer_change_abandoned(
 async fn change_peer(
     nodes: &[SocketAddr],
     bg: u64,
-    change: Change,
+    change: PeerChange,
     wait: Duration,
 ) -> Result<(), Error> {
     let (add, peer, route, verb) = match change {
-        Change::Add(p) => (true, p, "add_peer", "adding"),
-        Change::Remove(p) => (false, p, "remove_peer", "removing"),
+        PeerChange::Add(p) => (true, p, "add_peer", "adding"),
+        PeerChange::Remove(p) => (false, p, "remove_peer", "removing"),
     };
     let (addr, leader, term) = current_leader(nodes, bg).await?;
     let doc = call(addr, "POST", &format!("/bgs/{bg}/{route}?peer={peer}")).await?;
@@ -586,12 +581,8 @@ async fn change_peer(
             )));
         }
         if done {
-            let voters = find_leader(&rows, bg)
-                .and_then(|(a, _, _)| {
-                    rows.iter()
-                        .find(|(r, b)| *r == a && b["bg"].as_u64() == Some(bg))
-                        .map(|(_, b)| b["voters"].to_string())
-                })
+            let voters = leader_row(&rows, bg)
+                .map(|b| b["voters"].to_string())
                 .unwrap_or_default();
             println!("bg {bg}: configuration committed, voters {voters}");
             return Ok(());

@@ -295,7 +295,7 @@ async fn admin(engine: &Engine, bg: GroupId, action: Action, query: &str) -> Rep
             }
         }
         Action::TransferLeader => {
-            let to = match transfer_target(query) {
+            let to = match node_param(query, "to") {
                 Ok(to) => to,
                 Err(msg) => return Reply::json(400, error_doc(&msg)),
             };
@@ -332,12 +332,8 @@ async fn admin(engine: &Engine, bg: GroupId, action: Action, query: &str) -> Rep
     }
 }
 
-/// `to=<node id>` or nothing.
-fn transfer_target(query: &str) -> Result<Option<NodeId>, String> {
-    node_param(query, "to")
-}
-
-/// The query's only parameter, `name=<node id>`, if given.
+/// The query's only parameter, `name=<node id>`, if given (`to` of transfer_leader, `peer` of
+/// add_peer / remove_peer).
 fn node_param(query: &str, name: &str) -> Result<Option<NodeId>, String> {
     let mut found = None;
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
@@ -515,9 +511,9 @@ mod tests {
 
     #[test]
     fn transfer_target_takes_one_node_id_or_none() {
-        assert_eq!(transfer_target(""), Ok(None));
-        assert_eq!(transfer_target("to=3"), Ok(Some(3)));
-        assert_eq!(transfer_target("&to=3&"), Ok(Some(3)));
+        assert_eq!(node_param("", "to"), Ok(None));
+        assert_eq!(node_param("to=3", "to"), Ok(Some(3)));
+        assert_eq!(node_param("&to=3&", "to"), Ok(Some(3)));
         for (q, says) in [
             ("to=0", "bad node id"),
             ("to=x", "bad node id"),
@@ -527,7 +523,7 @@ mod tests {
             ("peer=2", "unknown parameter"),
             ("to", "unknown parameter"),
         ] {
-            let e = transfer_target(q).unwrap_err();
+            let e = node_param(q, "to").unwrap_err();
             assert!(e.contains(says), "{q:?}: {e}");
         }
     }
