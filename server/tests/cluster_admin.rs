@@ -9,14 +9,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn ok(c: &Cluster, args: &[&str]) -> String {
-    bdctl_ok(c, args)
-}
-
-fn fails(c: &Cluster, args: &[&str]) -> String {
-    bdctl_fails(c, args)
-}
-
 #[test]
 fn bdctl_takes_snapshots_and_moves_leadership() {
     let c = Cluster::start(&[]);
@@ -26,7 +18,7 @@ fn bdctl_takes_snapshots_and_moves_leadership() {
     let commit = c.commit_index();
 
     // status: one row per node for bg0, exactly one of them the leader.
-    let out = ok(&c, &["status"]);
+    let out = bdctl_ok(&c, &["status"]);
     let rows: Vec<&str> = out.lines().skip(1).collect();
     assert_eq!(rows.len(), 3, "{out}");
     assert_eq!(
@@ -38,7 +30,7 @@ fn bdctl_takes_snapshots_and_moves_leadership() {
     assert!(leader_row.contains(&c.nodes[l].http.to_string()), "{out}");
 
     // snapshot: every replica snapshots its own copy, at an index covering the writes.
-    let out = ok(&c, &["snapshot", "--bg", "0"]);
+    let out = bdctl_ok(&c, &["snapshot", "--bg", "0"]);
     assert_eq!(out.lines().count(), 3, "{out}");
     for n in &c.nodes {
         let line = out
@@ -58,7 +50,7 @@ fn bdctl_takes_snapshots_and_moves_leadership() {
     // old leader (now forwarding).
     let target = (l + 1) % 3;
     let to = c.nodes[target].id.to_string();
-    let out = ok(&c, &["transfer-leader", "--bg", "0", "--to", &to]);
+    let out = bdctl_ok(&c, &["transfer-leader", "--bg", "0", "--to", &to]);
     assert!(out.contains(&format!("node {to} is the leader")), "{out}");
     assert_eq!(c.leader(), target);
     assert_eq!(write_blocks(&c.nodes[l].uri(), 16..20).len(), 4);
@@ -74,23 +66,23 @@ fn bdctl_takes_snapshots_and_moves_leadership() {
     );
     assert!(read.contains("read 65536/65536"), "{read}");
     // Without --to, the most up-to-date other voter takes over.
-    let out = ok(&c, &["transfer-leader", "--bg", "0"]);
+    let out = bdctl_ok(&c, &["transfer-leader", "--bg", "0"]);
     assert!(out.contains("is the leader"), "{out}");
     assert_ne!(c.leader(), target);
     // Asking for the current leader changes nothing.
     let now = c.nodes[c.leader()].id.to_string();
-    let out = ok(&c, &["transfer-leader", "--bg", "0", "--to", &now]);
+    let out = bdctl_ok(&c, &["transfer-leader", "--bg", "0", "--to", &now]);
     assert!(out.contains("already the leader"), "{out}");
 
     // Errors name what is wrong and exit non-zero.
-    let err = fails(&c, &["snapshot", "--bg", "7"]);
+    let err = bdctl_fails(&c, &["snapshot", "--bg", "7"]);
     assert!(
         err.contains("bg 7: not hosted on this node (HTTP 404)"),
         "{err}"
     );
-    let err = fails(&c, &["transfer-leader", "--bg", "0", "--to", "9"]);
+    let err = bdctl_fails(&c, &["transfer-leader", "--bg", "0", "--to", "9"]);
     assert!(err.contains("peer 9 is not a member (HTTP 400)"), "{err}");
-    let err = fails(&c, &["transfer-leader", "--bg", "5"]);
+    let err = bdctl_fails(&c, &["transfer-leader", "--bg", "5"]);
     assert!(err.contains("bg 5: no leader among"), "{err}");
     let out = Command::new(env!("CARGO_BIN_EXE_bdctl"))
         .args(["--node", "127.0.0.1:1", "status"])
@@ -251,7 +243,7 @@ fn writes_survive_leadership_transfers_under_load() {
     let mut moves = 0;
     std::thread::sleep(Duration::from_millis(500));
     for _ in 0..3 {
-        let out = ok(&c, &["transfer-leader", "--bg", "0"]);
+        let out = bdctl_ok(&c, &["transfer-leader", "--bg", "0"]);
         assert!(out.contains("is the leader"), "{out}");
         moves += 1;
         std::thread::sleep(Duration::from_millis(400));
@@ -297,10 +289,10 @@ fn bdctl_balances_leaders_over_the_nodes() {
     // Every group led by node 1, as after the other two restarted.
     for bg in &bgs {
         let bg = bg.to_string();
-        ok(&c, &["transfer-leader", "--bg", &bg, "--to", "1"]);
+        bdctl_ok(&c, &["transfer-leader", "--bg", &bg, "--to", "1"]);
     }
     assert_eq!(leader_counts(&c, &bgs), [6, 0, 0]);
-    let out = ok(&c, &["balance-leaders", "--dry-run"]);
+    let out = bdctl_ok(&c, &["balance-leaders", "--dry-run"]);
     assert!(
         out.contains("leaders before: node 1: 6, node 2: 0, node 3: 0"),
         "{out}"
@@ -311,17 +303,17 @@ fn bdctl_balances_leaders_over_the_nodes() {
         [6, 0, 0],
         "a dry run moves nothing"
     );
-    let out = ok(&c, &["balance-leaders"]);
+    let out = bdctl_ok(&c, &["balance-leaders"]);
     assert!(
         out.contains("leaders after: node 1: 2, node 2: 2, node 3: 2"),
         "{out}"
     );
     assert_eq!(leader_counts(&c, &bgs), [2, 2, 2]);
-    let out = ok(&c, &["balance-leaders"]);
+    let out = bdctl_ok(&c, &["balance-leaders"]);
     assert!(out.contains("balanced: nothing to move"), "{out}");
     // Without every node's answer it refuses rather than count a silent node as idle.
     let dead = c.nodes[2].http.to_string();
     c.kill(2);
-    let e = fails(&c, &["--node", &dead, "balance-leaders"]);
+    let e = bdctl_fails(&c, &["--node", &dead, "balance-leaders"]);
     assert!(e.contains(&dead), "{e}");
 }

@@ -64,10 +64,7 @@ fn assert_commits(c: &Cluster, via: usize, check: usize, blocks: std::ops::Range
         via + 1,
         c.logs()
     );
-    let reads: Vec<String> = blocks
-        .map(|b| format!("read -P {} {} 64k", pattern(b), b * BLOCK))
-        .collect();
-    qemu_io(&c.nodes[check].uri(), &reads);
+    qemu_io(&c.nodes[check].uri(), &block_reads(blocks));
 }
 
 #[test]
@@ -140,7 +137,7 @@ fn killed_follower_catches_up_by_log_not_snapshot() {
 
     // Reads through the caught-up node (forwarded to the leader) ...
     let mut reads = vec![format!("read -P 0 0 {}", 4 * BLOCK)];
-    reads.extend((4..40).map(|b| format!("read -P {} {} 64k", pattern(b), b * BLOCK)));
+    reads.extend(block_reads(4..40));
     qemu_io(&c.nodes[f].uri(), &reads);
     // ... and its own data file, which only log replication can have filled.
     let data = std::fs::File::open(c.nodes[f].data_file()).unwrap();
@@ -200,10 +197,7 @@ fn whole_cluster_killed_mid_write_keeps_every_acknowledged_write() {
     }
     let l = c.leader();
     eprintln!("node {} leads after the restart", l + 1);
-    let reads: Vec<String> = acked
-        .iter()
-        .map(|b| format!("read -P {} {} 64k", pattern(*b), b * BLOCK))
-        .collect();
+    let reads = block_reads(acked.iter().copied());
     for n in 0..3 {
         qemu_io(&c.nodes[n].uri(), &reads);
     }

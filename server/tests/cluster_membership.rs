@@ -8,26 +8,12 @@ use std::time::Duration;
 
 use common::*;
 
-fn ok(c: &Cluster, args: &[&str]) -> String {
-    bdctl_ok(c, args)
-}
-
-fn fails(c: &Cluster, args: &[&str]) -> String {
-    bdctl_fails(c, args)
-}
-
 fn voters(n: &Node) -> Vec<u64> {
     n.status().expect("status")["voters"]
         .as_array()
         .expect("voters")
         .iter()
         .map(|v| v.as_u64().unwrap())
-        .collect()
-}
-
-fn reads(blocks: std::ops::Range<u64>) -> Vec<String> {
-    blocks
-        .map(|b| format!("read -P {} {} 64k", pattern(b), b * 65536))
         .collect()
 }
 
@@ -55,7 +41,7 @@ fn a_replica_moves_to_a_new_node_which_then_counts_in_every_quorum() {
         .map(|i| format!("write -P 9 {} 4M", (24 << 20) + (i << 22)))
         .collect();
     qemu_io(&c.nodes[l].uri(), &bulk);
-    ok(&c, &["snapshot", "--bg", "0"]);
+    bdctl_ok(&c, &["snapshot", "--bg", "0"]);
     let joiner = &c.nodes[3];
     let s = joiner.status().expect("node 4 answers");
     assert_eq!(s["state"], "FOLLOWER", "{s}");
@@ -63,17 +49,17 @@ fn a_replica_moves_to_a_new_node_which_then_counts_in_every_quorum() {
     assert_eq!(voters(joiner), vec![1, 2, 3]);
 
     // Refusals, each naming what is wrong.
-    let e = fails(&c, &["add-peer", "--bg", "0", "--peer", "9"]);
+    let e = bdctl_fails(&c, &["add-peer", "--bg", "0", "--peer", "9"]);
     assert!(
         e.contains("node 9 is not a peer") && e.contains("HTTP 400"),
         "{e}"
     );
-    let e = fails(&c, &["remove-peer", "--bg", "0", "--peer", "4"]);
+    let e = bdctl_fails(&c, &["remove-peer", "--bg", "0", "--peer", "4"]);
     assert!(
         e.contains("peer 4 is not a member") && e.contains("HTTP 400"),
         "{e}"
     );
-    let e = fails(
+    let e = bdctl_fails(
         &c,
         &["move-replica", "--bg", "0", "--from", "2", "--to", "2"],
     );
@@ -97,7 +83,7 @@ fn a_replica_moves_to_a_new_node_which_then_counts_in_every_quorum() {
     // A new peer that is down never catches up: the leader aborts after the catch-up timeout
     // and bdctl says so then, instead of waiting out --wait-ms.
     c.kill(3);
-    let e = fails(
+    let e = bdctl_fails(
         &c,
         &["add-peer", "--bg", "0", "--peer", "4", "--wait-ms", "60000"],
     );
@@ -118,7 +104,7 @@ fn a_replica_moves_to_a_new_node_which_then_counts_in_every_quorum() {
     // Move the leader's own replica to node 4: add it, then remove the old leader, which
     // steps down once its removal commits.
     let from = c.nodes[l].id;
-    let out = ok(
+    let out = bdctl_ok(
         &c,
         &[
             "move-replica",
@@ -149,12 +135,12 @@ fn a_replica_moves_to_a_new_node_which_then_counts_in_every_quorum() {
         c.nodes[3].log()
     );
     // Removing it again is refused by name; adding a voter again changes nothing.
-    let e = fails(
+    let e = bdctl_fails(
         &c,
         &["remove-peer", "--bg", "0", "--peer", &from.to_string()],
     );
     assert!(e.contains(&format!("peer {from} is not a member")), "{e}");
-    let out = ok(&c, &["add-peer", "--bg", "0", "--peer", "4"]);
+    let out = bdctl_ok(&c, &["add-peer", "--bg", "0", "--peer", "4"]);
     assert!(out.contains("nothing to do"), "{out}");
 
     // The old leader is out. Stop it and one more of the original members: the group has
@@ -165,8 +151,8 @@ fn a_replica_moves_to_a_new_node_which_then_counts_in_every_quorum() {
     let last = (0..3).find(|&i| i != l && i != other).unwrap();
     let uri = c.nodes[3].uri();
     assert_eq!(write_blocks(&uri, 24..40).len(), 16, "{}", c.logs());
-    qemu_io(&uri, &reads(0..40));
-    qemu_io(&c.nodes[last].uri(), &reads(0..40));
+    qemu_io(&uri, &block_reads(0..40));
+    qemu_io(&c.nodes[last].uri(), &block_reads(0..40));
     let s = c.nodes[3].status().unwrap();
     assert_eq!(voters(&c.nodes[3]), expect, "{s}");
     // Node 4 restarts with its config unchanged (`--join-bg`, members 1-3): its membership
@@ -179,7 +165,7 @@ fn a_replica_moves_to_a_new_node_which_then_counts_in_every_quorum() {
         "{}",
         c.logs()
     );
-    qemu_io(&c.nodes[3].uri(), &reads(0..44));
+    qemu_io(&c.nodes[3].uri(), &block_reads(0..44));
     assert_eq!(voters(&c.nodes[3]), expect);
     for n in [&c.nodes[3], &c.nodes[last]] {
         assert!(!n.log().contains("panicked"), "node {}:\n{}", n.id, n.log());
@@ -192,7 +178,7 @@ fn a_removed_member_can_be_added_back() {
     let l = c.leader();
     assert_eq!(write_blocks(&c.nodes[l].uri(), 0..8).len(), 8);
     let gone = c.nodes[(l + 1) % 3].id;
-    let out = ok(
+    let out = bdctl_ok(
         &c,
         &["remove-peer", "--bg", "0", "--peer", &gone.to_string()],
     );
@@ -232,7 +218,7 @@ fn a_removed_member_can_be_added_back() {
             .any(|m| m.starts_with("bd_core_raft_messages_refused_total{") && !m.ends_with(" 0")),
         "{metrics}"
     );
-    let out = ok(&c, &["add-peer", "--bg", "0", "--peer", &gone.to_string()]);
+    let out = bdctl_ok(&c, &["add-peer", "--bg", "0", "--peer", &gone.to_string()]);
     assert!(out.contains("voters [1,2,3]"), "{out}");
     let commit = c.commit_index();
     let back = &c.nodes[(gone - 1) as usize];
@@ -241,8 +227,8 @@ fn a_removed_member_can_be_added_back() {
         "node {gone} did not catch up to {commit}\n{}",
         c.logs()
     );
-    qemu_io(&back.uri(), &reads(0..16));
-    let out = ok(&c, &["status", "--bg", "0"]);
+    qemu_io(&back.uri(), &block_reads(0..16));
+    let out = bdctl_ok(&c, &["status", "--bg", "0"]);
     assert_eq!(
         out.lines()
             .skip(1)

@@ -576,6 +576,15 @@ pub fn write_blocks(uri: &str, range: std::ops::Range<u64>) -> Vec<u64> {
         .collect()
 }
 
+/// qemu-io commands reading back 64 KiB blocks written by [`write_blocks`], each checked
+/// against its own pattern.
+pub fn block_reads(blocks: impl IntoIterator<Item = u64>) -> Vec<String> {
+    blocks
+        .into_iter()
+        .map(|b| format!("read -P {} {} 64k", pattern(b), b * 65536))
+        .collect()
+}
+
 pub fn pattern(block: u64) -> u64 {
     block % 200 + 1
 }
