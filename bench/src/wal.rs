@@ -52,7 +52,7 @@ use bytes::Bytes;
 use clap::Args;
 use hdrhistogram::Histogram;
 use raftlog::core::types::{Entry, EntryKind};
-use raftlog::wal::{self, IoBackend, Wal, WalConfig, WalOp};
+use raftlog::wal::{self, AlignedBuf, IoBackend, Wal, WalConfig, WalOp};
 use serde::Serialize;
 
 use crate::nbd::median;
@@ -803,6 +803,23 @@ fn recovery_cell(dir: &Path, bytes: u64, s: &WalSetup) -> Res<Row> {
     Ok(r)
 }
 
+/// `path` opened for writing (`O_DIRECT`, `O_DSYNC` as asked), preallocated
+/// to `total` bytes first unless it already holds that many.
+fn sized_file(path: &Path, total: u64, direct: bool, dsync: bool) -> Res<File> {
+    let exists = std::fs::metadata(path).is_ok_and(|m| m.len() >= total);
+    if !exists && !dsync {
+        return prealloc(path, total, direct);
+    }
+    if !exists {
+        // Preallocated first, then opened again with O_DSYNC.
+        drop(prealloc(path, total, direct)?);
+    }
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    o.custom_flags(if direct { libc::O_DIRECT } else { 0 } | if dsync { libc::O_DSYNC } else { 0 });
+    o.open(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn prealloc(path: &Path, bytes: u64, direct: bool) -> Res<File> {
     let _ = std::fs::remove_file(path);
     let mut o = OpenOptions::new();
@@ -929,16 +946,7 @@ fn shared_flush_cell(
 ) -> Res<Row> {
     let batch_max = n * entry;
     let total = total.max(batch_max as u64) / 4096 * 4096;
-    if std::fs::metadata(path).map_or(true, |m| m.len() < total) {
-        drop(prealloc(path, total, true)?);
-    }
-    let f = Arc::new(
-        OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?,
-    );
+    let f = Arc::new(sized_file(path, total, true, false)?);
     let t0 = Instant::now();
     let state = Arc::new((
         Mutex::new(SharedFlush {
@@ -961,13 +969,8 @@ fn shared_flush_cell(
     for _ in 0..writers {
         let (f, state) = (f.clone(), state.clone());
         threads.push(std::thread::spawn(move || {
-            let layout = std::alloc::Layout::from_size_align(batch_max, 4096).expect("layout");
-            // SAFETY: non-zero size; freed below with the same layout.
-            let ptr = unsafe { std::alloc::alloc(layout) };
-            assert!(!ptr.is_null(), "allocation failed");
-            // SAFETY: `ptr` points to `batch_max` writable bytes we own.
-            let buf = unsafe { std::slice::from_raw_parts_mut(ptr, batch_max) };
-            buf.fill(0x3c);
+            let mut buf = AlignedBuf::default();
+            buf.resize(batch_max, 0x3c);
             let (lock, cv) = &*state;
             let mut st = lock.lock().unwrap();
             loop {
@@ -993,9 +996,6 @@ fn shared_flush_cell(
                 }
                 cv.notify_all();
             }
-            drop(st);
-            // SAFETY: allocated above with this layout.
-            unsafe { std::alloc::dealloc(ptr, layout) };
         }));
     }
     {
@@ -1058,23 +1058,7 @@ fn seq_cell(
     depth: usize,
 ) -> Res<Row> {
     let total = total.div_ceil(chunk as u64) * chunk as u64;
-    let exists = std::fs::metadata(path).is_ok_and(|m| m.len() >= total);
-    let f = if exists || dsync {
-        if !exists {
-            // Preallocated first, then opened again with O_DSYNC.
-            drop(prealloc(path, total, direct)?);
-        }
-        let mut o = OpenOptions::new();
-        o.read(true).write(true);
-        o.custom_flags(
-            if direct { libc::O_DIRECT } else { 0 } | if dsync { libc::O_DSYNC } else { 0 },
-        );
-        o.open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-    } else {
-        prealloc(path, total, direct)?
-    };
-    let f = Arc::new(f);
+    let f = Arc::new(sized_file(path, total, direct, dsync)?);
     let next = Arc::new(AtomicU64::new(0));
     let all = Arc::new(Mutex::new(hist()));
     let t0 = Instant::now();
@@ -1083,14 +1067,8 @@ fn seq_cell(
             let (f, next, all) = (f.clone(), next.clone(), all.clone());
             std::thread::spawn(move || -> Res<()> {
                 // O_DIRECT needs an aligned buffer; 4 KiB alignment suits every disk.
-                let layout =
-                    std::alloc::Layout::from_size_align(chunk, 4096).expect("valid layout");
-                // SAFETY: non-zero size; freed below with the same layout.
-                let ptr = unsafe { std::alloc::alloc(layout) };
-                assert!(!ptr.is_null(), "allocation failed");
-                // SAFETY: `ptr` points to `chunk` writable bytes we own.
-                let buf = unsafe { std::slice::from_raw_parts_mut(ptr, chunk) };
-                buf.fill(0x3c);
+                let mut buf = AlignedBuf::default();
+                buf.resize(chunk, 0x3c);
                 let mut h = hist();
                 let mut res = Ok(());
                 loop {
@@ -1099,14 +1077,12 @@ fn seq_cell(
                         break;
                     }
                     let t = Instant::now();
-                    if let Err(e) = f.write_all_at(buf, o) {
+                    if let Err(e) = f.write_all_at(&buf, o) {
                         res = Err(format!("raw write at {o}: {e}"));
                         break;
                     }
                     let _ = h.record(t.elapsed().as_micros().max(1) as u64);
                 }
-                // SAFETY: allocated above with this layout.
-                unsafe { std::alloc::dealloc(ptr, layout) };
                 all.lock().unwrap().add(&h).expect("same bounds");
                 res
             })
