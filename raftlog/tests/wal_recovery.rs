@@ -1203,6 +1203,15 @@ fn a_trailing_reserved_segment_is_removed_intact_or_torn() {
     }
 }
 
+/// The reuse tests' store: small segments, a rewrite past four of them, at
+/// most three files kept for reuse.
+fn reuse_cfg(dir: &Path) -> WalConfig {
+    let mut c = cfg(dir);
+    c.segments_soft_max = 4;
+    c.segments_recycle_max = 3;
+    c
+}
+
 /// One round of the reuse tests: ten 4000-byte entries for group 1, synced,
 /// and the group compacted up to two entries behind its end.
 fn reuse_round(w: &mut Wal, last: &mut u64) {
@@ -1220,9 +1229,7 @@ fn reuse_round(w: &mut Wal, last: &mut u64) {
 #[test]
 fn purged_segments_are_reused_and_read_back_after_a_crash() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut c = cfg(tmp.path());
-    c.segments_soft_max = 4;
-    c.segments_recycle_max = 3;
+    let c = reuse_cfg(tmp.path());
     let mut w = Wal::open(c.clone()).unwrap();
     let mut last = 0;
     // One group that compacts behind itself: the cold-group rewrite moves
@@ -1366,9 +1373,7 @@ fn purged_segments_are_reused_and_read_back_after_a_crash() {
 #[test]
 fn the_next_segment_file_is_renamed_ahead_of_the_rotation() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut c = cfg(tmp.path());
-    c.segments_soft_max = 4;
-    c.segments_recycle_max = 3;
+    let c = reuse_cfg(tmp.path());
     let mut w = Wal::open(c.clone()).unwrap();
     let mut last = 0;
     // Until segments are purged into the free pool.
