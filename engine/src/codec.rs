@@ -115,13 +115,12 @@ const TAG_TIMEOUT_NOW: u8 = 9;
 
 /// Bytes a message takes in a raft frame (used to cut frames at `frame_bytes_max`).
 pub fn message_len(m: &Message) -> usize {
-    33 + match &m.body {
+    49 + match &m.body {
         MessageBody::AppendEntries { entries, .. } => {
             36 + entries.iter().map(|e| 21 + e.data.len()).sum::<usize>()
         }
         MessageBody::InstallSnapshot { meta } => {
-            let c = &meta.conf;
-            20 + 12 + 8 * (c.voters.len() + c.voters_outgoing.len() + c.learners.len())
+            20 + meta.conf.encoded_len_max()
         }
         _ => 48,
     }
@@ -132,6 +131,8 @@ fn put_message(b: &mut BytesMut, m: &Message) {
     b.put_u64_le(m.from);
     b.put_u64_le(m.to);
     b.put_u64_le(m.term);
+    b.put_u64_le(m.disk);
+    b.put_u64_le(m.to_disk);
     match &m.body {
         MessageBody::RequestVote {
             pre_vote,
@@ -236,6 +237,8 @@ fn get_message(r: &mut Reader) -> R<Message> {
     let from = r.u64("from")?;
     let to = r.u64("to")?;
     let term = r.ti("term")?;
+    let disk = r.u64("disk")?;
+    let to_disk = r.u64("to_disk")?;
     let tag = r.u8("tag")?;
     let body = match tag {
         TAG_REQUEST_VOTE => MessageBody::RequestVote {
@@ -342,6 +345,8 @@ fn get_message(r: &mut Reader) -> R<Message> {
         from,
         to,
         term,
+        disk,
+        to_disk,
         body,
     })
 }
@@ -564,6 +569,8 @@ mod tests {
             from: 1,
             to: 2,
             term: 7,
+            disk: 0xD15C_0001,
+            to_disk: 0xD15C_0002,
             body,
         };
         vec![
@@ -695,6 +702,8 @@ mod tests {
             from: 1,
             to: 2,
             term: 1,
+            disk: 11,
+            to_disk: 22,
             body: MessageBody::AppendEntries {
                 prev_log_index: 5,
                 prev_log_term: 1,
@@ -714,6 +723,8 @@ mod tests {
             from: 1,
             to: 2,
             term: 1,
+            disk: 11,
+            to_disk: 22,
             body: MessageBody::AppendEntries {
                 prev_log_index: 0,
                 prev_log_term: 0,
@@ -833,6 +844,8 @@ mod tests {
             from: 1,
             to: 2,
             term: 3,
+            disk: 11,
+            to_disk: 22,
             body: MessageBody::RequestVote {
                 pre_vote: false,
                 last_log_index: TERM_INDEX_MAX + 1,
@@ -847,6 +860,8 @@ mod tests {
             from: 1,
             to: 2,
             term: 3,
+            disk: 11,
+            to_disk: 22,
             body: MessageBody::Heartbeat {
                 commit: u64::MAX,
                 round: u64::MAX,

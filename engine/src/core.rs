@@ -559,6 +559,8 @@ fn open_group(
         compacted: (st.compacted_index, st.compacted_term),
         entries,
         bootstrap: Configuration::new(spec.members.iter().copied()),
+        // Used only when the replica's storage is new (no disk id in its hard state).
+        new_disk: rand::random::<u64>().max(1),
     };
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -20,12 +20,17 @@ fn cfg() -> RaftConfig {
     RaftConfig::default()
 }
 
+/// A message between members of a [`restore_log`] group (every one on
+/// storage [`RESTORED_DISK`]); `Cluster::inject` replaces the disk ids with
+/// the sender's own.
 fn msg(from: NodeId, to: NodeId, term: Term, body: MessageBody) -> Message {
     Message {
         group: GROUP,
         from,
         to,
         term,
+        disk: RESTORED_DISK,
+        to_disk: RESTORED_DISK,
         body,
     }
 }
@@ -91,12 +96,21 @@ fn peer_match(c: &Cluster, leader: NodeId, peer: NodeId) -> Index {
 }
 
 /// Configurations carried by Config entries in `id`'s log, in order.
+/// The configuration entries in `id`'s log that change the membership (not
+/// those that only bind members to their disk ids, as a new group's first
+/// leader does).
 fn config_entries(c: &Cluster, id: NodeId) -> Vec<(Index, Configuration)> {
     let n = c.node(id);
+    let mut members = c.bootstrap.without_disks();
     (n.first_index()..=n.last_index())
         .filter_map(|i| n.entry(i))
         .filter(|e| e.kind == EntryKind::Config)
         .map(|e| (e.index, Configuration::decode(&e.data).expect("decodes")))
+        .filter(|(_, conf)| {
+            let changed = conf.without_disks() != members;
+            members = conf.without_disks();
+            changed
+        })
         .collect()
 }
 
@@ -116,7 +130,8 @@ fn big(n: usize) -> Bytes {
 // ======================================================================
 
 /// Three fresh nodes elect exactly one leader in term 1; the others follow
-/// it, and its no-op commits everywhere.
+/// it, and its first entry commits everywhere: a configuration with the same
+/// voters, each bound to the disk id it voted with.
 #[test]
 fn election_elects_a_single_leader() {
     let mut c = Cluster::new(3, cfg(), 1);
@@ -128,12 +143,17 @@ fn election_elects_a_single_leader() {
         assert_eq!(c.node(f).leader(), Some(l));
         assert_eq!(c.node(f).term(), 1);
     }
-    // The new leader's no-op (index 1, term 1) is committed and applied.
+    // The new leader's binding (index 1, term 1) is committed and applied.
     c.tick();
     for id in c.ids() {
         assert_eq!(c.node(id).commit_index(), 1, "node {id}");
         let e = &c.host(id).applied[0];
-        assert_eq!((e.index, e.term, e.kind), (1, 1, EntryKind::Noop));
+        assert_eq!((e.index, e.term, e.kind), (1, 1, EntryKind::Config));
+        let conf = Configuration::decode(&e.data).unwrap();
+        assert_eq!(conf.without_disks(), Configuration::new([1, 2, 3]));
+        for v in [1, 2, 3] {
+            assert_eq!(conf.disk(v), c.node(v).disk(), "node {v}'s binding");
+        }
     }
 }
 
@@ -319,7 +339,14 @@ fn candidate_self_vote_counts_only_when_durable() {
     }
     assert_eq!(c.node(1).role(), Role::Candidate);
     let term = c.node(1).term();
-    assert_eq!(c.host(1).disk.hard_state, HardState { term, vote: 1 });
+    assert_eq!(
+        c.host(1).disk.hard_state,
+        HardState {
+            term,
+            vote: 1,
+            disk: c.node(1).disk()
+        }
+    );
     c.settle();
     assert_eq!(c.node(1).role(), Role::Candidate, "vote not durable yet");
     c.set_stalled(1, false);
@@ -391,7 +418,8 @@ fn leader_steps_down_on_higher_term() {
         c.host(l).disk.hard_state,
         HardState {
             term: term + 3,
-            vote: 0
+            vote: 0,
+            disk: c.node(l).disk(),
         }
     );
 }
@@ -877,7 +905,7 @@ fn snapshot_compacts_log_keeping_recent_entries() {
     let meta = take_snapshot(&mut c, l);
     assert_eq!(meta.index, 21);
     assert_eq!(meta.term, c.node(l).term());
-    assert_eq!(meta.conf, Configuration::new([1, 2, 3]));
+    assert_eq!(meta.conf.without_disks(), Configuration::new([1, 2, 3]));
     assert_eq!(c.node(l).first_index(), 17, "entries 17..=21 kept");
     assert_eq!(
         c.node(l).term_at(16),
@@ -1186,7 +1214,7 @@ fn add_peer_appends_config_only_after_catchup() {
     // Still catching up: no config entry, the configuration is unchanged.
     assert_eq!(c.node(l).last_index(), last);
     assert!(c.node(l).status().conf_change_in_progress);
-    assert_eq!(c.node(l).conf(), &Configuration::new([1, 2, 3]));
+    assert_eq!(&c.node(l).conf().without_disks(), &Configuration::new([1, 2, 3]));
     // The peer being brought in is one the leader talks to; no other outsider is.
     assert!(c.node(l).is_peer(4) && c.node(l).is_peer(2));
     assert!(!c.node(l).is_peer(5));
@@ -1195,7 +1223,7 @@ fn add_peer_appends_config_only_after_catchup() {
     let confs = config_entries(&c, l);
     assert_eq!(confs.len(), 1);
     let (ci, conf) = confs[0].clone();
-    assert_eq!(conf, Configuration::new([1, 2, 3, 4]));
+    assert_eq!(conf.without_disks(), Configuration::new([1, 2, 3, 4]));
     assert_eq!(ci, last + 1);
     // When the entry first went out, node 4 had acknowledged an index
     // within the margin, and not at its first acknowledgement.
@@ -1223,7 +1251,7 @@ fn add_peer_appends_config_only_after_catchup() {
     assert!(c
         .events(l)
         .contains(&Event::ConfChangeDone { result: Ok(()) }));
-    assert_eq!(c.node(4).conf(), &Configuration::new([1, 2, 3, 4]));
+    assert_eq!(&c.node(4).conf().without_disks(), &Configuration::new([1, 2, 3, 4]));
 }
 
 /// A new peer built from a snapshot is not timed out while the snapshot is on its way (a
@@ -1264,7 +1292,7 @@ fn a_new_peer_receiving_a_snapshot_is_not_timed_out() {
     assert!(c
         .events(l)
         .contains(&Event::ConfChangeDone { result: Ok(()) }));
-    assert_eq!(c.node(l).conf(), &Configuration::new([1, 2, 3, 4]));
+    assert_eq!(&c.node(l).conf().without_disks(), &Configuration::new([1, 2, 3, 4]));
 }
 
 /// A new peer that cannot catch up within catchup_timeout_ticks aborts the
@@ -1299,7 +1327,7 @@ fn add_peer_catchup_timeout_aborts() {
             result: Err(ConfChangeError::CatchupTimeout)
         }]
     );
-    assert_eq!(c.node(l).conf(), &Configuration::new([1, 2, 3]));
+    assert_eq!(&c.node(l).conf().without_disks(), &Configuration::new([1, 2, 3]));
     assert!(
         !c.node(l).is_peer(4),
         "an aborted peer is an outsider again"
@@ -1324,24 +1352,30 @@ fn change_peers_goes_through_joint_config() {
     assert!(matches!(r, Ok(ConfChangeStart::Started)));
     c.settle();
     c.ticks(5);
-    let confs: Vec<Configuration> = config_entries(&c, l).into_iter().map(|(_, c)| c).collect();
+    let confs: Vec<Configuration> = config_entries(&c, l)
+        .into_iter()
+        .map(|(_, c)| c.without_disks())
+        .collect();
     assert_eq!(
         confs,
         vec![
             Configuration {
                 voters: target.clone(),
                 voters_outgoing: voters(&[1, 2, 3]),
-                learners: BTreeSet::new(),
+                ..Default::default()
             },
             Configuration::new(target.clone()),
         ]
     );
-    assert_eq!(c.node(l).conf(), &Configuration::new(target.clone()));
+    assert_eq!(&c.node(l).conf().without_disks(), &Configuration::new(target.clone()));
     let committed: Vec<&Configuration> = c
         .events(l)
         .iter()
         .filter_map(|e| match e {
-            Event::ConfigurationCommitted { conf, .. } => Some(conf),
+            // Not the first leader's binding of the bootstrap voters.
+            Event::ConfigurationCommitted { conf, .. } if conf.without_disks() != c.bootstrap => {
+                Some(conf)
+            }
             _ => None,
         })
         .collect();
@@ -1403,7 +1437,7 @@ fn joint_config_needs_both_majorities() {
     c.rewrite = None;
     c.ticks(3);
     assert!(c.node(l).commit_index() > ji);
-    assert_eq!(c.node(l).conf(), &Configuration::new(target));
+    assert_eq!(&c.node(l).conf().without_disks(), &Configuration::new(target));
 }
 
 /// A leader that change_peers removes (with other changes: joint) keeps
@@ -1445,7 +1479,7 @@ fn single_peer_change_skips_joint() {
     let confs = config_entries(&c, l);
     assert_eq!(confs.len(), 1);
     assert!(!confs[0].1.is_joint());
-    assert_eq!(confs[0].1, Configuration::new([1, 2, 3, 4]));
+    assert_eq!(confs[0].1.without_disks(), Configuration::new([1, 2, 3, 4]));
     let f = followers(&c, l).into_iter().find(|x| *x != 4).unwrap();
     assert!(matches!(
         c.node_mut(l).remove_peer(f),
@@ -1709,7 +1743,7 @@ fn reset_peers_lets_survivor_lead_alone() {
     c.node_mut(s).reset_peers(voters(&[s])).unwrap();
     c.ticks(2);
     assert_eq!(c.node(s).role(), Role::Leader);
-    assert_eq!(c.node(s).conf(), &Configuration::new([s]));
+    assert_eq!(&c.node(s).conf().without_disks(), &Configuration::new([s]));
     let e = c
         .node(s)
         .entry(last + 1)
@@ -1718,7 +1752,7 @@ fn reset_peers_lets_survivor_lead_alone() {
     assert_eq!(e.kind, EntryKind::Config);
     assert_eq!(e.term, c.node(s).term());
     assert_eq!(
-        Configuration::decode(&e.data).unwrap(),
+        Configuration::decode(&e.data).unwrap().without_disks(),
         Configuration::new([s])
     );
     let idx = c.propose(s, "after");
@@ -2356,7 +2390,7 @@ fn status_reports_raft_stat_fields() {
     assert_eq!(st.state, Role::Leader);
     assert_eq!(st.term, 1);
     assert_eq!(st.leader, Some(l));
-    assert_eq!(st.conf, Configuration::new([1, 2, 3]));
+    assert_eq!(st.conf.without_disks(), Configuration::new([1, 2, 3]));
     assert_eq!(st.first_log_index, 9);
     assert_eq!(st.last_log_index, 12);
     assert_eq!(st.disk_index, 11);
@@ -2474,7 +2508,7 @@ fn restart_from_snapshot_and_log_suffix() {
     for e in &log {
         assert_eq!(n.entry(e.index), Some(e));
     }
-    assert_eq!(n.conf(), &Configuration::new([1, 2, 3]));
+    assert_eq!(&n.conf().without_disks(), &Configuration::new([1, 2, 3]));
     c.ticks(3);
     assert_eq!(c.node(f).commit_index(), c.node(l).commit_index());
     assert_eq!(c.node(f).applied_index(), c.node(l).commit_index());
@@ -2509,6 +2543,7 @@ fn restart_with_snapshot_beyond_a_stale_log_compacts_the_store() {
         compacted: stale.compacted,
         entries: stale.entries.clone(),
         bootstrap: c.bootstrap.clone(),
+        new_disk: 0,
     };
     c.start_with(f, cfg, restore);
     // Keep the stale store as it was (start_with trims the harness disk).

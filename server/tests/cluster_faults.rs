@@ -516,6 +516,8 @@ fn crafted_frames(victim: u64, term: u64, poison: u64) -> Vec<u8> {
         from: 99,
         to: victim,
         term,
+        disk: 99,
+        to_disk: 0,
         body,
     };
     let vote = |term| {

@@ -70,6 +70,8 @@ pub struct SeedReport {
     pub lincheck_inconclusive: bool,
     pub elections: usize,
     pub crashes: usize,
+    /// Crashes that also wiped the node's storage.
+    pub amnesias: usize,
     pub snapshots_installed: usize,
     pub conf_changes: usize,
     /// Times a node stopped being ticked (hibernated), and woke.
@@ -101,6 +103,9 @@ struct Faults {
     /// Probability that an awake, quiescent node stops being ticked at a
     /// tick (the engine's hibernation); 0 in seeds without hibernation.
     hibernate: f64,
+    /// Probability that a crash also loses the node's whole storage (a
+    /// replaced disk: it restarts empty, with a new disk id); 0 in half the seeds.
+    amnesia: f64,
 }
 
 #[derive(Debug)]
@@ -215,6 +220,14 @@ struct Sim {
     next_ctx: u64,
     /// Share of client reads tried as lease reads (the rest use ReadIndex).
     lease_read_share: f64,
+    /// A stream of its own for amnesia, so that every other draw (and so each
+    /// seed's run without amnesia) stays what it was before the fault existed.
+    amnesia_rng: ChaCha8Rng,
+    /// Node that restarted on empty storage and is not yet a voter again (bound
+    /// to its new disk in a committed configuration), or no longer a member.
+    amnesiac: Option<usize>,
+    /// Disk ids handed to nodes starting on new storage, so far.
+    disks_made: u64,
 }
 
 fn entry_hash(e: &Entry) -> u64 {
@@ -320,6 +333,7 @@ impl Sim {
             },
             tick_period,
             hibernate: 0.0,
+            amnesia: 0.0,
         };
         let mut nodes = Vec::new();
         for i in 0..n {
@@ -382,7 +396,13 @@ impl Sim {
             max_committed: 0,
             next_ctx: 1,
             lease_read_share: 0.5,
+            amnesia_rng: ChaCha8Rng::seed_from_u64(seed ^ 0xA1E5_1A00_D15C_0000),
+            amnesiac: None,
+            disks_made: 0,
         };
+        if sim.amnesia_rng.random_bool(0.5) {
+            sim.faults.amnesia = sim.amnesia_rng.random_range(0.2..0.7);
+        }
         for i in 0..n {
             sim.start_node(i);
         }
@@ -448,7 +468,11 @@ impl Sim {
             compacted: (st.compacted_index, st.compacted_term),
             entries,
             bootstrap,
+            new_disk: ((i as u64 + 1) << 32) | (self.disks_made + 1),
         };
+        if st.hard_state.disk == 0 {
+            self.disks_made += 1;
+        }
         let seed = self.rng.random::<u64>();
         let raft = RaftNode::new(
             GROUP,
@@ -576,12 +600,63 @@ impl Sim {
         node.epoch += 1;
         node.store.crash(tear);
         self.report.crashes += 1;
-        if self.opts.verbose {
-            eprintln!("[{}] crash node {} tear={tear}", self.now, i + 1);
+        let wipe = self.faults.amnesia > 0.0
+            && self.amnesia_allowed()
+            && self.amnesia_rng.random_bool(self.faults.amnesia);
+        if wipe {
+            let node = &mut self.nodes[i];
+            node.store = MemStore::new();
+            node.snapshot = None;
+            node.durable_term = 0;
+            self.amnesiac = Some(i);
+            self.report.amnesias += 1;
         }
-        self.trace(("crash", i, tear));
+        if self.opts.verbose {
+            eprintln!(
+                "[{}] crash node {} tear={tear} wipe={wipe}",
+                self.now,
+                i + 1
+            );
+        }
+        self.trace(("crash", i, tear, wipe));
         let down = self.rng.random_range(100..3000);
         self.schedule(down, Ev::Restart(i));
+    }
+
+    /// Whether a crash may also wipe a node's storage now: no other node is
+    /// still being rebuilt, and the leader's configuration is settled (committed,
+    /// not joint, no change running) with at least three voters, so that the
+    /// others still hold a majority that can rebuild the wiped one. (Losing the
+    /// storage of one of two voters stops a group for good, in any raft.)
+    fn amnesia_allowed(&self) -> bool {
+        if self.amnesiac.is_some() {
+            return false;
+        }
+        let Some(l) = self.leader() else {
+            return false;
+        };
+        let raft = self.nodes[l].raft.as_ref().expect("leader is up");
+        let conf = raft.conf();
+        conf.voters.len() >= 3
+            && !conf.is_joint()
+            && raft.conf_index() <= raft.commit_index()
+            && !raft.status().conf_change_in_progress
+    }
+
+    /// The wiped node is a voter bound to its new disk in a leader's committed
+    /// configuration again (or no longer a member): another may be wiped.
+    fn check_rebuilt(&mut self, leader: usize) {
+        let Some(a) = self.amnesiac else { return };
+        let Some(disk) = self.nodes[a].raft.as_ref().map(|r| r.disk()) else {
+            return;
+        };
+        let id = self.nodes[a].id;
+        let raft = self.nodes[leader].raft.as_ref().expect("leader is up");
+        let conf = raft.conf();
+        let settled = raft.conf_index() <= raft.commit_index() && !conf.is_joint();
+        if settled && (!conf.contains(id) || (conf.is_voter(id) && conf.disk(id) == disk)) {
+            self.amnesiac = None;
+        }
     }
 
     /// Drains the node's outputs until it has nothing more to say.
@@ -900,6 +975,11 @@ impl Sim {
             return;
         };
         let (term, commit, id) = (raft.term(), raft.commit_index(), node.id);
+        if raft.role() == Role::Leader && self.amnesiac.is_some() {
+            self.check_rebuilt(i);
+        }
+        let node = &self.nodes[i];
+        let raft = node.raft.as_ref().expect("up");
         let mut problems = Vec::new();
         if term < node.term_seen {
             problems.push(format!(
@@ -997,7 +1077,12 @@ impl Sim {
         // Admin requests wake the group on the node they reach.
         self.wake(l);
         let n = self.nodes.len() as u64;
-        let choice = self.rng.random_range(0..7);
+        let mut choice = self.rng.random_range(0..7);
+        if self.amnesiac.is_some() && matches!(choice, 0 | 1 | 2 | 4) {
+            // No membership changes while a wiped node is rebuilt: removing a healthy
+            // voter meanwhile can leave the rebuilding one needed for a majority.
+            choice = 3;
+        }
         let raft = self.nodes[l].raft.as_mut().expect("up");
         let conf = raft.conf().clone();
         let pick = |rng: &mut ChaCha8Rng| rng.random_range(1..=n);

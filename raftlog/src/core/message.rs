@@ -1,7 +1,7 @@
 //! Messages exchanged by the replicas of one group, plus the inputs and
 //! outputs the host exchanges with the core.
 
-use super::types::{Entry, GroupId, HardState, Index, NodeId, SnapshotMeta, Term};
+use super::types::{DiskId, Entry, GroupId, HardState, Index, NodeId, SnapshotMeta, Term};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
@@ -10,6 +10,12 @@ pub struct Message {
     pub to: NodeId,
     /// The sender's term (for a pre-vote request: the term it would campaign in).
     pub term: Term,
+    /// The sender's storage identity.
+    pub disk: DiskId,
+    /// The disk id the sender's configuration binds the recipient to (0 =
+    /// unbound or unknown): a voter asked by a candidate that knows it by
+    /// another disk id is not the member the candidate counts on.
+    pub to_disk: DiskId,
     pub body: MessageBody,
 }
 

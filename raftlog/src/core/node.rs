@@ -17,7 +17,8 @@ use super::log::MemLog;
 use super::message::{ConfChangeError, Event, Message, MessageBody, ReadFailure, Ready, Write};
 use super::progress::{Progress, ProgressState};
 use super::types::{
-    Configuration, Entry, EntryKind, GroupId, HardState, Index, NodeId, SnapshotMeta, Term,
+    Configuration, DiskId, Entry, EntryKind, GroupId, HardState, Index, NodeId, SnapshotMeta,
+    Term,
 };
 use crate::Error;
 use bytes::Bytes;
@@ -62,6 +63,10 @@ pub enum BrokenRule {
     /// A new leader starts membership changes before an entry of its term
     /// has committed (the single-server change bug, see `conf_for_change`).
     ConfChangeBeforeTermCommit,
+    /// Ignore storage identities: a replica that came back with empty
+    /// storage votes at once (no first-election-timeout wait) and is
+    /// counted like the member that voted and acknowledged before it.
+    AmnesiacVotes,
 }
 
 /// Settings of one group. Times are in ticks of the host's clock.
@@ -175,6 +180,9 @@ pub struct Restore {
     /// log holds one (braft's initial_conf). Empty for a node that should
     /// wait to be added by a leader.
     pub bootstrap: Configuration,
+    /// The disk id to take when `hard_state.disk` is 0 (new storage): a
+    /// random non-zero value drawn by the host. Required then.
+    pub new_disk: DiskId,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -214,6 +222,14 @@ pub struct PeerStatus {
     pub state: ProgressState,
     pub voter: bool,
     pub readonly: bool,
+    /// The disk id the peer answers with (0 = not heard from this term).
+    pub disk: DiskId,
+    /// Counted toward quorums: a voter answering with the disk id it is bound to.
+    pub counted: bool,
+    /// Being rebuilt: a learner the leader makes a voter again once it holds
+    /// the committed log, or a voter whose storage was found replaced (or
+    /// behind what it acknowledged) and is about to become one.
+    pub rebuilding: bool,
 }
 
 /// braft's raft_stat fields.
@@ -238,6 +254,12 @@ pub struct Status {
     pub transferring_to: Option<NodeId>,
     pub conf_change_in_progress: bool,
     pub peers: Vec<PeerStatus>,
+    /// This replica's storage identity.
+    pub disk: DiskId,
+    /// This replica's configuration does not count it as the member it
+    /// names (bound to another disk id, or a rebuilding learner): it neither
+    /// votes nor campaigns until the leader makes it a voter again.
+    pub rebuilding: bool,
 }
 
 #[derive(Debug)]
@@ -273,6 +295,10 @@ pub struct RaftNode {
     group: GroupId,
     cfg: RaftConfig,
     rng: Box<dyn RandomSource>,
+    /// This replica's storage identity (durable in its hard state).
+    disk: DiskId,
+    /// The disk id was drawn at this start (the storage was new).
+    fresh_disk: bool,
 
     role: Role,
     term: Term,
@@ -298,8 +324,13 @@ pub struct RaftNode {
     now: u64,
 
     votes: BTreeMap<NodeId, bool>,
+    /// Candidate: the disk id each voter answered with (the new leader binds them).
+    vote_disks: BTreeMap<NodeId, DiskId>,
     /// Candidate: the write carrying our own vote is not durable yet.
     self_vote_seq: Option<u64>,
+    /// Follower: the highest heartbeat round of this term's leader processed
+    /// since start; responses carry it (see `Progress::match_round`).
+    round_seen: u64,
 
     progress: BTreeMap<NodeId, Progress>,
     /// Leader: round number of the latest heartbeat broadcast, and the tick
@@ -360,6 +391,18 @@ impl RaftNode {
         }
         cfg.validate()
             .map_err(|what| Error::Invalid { group, what })?;
+        let fresh_disk = restore.hard_state.disk == 0;
+        let disk = if fresh_disk {
+            restore.new_disk
+        } else {
+            restore.hard_state.disk
+        };
+        if disk == 0 {
+            return Err(Error::Invalid {
+                group,
+                what: "new storage needs a non-zero disk id (Restore::new_disk)".into(),
+            });
+        }
         let snapshot = restore.snapshot.clone().unwrap_or_default();
         let (mut c_index, mut c_term) = restore.compacted;
         let mut entries = restore.entries;
@@ -399,6 +442,8 @@ impl RaftNode {
             group,
             cfg,
             rng,
+            disk,
+            fresh_disk,
             role: Role::Follower,
             term: restore.hard_state.term,
             vote: restore.hard_state.vote,
@@ -414,7 +459,9 @@ impl RaftNode {
             uptime_ticks: 0,
             now: 0,
             votes: BTreeMap::new(),
+            vote_disks: BTreeMap::new(),
             self_vote_seq: None,
+            round_seen: 0,
             progress: BTreeMap::new(),
             round: 0,
             round_ticks: VecDeque::new(),
@@ -446,6 +493,10 @@ impl RaftNode {
             // (a crash before the compaction was durable): have the host
             // discard it, or the next append would not attach.
             node.write.compact = Some((c_index, c_term));
+        }
+        if fresh_disk {
+            // The first write makes the new disk id durable with the rest of the raft meta.
+            node.persist_hard_state();
         }
         Ok(node)
     }
@@ -481,6 +532,10 @@ impl RaftNode {
     pub fn durable_index(&self) -> Index {
         self.durable
     }
+    /// This replica's storage identity.
+    pub fn disk(&self) -> DiskId {
+        self.disk
+    }
 
     /// Whether `id` takes part in the group as this node sees it: a member of its
     /// configuration, or a peer this leader is bringing in (catching up before its
@@ -498,6 +553,10 @@ impl RaftNode {
 
     pub fn conf(&self) -> &Configuration {
         self.log.last_conf().1
+    }
+    /// Index of the entry that holds [`conf`](Self::conf) (0: the bootstrap one).
+    pub fn conf_index(&self) -> Index {
+        self.log.last_conf().0
     }
     pub fn snapshot_meta(&self) -> &SnapshotMeta {
         &self.snapshot
@@ -557,6 +616,10 @@ impl RaftNode {
                     state: p.state,
                     voter: conf.is_voter(*id),
                     readonly: p.readonly,
+                    disk: p.disk,
+                    counted: conf.is_voter(*id) && self.counts(*id),
+                    rebuilding: conf.rebuilding.contains(id)
+                        || (conf.is_voter(*id) && self.replaced(*id)),
                 })
                 .collect()
         } else {
@@ -581,7 +644,161 @@ impl RaftNode {
             transferring_to: self.transfer.as_ref().map(|t| t.target),
             conf_change_in_progress: self.conf_change.is_some(),
             peers,
+            disk: self.disk,
+            rebuilding: !self.disk_ok(conf) || conf.rebuilding.contains(&self.id),
         }
+    }
+
+    // ------------------------------------------------------------------
+    // Storage identity
+    // ------------------------------------------------------------------
+
+    /// Whether `conf` knows this replica by its own storage (or not yet by any).
+    fn disk_ok(&self, conf: &Configuration) -> bool {
+        let d = conf.disk(self.id);
+        d == 0 || d == self.disk || self.cfg.broken_rule == BrokenRule::AmnesiacVotes
+    }
+
+    /// Leader: whether `id`'s answers count toward quorums (commit, ReadIndex,
+    /// lease, check-quorum): it answers with the disk id the configuration
+    /// binds it to. Unbound members never count; a leader binds every voter
+    /// in the first entry of its term.
+    fn counts(&self, id: NodeId) -> bool {
+        if id == self.id {
+            return true;
+        }
+        let bound = self.conf().disk(id);
+        self.progress.get(&id).is_some_and(|p| {
+            (bound != 0 && p.disk == bound && !p.forgot)
+                || (self.cfg.broken_rule == BrokenRule::AmnesiacVotes && p.disk != 0)
+        })
+    }
+
+    /// Leader: `id` answered from storage that is not the one it acknowledged
+    /// with (another disk id than its binding, or one that lost entries).
+    fn replaced(&self, id: NodeId) -> bool {
+        let bound = self.conf().disk(id);
+        self.progress
+            .get(&id)
+            .is_some_and(|p| p.forgot || (p.disk != 0 && bound != 0 && p.disk != bound))
+    }
+
+    /// Leader: a response from `from` carried disk id `disk`. A different
+    /// storage than the one tracked (or bound) is a new replica: its progress
+    /// starts over, probing from scratch, and a voter is demoted to a
+    /// rebuilding learner by [`RaftNode::maybe_rebuild`].
+    fn observe_disk(&mut self, from: NodeId, disk: DiskId) {
+        let bound = self.conf().disk(from);
+        let next = self.log.last_index() + 1;
+        let Some(p) = self.progress.get_mut(&from) else {
+            return;
+        };
+        if p.disk == disk {
+            return;
+        }
+        let changed = p.disk != 0 || (bound != 0 && bound != disk);
+        if changed && self.cfg.broken_rule != BrokenRule::AmnesiacVotes {
+            *p = Progress::new(next);
+            self.settled_round = self.round;
+        }
+        let p = self.progress.get_mut(&from).expect("progress");
+        p.disk = disk;
+        if changed {
+            self.maybe_rebuild();
+        }
+    }
+
+    /// Leader: `from` answered, in a round after the one that showed it
+    /// holding `match_index`, with a log that lacks entries it acknowledged:
+    /// its storage went back in time (restored from an older copy). It is
+    /// rebuilt like a replaced disk.
+    fn forgot(&mut self, from: NodeId) {
+        if self.cfg.broken_rule == BrokenRule::AmnesiacVotes {
+            return;
+        }
+        let next = self.log.last_index() + 1;
+        let Some(p) = self.progress.get_mut(&from) else {
+            return;
+        };
+        let disk = p.disk;
+        *p = Progress::new(next);
+        p.disk = disk;
+        p.forgot = true;
+        self.settled_round = self.round;
+        self.maybe_rebuild();
+    }
+
+    /// Leader: starts the next step of rebuilding a member, when no other
+    /// membership change is running: a voter answering from replaced storage
+    /// becomes a learner bound to its new disk id and marked rebuilding (one
+    /// voter removed: a single-server change); a rebuilding learner that
+    /// holds everything committed becomes a voter again through the ordinary
+    /// catch-up and configuration change.
+    fn maybe_rebuild(&mut self) {
+        if self.role != Role::Leader
+            || self.conf_change.is_some()
+            || self.conf().is_joint()
+            || self.conf_uncommitted()
+            || self.transfer.is_some()
+            || !self.committed_in_term()
+        {
+            return;
+        }
+        let conf = self.conf().clone();
+        let replaced = conf
+            .all_voters()
+            .into_iter()
+            .find(|v| *v != self.id && self.replaced(*v));
+        if let Some(v) = replaced {
+            let disk = self.progress[&v].disk;
+            let mut target = conf;
+            target.voters.remove(&v);
+            target.learners.insert(v);
+            target.disks.insert(v, disk);
+            target.rebuilding.insert(v);
+            if matches!(self.change_conf(target), Ok(ConfChangeStart::Started)) {
+                if let Some(p) = self.progress.get_mut(&v) {
+                    p.forgot = false;
+                }
+            }
+            return;
+        }
+        let commit = self.commit;
+        let rebuilt = conf.rebuilding.iter().copied().find(|l| {
+            self.progress.get(l).is_some_and(|p| {
+                p.disk == conf.disk(*l) && !p.forgot && p.match_index >= commit && p.match_index > 0
+            })
+        });
+        if let Some(l) = rebuilt {
+            let mut target = conf;
+            target.learners.remove(&l);
+            target.rebuilding.remove(&l);
+            target.voters.insert(l);
+            let _ = self.change_conf(target);
+        }
+    }
+
+    /// Binds the members of `conf` that are not voters of `current` (new
+    /// voters and learners) to the disk ids they answer with. A voter of
+    /// `current` keeps its binding: moving a voter to other storage in one
+    /// step could give the old and the new configuration disjoint quorums,
+    /// so that goes through demotion and promotion instead.
+    fn bind_new_members(&self, conf: &mut Configuration, current: &Configuration) {
+        for id in conf.all_members() {
+            if current.is_voter(id) && current.disk(id) != 0 {
+                conf.disks.insert(id, current.disk(id));
+                continue;
+            }
+            let disk = if id == self.id {
+                self.disk
+            } else {
+                self.progress.get(&id).map_or(0, |p| p.disk)
+            };
+            if disk != 0 {
+                conf.disks.insert(id, disk);
+            }
+        }
+        conf.retain_members();
     }
 
     // ------------------------------------------------------------------
@@ -694,26 +911,28 @@ impl RaftNode {
         }
     }
 
-    fn send(&mut self, to: NodeId, body: MessageBody) {
-        let m = Message {
+    /// A message from this replica (its disk id, and the one its
+    /// configuration binds `to` to).
+    fn message(&self, to: NodeId, term: Term, body: MessageBody) -> Message {
+        Message {
             group: self.group,
             from: self.id,
             to,
-            term: self.term,
+            term,
+            disk: self.disk,
+            to_disk: self.conf().disk(to),
             body,
-        };
+        }
+    }
+
+    fn send(&mut self, to: NodeId, body: MessageBody) {
+        let m = self.message(to, self.term, body);
         self.msgs.push(m);
     }
 
     /// Sends `body` once everything written so far is durable.
     fn send_after_write(&mut self, to: NodeId, body: MessageBody) {
-        let m = Message {
-            group: self.group,
-            from: self.id,
-            to,
-            term: self.term,
-            body,
-        };
+        let m = self.message(to, self.term, body);
         self.held_msgs.push(m);
     }
 
@@ -721,6 +940,7 @@ impl RaftNode {
         self.write.hard_state = Some(HardState {
             term: self.term,
             vote: self.vote,
+            disk: self.disk,
         });
     }
 
@@ -753,10 +973,14 @@ impl RaftNode {
     /// crashed may hold the longest log, and without it campaigning (votes
     /// are still counted by the latest configuration, which ignores its own)
     /// the others, who cannot win its vote, would wait forever.
+    ///
+    /// A configuration that binds this node to another disk id counts it as a
+    /// replica it no longer is (its storage was replaced): it does not campaign
+    /// by that configuration.
     fn can_campaign(&self) -> bool {
         let committed_conf = self.log.conf_at(self.commit).1;
-        (self.conf().is_voter(self.id) || committed_conf.is_voter(self.id))
-            && self.installing.is_none()
+        let voter_in = |c: &Configuration| c.is_voter(self.id) && self.disk_ok(c);
+        (voter_in(self.conf()) || voter_in(committed_conf)) && self.installing.is_none()
     }
 
     fn tick_leader(&mut self) {
@@ -778,7 +1002,9 @@ impl RaftNode {
             if self.cfg.check_quorum {
                 let me = self.id;
                 let active = |id: NodeId| {
-                    id == me || self.progress.get(&id).is_some_and(|p| p.recent_active)
+                    id == me
+                        || (self.counts(id)
+                            && self.progress.get(&id).is_some_and(|p| p.recent_active))
                 };
                 if !self.conf().has_quorum(active) {
                     self.become_follower(self.term, None);
@@ -827,6 +1053,7 @@ impl RaftNode {
         } else {
             self.maybe_finish_catchup();
         }
+        self.maybe_rebuild();
     }
 
     // ------------------------------------------------------------------
@@ -955,6 +1182,7 @@ impl RaftNode {
         self.role = Role::PreCandidate;
         self.leader = None;
         self.votes.clear();
+        self.vote_disks.clear();
         self.reset_election_timer();
         self.votes.insert(self.id, true);
         let (li, lt) = (self.log.last_index(), self.log.last_term());
@@ -971,13 +1199,7 @@ impl RaftNode {
                 last_log_term: lt,
                 leadership_transfer: false,
             };
-            let m = Message {
-                group: self.group,
-                from: self.id,
-                to: id,
-                term: self.term + 1,
-                body,
-            };
+            let m = self.message(id, self.term + 1, body);
             self.held_msgs.push(m);
         }
         self.check_election();
@@ -989,7 +1211,9 @@ impl RaftNode {
         self.term += 1;
         self.vote = self.id;
         self.leader = None;
+        self.round_seen = 0;
         self.votes.clear();
+        self.vote_disks.clear();
         self.reset_election_timer();
         self.persist_hard_state();
         // Our own vote counts only once the write carrying it is durable.
@@ -1014,10 +1238,23 @@ impl RaftNode {
         }
     }
 
+    /// Votes are counted by the latest configuration. While some voter is
+    /// unbound (a new group, or one from before disk ids), nobody can tell a
+    /// voter that lost its storage (and its vote and log with it) from a new
+    /// one, so a majority is not enough: the election needs every voter, and
+    /// the winner binds them all to the disks they voted with. Once bound, a
+    /// vote counts only from the disk the voter is bound to.
     fn check_election(&mut self) {
         let conf = self.conf().clone();
+        let unanimous =
+            !conf.all_voters_bound() && self.cfg.broken_rule != BrokenRule::AmnesiacVotes;
         let granted = |id: NodeId| self.votes.get(&id) == Some(&true);
-        if conf.has_quorum(granted) {
+        let won = if unanimous {
+            conf.all_voters().into_iter().all(granted)
+        } else {
+            conf.has_quorum(granted)
+        };
+        if won {
             match self.role {
                 Role::PreCandidate => self.become_candidate(false),
                 Role::Candidate => self.become_leader(),
@@ -1025,9 +1262,14 @@ impl RaftNode {
             }
             return;
         }
-        // Lost: a majority of some voter set rejected us.
-        let rejected = |id: NodeId| self.votes.get(&id) != Some(&false);
-        if !conf.has_quorum(rejected) {
+        // Lost: a majority of some voter set rejected us (any voter, when it takes all).
+        let rejected = |id: NodeId| self.votes.get(&id) == Some(&false);
+        let lost = if unanimous {
+            conf.all_voters().into_iter().any(rejected)
+        } else {
+            !conf.has_quorum(|id| !rejected(id))
+        };
+        if lost {
             let term = self.term;
             self.become_follower(term, None);
         }
@@ -1038,6 +1280,7 @@ impl RaftNode {
         if term > self.term {
             self.term = term;
             self.vote = 0;
+            self.round_seen = 0;
             self.persist_hard_state();
         }
         let changed = self.role != Role::Follower || self.leader != leader;
@@ -1096,7 +1339,9 @@ impl RaftNode {
         self.progress.clear();
         let next = self.log.last_index() + 1;
         for id in self.conf().all_members() {
-            self.progress.insert(id, Progress::new(next));
+            let mut p = Progress::new(next);
+            p.disk = self.vote_disks.get(&id).copied().unwrap_or(0);
+            self.progress.insert(id, p);
         }
         let durable = self.durable;
         let me = self
@@ -1108,11 +1353,24 @@ impl RaftNode {
         me.recent_active = true;
         self.events.push(Event::BecameLeader { term: self.term });
         // An entry of our own term lets earlier entries commit. After
-        // reset_peers it carries the forced configuration into the log.
-        if self.conf_forced {
+        // reset_peers it carries the forced configuration into the log; in a
+        // group with unbound voters (every one of them voted for us), the
+        // configuration binding each to the disk it voted with.
+        let unbound = !self.conf().all_voters_bound();
+        if self.conf_forced || unbound {
             self.conf_forced = false;
-            let data = self.conf().encode();
-            self.append_leader_entry(EntryKind::Config, data);
+            let mut conf = self.conf().clone();
+            for v in conf.all_voters() {
+                let disk = if v == self.id {
+                    self.disk
+                } else {
+                    self.vote_disks.get(&v).copied().unwrap_or(0)
+                };
+                if disk != 0 && conf.disk(v) == 0 {
+                    conf.disks.insert(v, disk);
+                }
+            }
+            self.append_leader_entry(EntryKind::Config, conf.encode());
         } else {
             self.append_leader_entry(EntryKind::Noop, Bytes::new());
         }
@@ -1135,8 +1393,9 @@ impl RaftNode {
         if self.role == Role::Leader {
             return true;
         }
+        let amnesiac_at_once = self.fresh_disk && self.cfg.broken_rule == BrokenRule::AmnesiacVotes;
         (self.leader.is_some() && self.election_elapsed < self.cfg.election_timeout_ticks)
-            || self.uptime_ticks < self.cfg.election_timeout_ticks as u64
+            || (self.uptime_ticks < self.cfg.election_timeout_ticks as u64 && !amnesiac_at_once)
     }
 
     // ------------------------------------------------------------------
@@ -1202,6 +1461,16 @@ impl RaftNode {
             return;
         }
 
+        if self.role == Role::Leader
+            && matches!(
+                m.body,
+                MessageBody::AppendEntriesResponse { .. }
+                    | MessageBody::HeartbeatResponse { .. }
+                    | MessageBody::InstallSnapshotResponse { .. }
+            )
+        {
+            self.observe_disk(m.from, m.disk);
+        }
         match m.body.clone() {
             MessageBody::RequestVote {
                 pre_vote,
@@ -1222,7 +1491,14 @@ impl RaftNode {
                         true
                     };
                     if term_ok {
-                        self.votes.insert(m.from, granted);
+                        // A vote from other storage than the voter is bound to is not
+                        // that member's vote.
+                        let bound = self.conf().disk(m.from);
+                        let same_disk = bound == 0
+                            || bound == m.disk
+                            || self.cfg.broken_rule == BrokenRule::AmnesiacVotes;
+                        self.votes.insert(m.from, granted && same_disk);
+                        self.vote_disks.insert(m.from, m.disk);
                         self.check_election();
                     }
                 }
@@ -1235,17 +1511,21 @@ impl RaftNode {
                 round,
             } => {
                 self.follow(m.from);
+                // Responses carry the highest round processed, not this message's: a
+                // response then never claims an earlier round than one it follows, so the
+                // leader can tell a stale answer from storage that went back in time.
+                self.round_seen = self.round_seen.max(round);
                 self.handle_append(
                     m.from,
                     prev_log_index,
                     prev_log_term,
                     entries,
                     leader_commit,
-                    round,
                 );
             }
             MessageBody::Heartbeat { commit, round } => {
                 self.follow(m.from);
+                self.round_seen = self.round_seen.max(round);
                 if self.installing.is_none() {
                     let c = commit.min(self.log.last_index());
                     self.advance_follower_commit(c);
@@ -1253,7 +1533,7 @@ impl RaftNode {
                 self.send_after_write(
                     m.from,
                     MessageBody::HeartbeatResponse {
-                        round,
+                        round: self.round_seen,
                         readonly: self.readonly_self,
                         last_index: self.log.last_index(),
                     },
@@ -1315,18 +1595,27 @@ impl RaftNode {
         } else {
             self.term
         };
-        let resp = Message {
-            group: self.group,
-            from: self.id,
-            to: m.from,
-            term,
-            body: MessageBody::RequestVoteResponse { pre_vote, granted },
-        };
+        let resp = self.message(m.from, term, MessageBody::RequestVoteResponse { pre_vote, granted });
         self.held_msgs.push(resp);
     }
 
+    /// Whether this replica may vote for `m`'s candidate as far as storage
+    /// identities go: the candidate knows it by its disk id (or by none yet),
+    /// its own configuration still counts it as the member it names, and
+    /// the candidate answers from the disk it is bound to here.
+    fn vote_identity_ok(&self, m: &Message) -> bool {
+        if self.cfg.broken_rule == BrokenRule::AmnesiacVotes {
+            return true;
+        }
+        let conf = self.conf();
+        let candidate_bound = conf.disk(m.from);
+        (m.to_disk == 0 || m.to_disk == self.disk)
+            && self.disk_ok(conf)
+            && (candidate_bound == 0 || candidate_bound == m.disk)
+    }
+
     fn handle_vote_request(&mut self, m: &Message, pre_vote: bool, li: Index, lt: Term) {
-        let up_to_date = self.log_up_to_date(li, lt);
+        let up_to_date = self.log_up_to_date(li, lt) && self.vote_identity_ok(m);
         let grant = if pre_vote {
             // Stickiness was checked with the term; a pre-vote for a term we
             // already are in can only come from a lagging candidate.
@@ -1379,12 +1668,12 @@ impl RaftNode {
         prev_term: Term,
         entries: Vec<Entry>,
         leader_commit: Index,
-        round: u64,
     ) {
         if self.installing.is_some() {
             // The leader learns our state after the snapshot is installed.
             return;
         }
+
         let reject = |node: &mut RaftNode, ci: Index, ct: Term| {
             node.send_after_write(
                 from,
@@ -1394,7 +1683,7 @@ impl RaftNode {
                     rejected_index: prev_index,
                     conflict_index: ci,
                     conflict_term: ct,
-                    round,
+                    round: node.round_seen,
                     readonly: node.readonly_self,
                 },
             );
@@ -1408,7 +1697,7 @@ impl RaftNode {
                     rejected_index: 0,
                     conflict_index: 0,
                     conflict_term: 0,
-                    round,
+                    round: node.round_seen,
                     readonly: node.readonly_self,
                 },
             );
@@ -1425,7 +1714,7 @@ impl RaftNode {
             let new_prev = self.commit;
             let new_prev_term = self.log.term(new_prev).expect("commit within log");
             let rest = entries[skip..].to_vec();
-            return self.handle_append(from, new_prev, new_prev_term, rest, leader_commit, round);
+            return self.handle_append(from, new_prev, new_prev_term, rest, leader_commit);
         }
         match self.log.term(prev_index) {
             None => {
@@ -1659,6 +1948,9 @@ impl RaftNode {
         };
         p.heard(round, readonly);
         if success {
+            if match_index >= p.match_index {
+                p.match_round = p.match_round.max(round);
+            }
             let updated = p.maybe_update(match_index);
             if updated {
                 self.settled_round = self.round;
@@ -1675,6 +1967,20 @@ impl RaftNode {
         } else {
             if rejected_index == 0 && conflict_index == 0 {
                 return; // a term rejection, handled by the term check
+            }
+            let p = self.progress.get_mut(&from).expect("progress");
+            // Answered after the round that showed it holding match_index, the follower
+            // lacks (or holds other) entries at or below it.
+            let lacks = if conflict_term == 0 {
+                conflict_index <= p.match_index
+            } else {
+                rejected_index <= p.match_index
+            };
+            if p.match_index > 0 && round > p.match_round && lacks {
+                self.forgot(from);
+                self.send_append(from, true);
+                self.check_reads();
+                return;
             }
             let p = self.progress.get_mut(&from).expect("progress");
             if rejected_index < p.match_index || p.state == ProgressState::Snapshot {
@@ -1711,7 +2017,14 @@ impl RaftNode {
             return;
         };
         p.heard(round, readonly);
+        if p.match_index > 0 && round > p.match_round && last_index < p.match_index {
+            self.forgot(from);
+            self.send_append(from, true);
+            self.check_reads();
+            return;
+        }
         let leader_last = self.log.last_index();
+        let p = self.progress.get_mut(&from).expect("progress");
         match p.state {
             ProgressState::Probe => {
                 p.probe_sent = false;
@@ -1747,6 +2060,9 @@ impl RaftNode {
         p.recent_active = true;
         if p.state != ProgressState::Snapshot {
             return;
+        }
+        if success && index >= p.match_index {
+            p.match_round = p.match_round.max(self.round);
         }
         if success && p.maybe_update(index) {
             self.settled_round = self.round;
@@ -1784,8 +2100,10 @@ impl RaftNode {
         let q = conf.quorum_index(|id| {
             if id == me {
                 durable
-            } else {
+            } else if self.counts(id) {
                 self.progress.get(&id).map_or(0, |p| p.match_index)
+            } else {
+                0
             }
         });
         if q <= self.commit {
@@ -1916,6 +2234,7 @@ impl RaftNode {
     pub fn add_peer(&mut self, peer: NodeId) -> Result<ConfChangeStart, Error> {
         let mut c = self.conf_for_change()?;
         c.learners.remove(&peer);
+        c.rebuilding.remove(&peer);
         c.voters.insert(peer);
         self.change_conf(c)
     }
@@ -1952,11 +2271,13 @@ impl RaftNode {
         voters: BTreeSet<NodeId>,
         learners: BTreeSet<NodeId>,
     ) -> Result<ConfChangeStart, Error> {
-        self.conf_for_change()?;
+        let current = self.conf_for_change()?;
         self.change_conf(Configuration {
             voters,
             voters_outgoing: BTreeSet::new(),
+            rebuilding: current.rebuilding.intersection(&learners).copied().collect(),
             learners,
+            disks: current.disks,
         })
     }
 
@@ -2001,8 +2322,9 @@ impl RaftNode {
         self.log.last_conf().0 > self.commit
     }
 
-    fn change_conf(&mut self, target: Configuration) -> Result<ConfChangeStart, Error> {
+    fn change_conf(&mut self, mut target: Configuration) -> Result<ConfChangeStart, Error> {
         let group = self.group;
+        target.retain_members();
         if target.voters.is_empty() {
             return Err(Error::Invalid {
                 group,
@@ -2068,16 +2390,25 @@ impl RaftNode {
             self.group,
             self.term
         );
-        let target = target.clone();
+        let mut target = target.clone();
+        self.bind_new_members(&mut target, &current);
         let changed: usize = target.voters.symmetric_difference(&current.voters).count();
         let entry_conf = if changed <= 1 {
             target.clone()
         } else {
-            Configuration {
+            let mut joint = Configuration {
                 voters: target.voters.clone(),
                 voters_outgoing: current.voters.clone(),
                 learners: target.learners.clone(),
+                disks: target.disks.clone(),
+                rebuilding: target.rebuilding.clone(),
+            };
+            for v in &current.voters {
+                if current.disk(*v) != 0 {
+                    joint.disks.insert(*v, current.disk(*v));
+                }
             }
+            joint
         };
         let idx = self.append_leader_entry(EntryKind::Config, entry_conf.encode());
         self.on_conf_appended();
@@ -2156,11 +2487,13 @@ impl RaftNode {
                 what: "reset_peers needs non-zero peer ids".into(),
             });
         }
-        let conf = Configuration {
+        // Bindings the node knows are kept: a member it still counts keeps its identity.
+        let mut conf = Configuration {
             voters,
-            voters_outgoing: BTreeSet::new(),
-            learners: BTreeSet::new(),
+            disks: self.conf().disks.clone(),
+            ..Default::default()
         };
+        conf.retain_members();
         if self.role == Role::Leader {
             self.become_follower(self.term, None);
         }
@@ -2207,13 +2540,19 @@ impl RaftNode {
                 if !conf.is_voter(t) {
                     return Err(Error::UnknownPeer { group, peer: t });
                 }
+                if !self.counts(t) {
+                    return Err(Error::Busy {
+                        group,
+                        what: "the target does not answer from the storage it is bound to",
+                    });
+                }
                 t
             }
             None => {
                 let best = conf
                     .all_voters()
                     .into_iter()
-                    .filter(|id| *id != self.id)
+                    .filter(|id| *id != self.id && self.counts(*id))
                     .max_by_key(|id| {
                         (
                             self.progress.get(id).map_or(0, |p| p.match_index),
@@ -2276,7 +2615,7 @@ impl RaftNode {
                     .into(),
             });
         }
-        if !self.conf().is_voter(self.id) {
+        if !self.conf().is_voter(self.id) || !self.disk_ok(self.conf()) {
             return Err(Error::UnknownPeer {
                 group,
                 peer: self.id,
@@ -2362,8 +2701,10 @@ impl RaftNode {
         let q = self.conf().quorum_index(|id| {
             if id == me {
                 round
-            } else {
+            } else if self.counts(id) {
                 self.progress.get(&id).map_or(0, |p| p.acked_round)
+            } else {
+                0
             }
         });
         (q > 0).then_some(q)

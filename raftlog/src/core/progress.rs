@@ -1,6 +1,6 @@
 //! The leader's view of one follower's replication.
 
-use super::types::Index;
+use super::types::{DiskId, Index};
 use std::collections::VecDeque;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +43,16 @@ pub(crate) struct Progress {
     /// Highest heartbeat round the follower acknowledged.
     pub acked_round: u64,
     pub readonly: bool,
+    /// The disk id the follower last answered with (0 = not heard yet).
+    pub disk: DiskId,
+    /// Highest round stamped on a response that showed the follower holding
+    /// `match_index` (for a snapshot, the leader's round when it was
+    /// acknowledged): a response stamped with a later round that shows less
+    /// comes from storage that lost what it acknowledged.
+    pub match_round: u64,
+    /// The follower was found holding less than it acknowledged (a restored
+    /// backup of its storage): demote and rebuild it.
+    pub forgot: bool,
 }
 
 impl Progress {
@@ -59,6 +69,9 @@ impl Progress {
             recent_active: false,
             acked_round: 0,
             readonly: false,
+            disk: 0,
+            match_round: 0,
+            forgot: false,
         }
     }
 

@@ -148,7 +148,8 @@ impl RecordKind {
 
 /// The fixed-size record header, archived with rkyv. Field use by kind:
 /// - `Entries`: `first_index..=last_index`, `first_term`/`last_term`.
-/// - `HardState`: `first_term` = term, `aux` = vote.
+/// - `HardState`: `first_term` = term, `aux` = vote, `last_index` = disk id
+///   (0 in records written before disk ids existed).
 /// - `Compact`: `first_index` = index, `first_term` = term.
 /// - `SegmentStart`/`Seal`: `aux` = the segment's sequence number.
 /// - `Pad`: no fields; its payload (ignored) fills a direct-I/O batch up to
@@ -156,7 +157,8 @@ impl RecordKind {
 /// - `GroupImage` (the group's whole state, replacing whatever came before):
 ///   `first_index`/`first_term` = compaction point, `last_index` = last
 ///   entry, `last_term` = hard-state term, `aux` = vote; the payload is the
-///   entry table of `first_index+1..=last_index`.
+///   entry table of `first_index+1..=last_index`. The disk id is not in it:
+///   a `HardState` record follows the image.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordHeader {
     pub version: u16,
@@ -221,6 +223,7 @@ impl RecordHeader {
         RecordHeader {
             first_term: hs.term,
             aux: hs.vote,
+            last_index: hs.disk,
             ..RecordHeader::new(RecordKind::HardState, group)
         }
     }

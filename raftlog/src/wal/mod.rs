@@ -1407,6 +1407,12 @@ impl Wal {
             off += e.data.len() as u64;
         }
         self.groups.insert(group, g);
+        if hs.disk != 0 {
+            // The image's header has no room for the disk id: a hard-state record right after it
+            // carries it. Should a crash keep the image and lose that record, the replica comes
+            // back with no disk id, draws a new one and is rebuilt: wasteful, never unsafe.
+            self.apply_hard_state(group, hs)?;
+        }
         Ok(())
     }
 

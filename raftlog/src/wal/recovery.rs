@@ -637,6 +637,7 @@ fn apply(
             let hs = HardState {
                 term: h.last_term,
                 vote: h.aux,
+                disk: 0,
             };
             let mut g = GroupIndex::image((seq, payload_at), hs, (h.first_index, h.first_term));
             g.entries.extend(locs(&rows));
@@ -646,6 +647,7 @@ fn apply(
             let hs = HardState {
                 term: h.first_term,
                 vote: h.aux,
+                disk: h.last_index,
             };
             group_at(groups, h.group, (seq, payload_at)).set_hard_state(hs, seq);
         }

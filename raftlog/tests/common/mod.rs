@@ -77,6 +77,7 @@ impl Disk {
             compacted: self.compacted,
             entries: self.entries.clone(),
             bootstrap,
+            new_disk: 0,
         }
     }
 }
@@ -114,6 +115,8 @@ pub struct Cluster {
     /// When false, messages stay queued until the test delivers them.
     pub auto_deliver: bool,
     seed: u64,
+    /// Disk ids handed to nodes that start on new storage, so far.
+    disks_made: u64,
 }
 
 pub fn voters(ids: &[NodeId]) -> BTreeSet<NodeId> {
@@ -152,6 +155,7 @@ impl Cluster {
             rewrite: None,
             auto_deliver: true,
             seed,
+            disks_made: 0,
         };
         for &id in ids {
             let conf = if bootstrap_voters.contains(&id) {
@@ -169,7 +173,13 @@ impl Cluster {
     }
 
     /// (Re)starts node `id` from `restore`.
-    pub fn start_with(&mut self, id: NodeId, cfg: RaftConfig, restore: Restore) {
+    /// A node starting on new storage (no disk id in its hard state) gets a
+    /// disk id never used before in this cluster.
+    pub fn start_with(&mut self, id: NodeId, cfg: RaftConfig, mut restore: Restore) {
+        if restore.hard_state.disk == 0 && restore.new_disk == 0 {
+            self.disks_made += 1;
+            restore.new_disk = (id << 32) | self.disks_made;
+        }
         let rng = SplitMix64(self.seed.wrapping_mul(1000).wrapping_add(id));
         let node = RaftNode::new(GROUP, id, cfg.clone(), Box::new(rng), restore.clone())
             .expect("valid node");
@@ -385,8 +395,15 @@ impl Cluster {
     }
 
     /// Steps `m` into its destination directly (bypassing the network).
-    pub fn inject(&mut self, m: Message) {
+    /// Steps `m` into its recipient. When the sender is a node of this cluster,
+    /// the message carries the disk ids that node would put in it (its own, and
+    /// the one its configuration binds the recipient to).
+    pub fn inject(&mut self, mut m: Message) {
         let to = m.to;
+        if let Some(from) = self.nodes.get(&m.from) {
+            m.disk = from.disk();
+            m.to_disk = from.conf().disk(to);
+        }
         self.nodes.get_mut(&to).expect("node").step(m);
         self.process(to);
     }
@@ -515,10 +532,19 @@ pub fn noop(index: Index, term: Term) -> Entry {
     }
 }
 
-/// A Restore with the given hard state and log (from index 1).
+/// The disk id of the storage [`restore_log`] describes.
+pub const RESTORED_DISK: u64 = 0xD15C;
+
+/// A Restore with the given hard state and log (from index 1), on storage
+/// with disk id [`RESTORED_DISK`], of a group whose members are all bound
+/// to that disk id.
 pub fn restore_log(term: Term, vote: NodeId, terms: &[Term], bootstrap: &[NodeId]) -> Restore {
     Restore {
-        hard_state: HardState { term, vote },
+        hard_state: HardState {
+            term,
+            vote,
+            disk: RESTORED_DISK,
+        },
         snapshot: None,
         compacted: (0, 0),
         entries: terms
@@ -526,6 +552,11 @@ pub fn restore_log(term: Term, vote: NodeId, terms: &[Term], bootstrap: &[NodeId
             .enumerate()
             .map(|(i, t)| entry(i as Index + 1, *t))
             .collect(),
-        bootstrap: Configuration::new(bootstrap.iter().copied()),
+        // Members of a running group, each bound to the storage it runs on.
+        bootstrap: Configuration {
+            disks: bootstrap.iter().map(|id| (*id, RESTORED_DISK)).collect(),
+            ..Configuration::new(bootstrap.iter().copied())
+        },
+        new_disk: 0,
     }
 }

@@ -31,7 +31,7 @@ struct Args {
     #[arg(long)]
     verbose: bool,
     /// Test only: break a safety rule to prove the simulator catches it.
-    #[arg(long, value_parser = ["none", "commit-previous-term", "vote-skips-log-check", "resume-keeps-lease"], default_value = "none", hide = true)]
+    #[arg(long, value_parser = ["none", "commit-previous-term", "vote-skips-log-check", "resume-keeps-lease", "amnesiac-votes"], default_value = "none", hide = true)]
     broken_rule: String,
 }
 
@@ -44,6 +44,7 @@ fn main() {
         "commit-previous-term" => BrokenRule::CommitPreviousTermByCount,
         "vote-skips-log-check" => BrokenRule::VoteSkipsLogCheck,
         "resume-keeps-lease" => BrokenRule::ResumeKeepsLease,
+        "amnesiac-votes" => BrokenRule::AmnesiacVotes,
         _ => BrokenRule::None,
     };
     let (start, count) = match args.seed {
@@ -82,8 +83,8 @@ fn main() {
                 if count == 1 {
                     let _g = out.lock().unwrap();
                     println!(
-                        "seed={} nodes={} ops_completed={} ops_unknown={} elections={} crashes={} snapshots_installed={} conf_changes={} hibernations={} wakes={} sim_ticks={} trace_hash={:016x}",
-                        r.seed, r.nodes, r.ops_completed, r.ops_unknown, r.elections, r.crashes,
+                        "seed={} nodes={} ops_completed={} ops_unknown={} elections={} crashes={} amnesias={} snapshots_installed={} conf_changes={} hibernations={} wakes={} sim_ticks={} trace_hash={:016x}",
+                        r.seed, r.nodes, r.ops_completed, r.ops_unknown, r.elections, r.crashes, r.amnesias,
                         r.snapshots_installed, r.conf_changes, r.hibernations, r.wakes, r.sim_time / 100, r.trace_hash
                     );
                 }
