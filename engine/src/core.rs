@@ -1991,6 +1991,10 @@ impl Core {
             .values()
             .map(|g| {
                 let s = g.raft.status();
+                let download = match self.incoming.progress(g.spec.id) {
+                    Some((done, total, false)) => (done, total),
+                    _ => (0, 0),
+                };
                 let snapshot_status = match self.incoming.progress(g.spec.id) {
                     _ if g.loading.is_some() => "LOADING".to_string(),
                     Some((done, total, false)) => format!("DOWNLOADING {done}/{total}"),
@@ -2022,6 +2026,11 @@ impl Core {
                     pending_requests: g.execs.len() + g.reads.len() + g.ready_reads.len(),
                     log_bytes: g.raft.log_bytes(),
                     hibernating: self.hib.asleep(g.spec.id),
+                    disk_id: s.disk,
+                    rebuilding: s.rebuilding,
+                    rebuild_bytes_done: download.0,
+                    rebuild_bytes_total: download.1,
+                    under_replicated: s.peers.iter().any(|p| p.rebuilding || (p.voter && !p.counted)),
                     peers: s
                         .peers
                         .iter()
@@ -2031,6 +2040,10 @@ impl Core {
                             match_index: p.match_index,
                             state: p.state.name().to_string(),
                             connected: self.transport.is_connected(p.id),
+                            voter: p.voter,
+                            disk_id: p.disk,
+                            counted: p.counted,
+                            rebuilding: p.rebuilding,
                         })
                         .collect(),
                 }

@@ -15,6 +15,15 @@ pub struct PeerStat {
     pub match_index: Index,
     pub state: String,
     pub connected: bool,
+    /// A voter (not a learner).
+    pub voter: bool,
+    /// The disk id the peer answers with (0: not heard from in this term).
+    pub disk_id: u64,
+    /// Counted toward quorums: a voter answering from the disk it is bound to.
+    pub counted: bool,
+    /// Being rebuilt: its storage was found replaced or behind what it acknowledged; it is (or is
+    /// about to be) a learner that becomes a voter again once it holds the committed log.
+    pub rebuilding: bool,
 }
 
 /// One block group on this node.
@@ -52,6 +61,17 @@ pub struct BgStatus {
     pub log_bytes: usize,
     /// Hibernating: not ticked, no heartbeats, until activity wakes it (`core::hibernate`).
     pub hibernating: bool,
+    /// This replica's storage identity (random, created with its files, kept in its raft meta).
+    pub disk_id: u64,
+    /// This replica is being rebuilt: its configuration binds it to other storage than its own, or
+    /// lists it as a rebuilding learner. It neither votes nor counts until it is a voter again.
+    pub rebuilding: bool,
+    /// Bytes of the snapshot this replica is receiving, so far and in all (0 and 0 when none).
+    pub rebuild_bytes_done: u64,
+    pub rebuild_bytes_total: u64,
+    /// Leader: some replica the configuration lists is not counted (being rebuilt, or answering
+    /// from other storage than the one it is bound to), so the group has fewer copies than members.
+    pub under_replicated: bool,
     pub peers: Vec<PeerStat>,
 }
 
@@ -181,11 +201,30 @@ impl BgStatus {
         let _ = writeln!(s, "pending_requests: {}", self.pending_requests);
         let _ = writeln!(s, "log_bytes: {}", self.log_bytes);
         let _ = writeln!(s, "hibernating: {}", self.hibernating);
+        let _ = writeln!(s, "disk_id: {:016x}", self.disk_id);
+        if self.rebuilding {
+            let _ = writeln!(
+                s,
+                "rebuilding: {}/{} bytes",
+                self.rebuild_bytes_done, self.rebuild_bytes_total
+            );
+        }
+        if self.under_replicated {
+            let _ = writeln!(s, "under_replicated: true");
+        }
         for p in &self.peers {
             let _ = writeln!(
                 s,
-                "replicator_{}: next_index={} match_index={} state={} connected={}",
-                p.id, p.next_index, p.match_index, p.state, p.connected
+                "replicator_{}: next_index={} match_index={} state={} connected={} voter={} disk_id={:016x} counted={}{}",
+                p.id,
+                p.next_index,
+                p.match_index,
+                p.state,
+                p.connected,
+                p.voter,
+                p.disk_id,
+                p.counted,
+                if p.rebuilding { " rebuilding" } else { "" }
             );
         }
         s

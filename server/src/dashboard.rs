@@ -183,6 +183,11 @@ mod tests {
             pending_requests: 3,
             log_bytes: 3 << 20,
             hibernating: false,
+            disk_id: 0xd15c,
+            rebuilding: false,
+            rebuild_bytes_done: 0,
+            rebuild_bytes_total: 0,
+            under_replicated: false,
             peers: vec![
                 PeerStat {
                     id: 1,
@@ -190,6 +195,10 @@ mod tests {
                     match_index: 40,
                     state: "Replicate".into(),
                     connected: true,
+                    voter: true,
+                    disk_id: 0xd15c,
+                    counted: true,
+                    rebuilding: false,
                 },
                 PeerStat {
                     id: 3,
@@ -197,6 +206,10 @@ mod tests {
                     match_index: 30,
                     state: "Probe".into(),
                     connected: false,
+                    voter: true,
+                    disk_id: 0xd15c,
+                    counted: false,
+                    rebuilding: false,
                 },
             ],
         }

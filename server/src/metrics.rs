@@ -422,12 +422,21 @@ mod tests {
             pending_requests: 2,
             log_bytes: 4096,
             hibernating: false,
+            disk_id: 0xd15c,
+            rebuilding: false,
+            rebuild_bytes_done: 0,
+            rebuild_bytes_total: 0,
+            under_replicated: false,
             peers: vec![PeerStat {
                 id: 2,
                 next_index: 21,
                 match_index: 20,
                 state: "Replicate".into(),
                 connected: true,
+                voter: true,
+                disk_id: 0xd15c,
+                counted: true,
+                rebuilding: false,
             }],
         }
     }
