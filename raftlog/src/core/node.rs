@@ -778,21 +778,26 @@ impl RaftNode {
         }
     }
 
-    /// Binds the members of `conf` that are not voters of `current` (new
-    /// voters and learners) to the disk ids they answer with. A voter of
-    /// `current` keeps its binding: moving a voter to other storage in one
-    /// step could give the old and the new configuration disjoint quorums,
-    /// so that goes through demotion and promotion instead.
+    /// Binds the members of `conf` for the configuration entry that follows
+    /// `current`: a voter of both keeps its binding (moving a voter to other
+    /// storage in one step could give the old and the new configuration
+    /// disjoint quorums, so that goes through demotion and promotion instead);
+    /// a new voter is bound to the disk id it answers with; a learner keeps
+    /// the binding `conf` gives it (a demoted voter's new disk), else the one
+    /// it answers with.
     fn bind_new_members(&self, conf: &mut Configuration, current: &Configuration) {
         for id in conf.all_members() {
-            if current.is_voter(id) && current.disk(id) != 0 {
-                conf.disks.insert(id, current.disk(id));
-                continue;
-            }
-            let disk = if id == self.id {
+            let answered = if id == self.id {
                 self.disk
             } else {
                 self.progress.get(&id).map_or(0, |p| p.disk)
+            };
+            let disk = if conf.is_voter(id) && current.is_voter(id) && current.disk(id) != 0 {
+                current.disk(id)
+            } else if conf.is_voter(id) || conf.disk(id) == 0 {
+                answered
+            } else {
+                conf.disk(id)
             };
             if disk != 0 {
                 conf.disks.insert(id, disk);

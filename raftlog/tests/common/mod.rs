@@ -216,6 +216,18 @@ impl Cluster {
         self.start_with(id, cfg, restore);
     }
 
+    /// Restarts `id` on new, empty storage (its disk was replaced or its data
+    /// directory deleted), with the cluster's bootstrap configuration as a host
+    /// restarted with the same settings would: it gets a new disk id.
+    pub fn wipe(&mut self, id: NodeId) {
+        let restore = Restore {
+            bootstrap: self.bootstrap.clone(),
+            ..Default::default()
+        };
+        let cfg = self.cfgs[&id].clone();
+        self.start_with(id, cfg, restore);
+    }
+
     pub fn node(&self, id: NodeId) -> &RaftNode {
         &self.nodes[&id]
     }
