@@ -2030,7 +2030,7 @@ impl Core {
                     rebuilding: s.rebuilding,
                     rebuild_bytes_done: download.0,
                     rebuild_bytes_total: download.1,
-                    under_replicated: s.peers.iter().any(|p| p.rebuilding || (p.voter && !p.counted)),
+                    under_replicated: s.peers.iter().any(|p| p.rebuilding),
                     peers: s
                         .peers
                         .iter()

@@ -69,8 +69,9 @@ pub struct BgStatus {
     /// Bytes of the snapshot this replica is receiving, so far and in all (0 and 0 when none).
     pub rebuild_bytes_done: u64,
     pub rebuild_bytes_total: u64,
-    /// Leader: some replica the configuration lists is not counted (being rebuilt, or answering
-    /// from other storage than the one it is bound to), so the group has fewer copies than members.
+    /// Leader: some member is being rebuilt (a rebuilding learner, or a voter found answering from
+    /// other storage than the one it is bound to), so the group has fewer copies than members. A
+    /// member that is merely down or not heard from yet in this term does not set it.
     pub under_replicated: bool,
     pub peers: Vec<PeerStat>,
 }

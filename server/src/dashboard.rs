@@ -27,10 +27,51 @@ fn mib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1u64 << 20) as f64)
 }
 
+/// `bytes` in binary units for people: `512 B`, `1.5 KiB`, `4.0 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut unit = 0;
+    let mut v = bytes as f64;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// How a replica being rebuilt is shown: `rebuilding`, with the snapshot's bytes received and
+/// in all while it downloads one.
+pub fn rebuilding_text(done: u64, total: u64) -> String {
+    if total == 0 {
+        "rebuilding".to_string()
+    } else {
+        format!("rebuilding {}/{}", human_bytes(done), human_bytes(total))
+    }
+}
+
 /// The page.
 pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat]) -> String {
     let mut h = String::new();
     let leading = bgs.iter().filter(|b| b.state == "LEADER").count();
+    let mut alerts = String::new();
+    let under = bgs.iter().filter(|b| b.under_replicated).count();
+    if under > 0 {
+        let _ = write!(
+            alerts,
+            ", <span class=\"bad\">{under} under-replicated</span>"
+        );
+    }
+    let rebuilding = bgs.iter().filter(|b| b.rebuilding).count();
+    if rebuilding > 0 {
+        let _ = write!(
+            alerts,
+            ", <span class=\"bad\">{rebuilding} being rebuilt here</span>"
+        );
+    }
     let _ = write!(
         h,
         "<!doctype html>\n<html><head><meta charset=\"utf-8\">\
@@ -40,7 +81,7 @@ pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat
          th,td{{border:1px solid #ccc;padding:2px 8px;text-align:right}}th{{background:#eee}}\
          td.l{{text-align:left}}.LEADER{{color:#070;font-weight:bold}}.CANDIDATE{{color:#a60}}\
          .bad{{color:#b00;font-weight:bold}}</style></head><body>\n\
-         <h1>bd node {node}</h1>\n<p>{} block groups, {leading} led here; \
+         <h1>bd node {node}</h1>\n<p>{} block groups, {leading} led here{alerts}; \
          <a href=\"/raft_stat\">raft_stat</a> · <a href=\"/status.json\">status.json</a> · \
          <a href=\"/metrics\">metrics</a></p>\n",
         bgs.len()
@@ -50,7 +91,7 @@ pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat
         "<h2>Block groups</h2>\n<table id=\"bgs\"><tr><th>bg</th><th>export</th><th>core</th>\
          <th>state</th><th>term</th><th>leader</th><th>voters</th><th>log</th><th>commit</th>\
          <th>applied</th><th>snapshot</th><th>snapshot status</th><th>log MiB</th>\
-         <th>pending</th><th>followers (match, lag)</th></tr>\n",
+         <th>pending</th><th>replication</th><th>followers (match, lag)</th></tr>\n",
     );
     for b in bgs {
         let voters: Vec<String> = b.voters.iter().map(|v| v.to_string()).collect();
@@ -59,14 +100,31 @@ pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat
             .iter()
             .map(|p| {
                 let lag = b.last_log_index.saturating_sub(p.match_index);
-                let link = if p.connected {
-                    ""
-                } else {
-                    " <span class=\"bad\">down</span>"
-                };
-                format!("{}: {} ({lag}){link}", p.id, p.match_index)
+                let mut marks = String::new();
+                if !p.connected {
+                    marks.push_str(" <span class=\"bad\">down</span>");
+                }
+                if p.rebuilding {
+                    marks.push_str(" <span class=\"bad\">rebuilding</span>");
+                } else if p.voter && !p.counted {
+                    marks.push_str(" <span class=\"bad\">not counted</span>");
+                }
+                if !p.voter {
+                    marks.push_str(" learner");
+                }
+                format!("{}: {} ({lag}){marks}", p.id, p.match_index)
             })
             .collect();
+        let mut replication = Vec::new();
+        if b.under_replicated {
+            replication.push("<span class=\"bad\">under-replicated</span>".to_string());
+        }
+        if b.rebuilding {
+            replication.push(format!(
+                "<span class=\"bad\">{}</span>",
+                rebuilding_text(b.rebuild_bytes_done, b.rebuild_bytes_total)
+            ));
+        }
         let state = if b.hibernating {
             format!("{} (hibernating)", esc(&b.state))
         } else {
@@ -76,7 +134,8 @@ pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat
             h,
             "<tr><td>{}</td><td class=\"l\">{}</td><td>{}</td><td class=\"l {}\">{state}</td>\
              <td>{}</td><td>{}</td><td class=\"l\">{}</td><td>{}..{}</td><td>{}</td><td>{}</td>\
-             <td>{}</td><td class=\"l\">{}</td><td>{}</td><td>{}</td><td class=\"l\">{}</td></tr>",
+             <td>{}</td><td class=\"l\">{}</td><td>{}</td><td>{}</td><td class=\"l\">{}</td>\
+             <td class=\"l\">{}</td></tr>",
             b.bg,
             esc(&b.name),
             b.core,
@@ -92,6 +151,7 @@ pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat
             esc(&b.snapshot_status),
             mib(b.log_bytes as u64),
             b.pending_requests,
+            replication.join("; "),
             followers.join("; "),
         );
     }
@@ -272,15 +332,74 @@ mod tests {
         assert_eq!(b.len(), 2, "{b:?}");
         assert_eq!(b[0][0..7], ["0", "bg0", "1", "LEADER", "7", "2", "1, 2, 3"]);
         assert_eq!(b[0][7..13], ["5..40", "39", "39", "4", "IDLE", "3.0"]);
-        assert_eq!(b[0][14], "1: 40 (0); 3: 30 (10) down");
+        assert_eq!(b[0][14], "");
+        assert_eq!(b[0][15], "1: 40 (0); 3: 30 (10) down not counted");
         assert_eq!(b[1][3], "FOLLOWER (hibernating)");
-        assert_eq!(b[1][14], "");
+        assert_eq!(b[1][14..16], ["", ""]);
         let c = rows(&html, "cores");
         assert_eq!(c.len(), 1);
         assert_eq!(c[0][0..7], ["1", "2", "0", "4", "0", "2.0", "250"]);
         let l = rows(&html, "links");
         assert_eq!(l.len(), 1);
         assert_eq!(l[0][0..4], ["1", "3", "no", "180"]);
+    }
+
+    /// A leader with a member being rebuilt says the group is under-replicated and marks that
+    /// peer; the replica being rebuilt says so on its own row, with the snapshot's progress.
+    #[test]
+    fn under_replicated_groups_and_rebuilding_replicas_are_shown() {
+        let mut led = bg(0, "LEADER", "bg0");
+        led.under_replicated = true;
+        led.voters = vec![1, 2];
+        led.peers[1] = PeerStat {
+            id: 3,
+            next_index: 1,
+            match_index: 0,
+            state: "Snapshot".into(),
+            connected: true,
+            voter: false,
+            disk_id: 0xbeef,
+            counted: false,
+            rebuilding: true,
+        };
+        let mut rebuilt = bg(4, "FOLLOWER", "bg4");
+        rebuilt.peers.clear();
+        rebuilt.rebuilding = true;
+        rebuilt.snapshot_status = "DOWNLOADING 1572864/4294967296".into();
+        rebuilt.rebuild_bytes_done = 3 << 19;
+        rebuilt.rebuild_bytes_total = 4 << 30;
+        let mut catching_up = bg(5, "FOLLOWER", "bg5");
+        catching_up.peers.clear();
+        catching_up.rebuilding = true;
+        let html = render(2, &[led, rebuilt, catching_up], &[], &[]);
+        assert!(
+            html.contains("3 block groups, 1 led here, ")
+                && html.contains(">1 under-replicated</span>")
+                && html.contains(">2 being rebuilt here</span>"),
+            "{html}"
+        );
+        let b = rows(&html, "bgs");
+        assert_eq!(b.len(), 3, "{b:?}");
+        assert_eq!(b[0][14], "under-replicated");
+        assert_eq!(b[0][15], "1: 40 (0); 3: 0 (40) rebuilding learner");
+        assert!(html.contains("<span class=\"bad\">under-replicated</span>"));
+        assert_eq!(b[1][14], "rebuilding 1.5 MiB/4.0 GiB");
+        assert_eq!(b[2][14], "rebuilding");
+        // A healthy page has no such marks.
+        let html = render(2, &[bg(0, "LEADER", "bg0")], &[], &[]);
+        assert!(html.contains("1 block groups, 1 led here; "), "{html}");
+        assert!(!html.contains("under-replicated") && !html.contains("rebuilding"));
+    }
+
+    #[test]
+    fn bytes_are_shown_in_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(10 << 30), "10.0 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16384.0 PiB");
+        assert_eq!(rebuilding_text(0, 0), "rebuilding");
+        assert_eq!(rebuilding_text(0, 1 << 20), "rebuilding 0 B/1.0 MiB");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use std::fmt::Write;
 
-use engine::{BgStatus, CoreStat, LinkStat};
+use engine::{BgStatus, CoreStat, LinkStat, PeerStat};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -83,7 +83,7 @@ pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat
         )
     };
     type BgValue = fn(&BgStatus) -> f64;
-    let bg_gauges: [(&'static str, &'static str, BgValue); 13] = [
+    let bg_gauges: [(&'static str, &'static str, BgValue); 17] = [
         (
             "bd_bg_is_leader",
             "1 if this node leads the block group.",
@@ -145,6 +145,26 @@ pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat
         ("bd_bg_size_bytes", "Size of the block volume.", |b| {
             b.size_bytes as f64
         }),
+        (
+            "bd_bg_under_replicated",
+            "On the leader: 1 while some member is being rebuilt (a rebuilding learner, or a voter answering from other storage than it is bound to).",
+            |b| b.under_replicated as u8 as f64,
+        ),
+        (
+            "bd_bg_rebuilding",
+            "1 while this replica is being rebuilt (its storage was replaced or lost entries): a learner until it holds the committed log.",
+            |b| b.rebuilding as u8 as f64,
+        ),
+        (
+            "bd_bg_rebuild_done_bytes",
+            "Bytes of the snapshot this replica is downloading received so far (0 when none).",
+            |b| b.rebuild_bytes_done as f64,
+        ),
+        (
+            "bd_bg_rebuild_size_bytes",
+            "Bytes of the snapshot this replica is downloading in all (0 when none).",
+            |b| b.rebuild_bytes_total as f64,
+        ),
     ];
     for (name, help, value) in bg_gauges {
         let f = e.family(name, Kind::Gauge, help);
@@ -161,28 +181,35 @@ pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat
         f.samples
             .push((bg_labels(b), (b.snapshot_status != "IDLE") as u8 as f64));
     }
-    for (name, help, follower) in [
+    type PeerValue = fn(&PeerStat) -> f64;
+    let peer_gauges: [(&'static str, &'static str, PeerValue); 4] = [
         (
             "bd_bg_peer_match_index",
-            "On the leader: last log index known replicated on each other voter.",
-            true,
+            "On the leader: last log index known replicated on each other member.",
+            |p| p.match_index as f64,
         ),
         (
             "bd_bg_peer_connected",
-            "On the leader: 1 if the link to each other voter is up.",
-            false,
+            "On the leader: 1 if the link to each other member is up.",
+            |p| p.connected as u8 as f64,
         ),
-    ] {
+        (
+            "bd_bg_peer_counted",
+            "On the leader: 1 if each other member counts toward quorums (a voter answering from the disk it is bound to).",
+            |p| p.counted as u8 as f64,
+        ),
+        (
+            "bd_bg_peer_rebuilding",
+            "On the leader: 1 while each other member is being rebuilt (storage replaced or behind what it acknowledged).",
+            |p| p.rebuilding as u8 as f64,
+        ),
+    ];
+    for (name, help, value) in peer_gauges {
         let f = e.family(name, Kind::Gauge, help);
         for b in bgs {
             for p in &b.peers {
-                let v = if follower {
-                    p.match_index as f64
-                } else {
-                    p.connected as u8 as f64
-                };
                 f.samples
-                    .push((format!("{},peer=\"{}\"", bg_labels(b), p.id), v));
+                    .push((format!("{},peer=\"{}\"", bg_labels(b), p.id), value(p)));
             }
         }
     }
@@ -395,7 +422,6 @@ pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use engine::PeerStat;
 
     fn bg(bg: u64, state: &str) -> BgStatus {
         BgStatus {
@@ -457,7 +483,29 @@ mod tests {
             wal_batches: 3,
             ..CoreStat::default()
         }];
-        let text = render(1, &[bg(0, "LEADER"), bg(7, "FOLLOWER")], &cores, &links);
+        // bg0 leads here with node 3 being rebuilt (a learner, not counted); bg7 is the replica
+        // being rebuilt here, 1 MiB into a 4 MiB snapshot.
+        let mut led = bg(0, "LEADER");
+        led.under_replicated = true;
+        led.peers.push(PeerStat {
+            id: 3,
+            next_index: 1,
+            match_index: 0,
+            state: "Snapshot".into(),
+            connected: true,
+            voter: false,
+            disk_id: 0xbeef,
+            counted: false,
+            rebuilding: true,
+        });
+        let mut rebuilt = bg(7, "FOLLOWER");
+        rebuilt.peers.clear();
+        rebuilt.voters = vec![1, 2];
+        rebuilt.rebuilding = true;
+        rebuilt.snapshot_status = "DOWNLOADING 1048576/4194304".into();
+        rebuilt.rebuild_bytes_done = 1 << 20;
+        rebuilt.rebuild_bytes_total = 4 << 20;
+        let text = render(1, &[led, rebuilt], &cores, &links);
         let mut seen = std::collections::BTreeSet::new();
         let mut current: Option<(String, String)> = None;
         for line in text.lines() {
@@ -510,6 +558,42 @@ mod tests {
             sample("bd_bg_peer_match_index{node=\"1\",bg=\"0\",export=\"bg0\",peer=\"2\"}"),
             "20"
         );
+        let bg0 = "node=\"1\",bg=\"0\",export=\"bg0\"";
+        let bg7 = "node=\"1\",bg=\"7\",export=\"bg7\"";
+        for (series, value) in [
+            (format!("bd_bg_under_replicated{{{bg0}}}"), "1"),
+            (format!("bd_bg_under_replicated{{{bg7}}}"), "0"),
+            (format!("bd_bg_rebuilding{{{bg0}}}"), "0"),
+            (format!("bd_bg_rebuilding{{{bg7}}}"), "1"),
+            (format!("bd_bg_rebuild_done_bytes{{{bg0}}}"), "0"),
+            (format!("bd_bg_rebuild_done_bytes{{{bg7}}}"), "1048576"),
+            (format!("bd_bg_rebuild_size_bytes{{{bg0}}}"), "0"),
+            (format!("bd_bg_rebuild_size_bytes{{{bg7}}}"), "4194304"),
+            (format!("bd_bg_voters{{{bg7}}}"), "2"),
+            (format!("bd_bg_peer_counted{{{bg0},peer=\"2\"}}"), "1"),
+            (format!("bd_bg_peer_counted{{{bg0},peer=\"3\"}}"), "0"),
+            (format!("bd_bg_peer_rebuilding{{{bg0},peer=\"2\"}}"), "0"),
+            (format!("bd_bg_peer_rebuilding{{{bg0},peer=\"3\"}}"), "1"),
+            (format!("bd_bg_peer_match_index{{{bg0},peer=\"3\"}}"), "0"),
+        ] {
+            assert_eq!(sample(&series), value, "{series}");
+        }
+        // Per-peer series exist only on the leader's rows.
+        assert!(!text.contains("bg=\"7\",export=\"bg7\",peer="), "{text}");
+        for family in [
+            "bd_bg_under_replicated",
+            "bd_bg_rebuilding",
+            "bd_bg_rebuild_done_bytes",
+            "bd_bg_rebuild_size_bytes",
+            "bd_bg_peer_counted",
+            "bd_bg_peer_rebuilding",
+        ] {
+            assert!(seen.contains(family), "{family}");
+            assert!(
+                text.contains(&format!("# TYPE {family} gauge\n")),
+                "{family}"
+            );
+        }
         assert_eq!(
             sample("bd_wal_batch_disk_seconds_total{node=\"1\",core=\"0\"}"),
             "1.5"
