@@ -19,8 +19,10 @@ use crate::{GroupId, NodeId};
 pub const ALPN: &[u8] = b"bd-transport/1";
 pub const HELLO_MAGIC: u32 = 0x4244_5431;
 /// Version 2 added the incarnation to the hello; version 3 zero-run chunks in snapshot streams
-/// ([`ChunkHeader::zeros`]).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// ([`ChunkHeader::zeros`]); version 4 marks the raft frames whose messages carry the sender's
+/// disk id and the one it binds the recipient to (engine::codec; the frames are opaque here, but
+/// a version 3 node would misread them, so the hello refuses the mix).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// magic u32 + version u16: read and checked first, so a peer of another version gets a precise error
 /// rather than a short read.
 pub const HELLO_HEAD_BYTES: usize = 6;
