@@ -241,15 +241,23 @@ impl DataFile {
             .open(&path)
             .map_err(|e| file_err("open", e))?;
         let len = file.metadata().map_err(|e| file_err("stat", e))?.len();
+        // A replica's data file has the group's size from its creation on (a snapshot install
+        // brings the leader's copy, of the same size). A configured size that differs is this
+        // node's mistake: growing the file to it would export a larger volume than the other
+        // replicas hold and, once this node leads, acknowledge writes past their end (they then
+        // stop on "write outside the volume" at every start). Only an empty file (created,
+        // never sized: a crash right after creating it) is sized here.
+        if len != 0 && len != size {
+            return Err(Error::Config {
+                what: format!(
+                    "bg {bg}: the replica's data file {} holds {len} bytes (the group's size), \
+                     but this node's configuration says {size}; a block group's size is fixed \
+                     when it is created: set the size back to {len}",
+                    path.display()
+                ),
+            });
+        }
         if len != size {
-            if len > size {
-                return Err(Error::Config {
-                    what: format!(
-                        "bg {bg}: data file {} holds {len} bytes, more than the configured size {size}",
-                        path.display()
-                    ),
-                });
-            }
             if let Err(e) = fallocate(&file, 0, 0, size) {
                 // Filesystems without fallocate (tmpfs on old kernels) still get a file of the
                 // right length; it is sparse.
@@ -874,6 +882,30 @@ pub fn recover_install(core_dir: &Path, bg: GroupId) -> Result<Option<SnapshotMe
 mod tests {
     use super::*;
     use crate::dataio::{DataIo, DataIoBackend};
+
+    /// The data file's size is the group's from creation on: reopening it with another
+    /// configured size, larger or smaller, is refused with both sizes named, and changes nothing.
+    #[test]
+    fn reopening_with_another_size_is_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let created = 1u64 << 20;
+        drop(DataFile::open(dir.path(), 9, created, false).unwrap());
+        for other in [created * 2, created / 2] {
+            let err = match DataFile::open(dir.path(), 9, other, false) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("opening bg 9 with {other} bytes instead of {created} succeeded"),
+            };
+            assert!(
+                err.contains(&created.to_string()) && err.contains(&other.to_string()),
+                "{err}"
+            );
+            assert!(err.contains("bg 9"), "{err}");
+            let len = std::fs::metadata(data_path(dir.path(), 9)).unwrap().len();
+            assert_eq!(len, created, "the refused open left the file as it was");
+        }
+        let f = DataFile::open(dir.path(), 9, created, false).unwrap();
+        assert_eq!(f.size(), created);
+    }
 
     #[test]
     fn ops_round_trip_and_reject_garbage() {

@@ -896,6 +896,16 @@ impl Core {
                 let pieces = op.clone().split(limit);
                 let n = pieces.len();
                 for p in pieces {
+                    // Checked above against the replica's size, which is the group's (a node
+                    // whose configured size differs refuses to open the group).
+                    assert!(
+                        p.offset() + p.len() <= g.data.size(),
+                        "bg {bg}: proposing {} at {}+{} past the volume's {} bytes",
+                        p.name(),
+                        p.offset(),
+                        p.len(),
+                        g.data.size()
+                    );
                     match g.raft.propose(p.encode(), None) {
                         Ok((index, term)) => {
                             g.proposals.insert(index, (term, exec_id));
