@@ -792,6 +792,14 @@ impl Core {
             self.execute(client);
             return;
         }
+        if !g.raft.conf().contains(self.me) {
+            // Removed (its configuration, from the log, no longer names it) or waiting to be
+            // added: no leader of the group would take its requests, so say so at once rather
+            // than after the forward timeout.
+            let bg = client.bg;
+            self.reply(client, Err(Error::NotAMember { bg, node: self.me }));
+            return;
+        }
         match (g.raft.leader(), &client.reply) {
             (Some(l), ReplyTo::Local(_)) if l != self.me => self.forward(client, l),
             _ => self.retry_later(client, "no leader known".into()),
@@ -2036,6 +2044,7 @@ impl Core {
                     pending_requests: g.execs.len() + g.reads.len() + g.ready_reads.len(),
                     log_bytes: g.raft.log_bytes(),
                     hibernating: self.hib.asleep(g.spec.id),
+                    member: s.conf.contains(s.id),
                     disk_id: s.disk,
                     rebuilding: s.rebuilding,
                     rebuild_bytes_done: download.0,

@@ -61,6 +61,9 @@ pub struct BgStatus {
     pub log_bytes: usize,
     /// Hibernating: not ticked, no heartbeats, until activity wakes it (`core::hibernate`).
     pub hibernating: bool,
+    /// This node is a member (voter or learner) of the group's configuration as it knows it; a
+    /// removed replica, or one waiting to be added, answers client requests with an error at once.
+    pub member: bool,
     /// This replica's storage identity (random, created with its files, kept in its raft meta).
     pub disk_id: u64,
     /// This replica is being rebuilt: its configuration binds it to other storage than its own, or
@@ -203,6 +206,9 @@ impl BgStatus {
         let _ = writeln!(s, "log_bytes: {}", self.log_bytes);
         let _ = writeln!(s, "hibernating: {}", self.hibernating);
         let _ = writeln!(s, "disk_id: {:016x}", self.disk_id);
+        if !self.member {
+            let _ = writeln!(s, "member: false");
+        }
         if self.rebuilding {
             let _ = writeln!(
                 s,

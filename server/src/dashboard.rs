@@ -243,6 +243,7 @@ mod tests {
             pending_requests: 3,
             log_bytes: 3 << 20,
             hibernating: false,
+            member: true,
             disk_id: 0xd15c,
             rebuilding: false,
             rebuild_bytes_done: 0,

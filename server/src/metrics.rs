@@ -448,6 +448,7 @@ mod tests {
             pending_requests: 2,
             log_bytes: 4096,
             hibernating: false,
+            member: true,
             disk_id: 0xd15c,
             rebuilding: false,
             rebuild_bytes_done: 0,
