@@ -81,6 +81,7 @@ fn measure(a: &IdleArgs, hibernate_idle_ms: u64) -> Result<Sample, String> {
                 members: vec![1, 2, 3],
                 size_bytes: 256 << 10,
                 join: false,
+                preallocate: false,
             })
             .collect();
         c.wal_segment_bytes_max = 8 << 20;

@@ -1,5 +1,6 @@
 //! The block state machine of one block group: the operations carried in raft entries, the
-//! preallocated data file they are applied to, the order in which applies may run
+//! data file they are applied to (sparse by default, allocated on first write; preallocated in
+//! full with `BgSpec::preallocate`), the order in which applies may run
 //! concurrently ([`Applier`]), the small meta file that records the latest snapshot, and the
 //! crash-safe protocol that installs a received snapshot.
 //!
@@ -220,11 +221,18 @@ pub struct DataFile {
 }
 
 impl DataFile {
-    /// Opens the data file, creating and preallocating it when missing. Preallocation (rather
-    /// than a sparse file) makes ENOSPC show up here, at creation, and not in the middle of an
-    /// apply that the log already committed. With `direct`, the file is opened with O_DIRECT
-    /// unless the filesystem refuses it (tmpfs: EINVAL), then buffered with a log line.
-    pub fn open(core_dir: &Path, bg: GroupId, size: u64, direct: bool) -> Result<DataFile> {
+    /// Opens the data file, creating it when missing: sparse (thin: space is allocated on first
+    /// write), or with `preallocate` allocated in full (thick: ENOSPC shows up here, at creation,
+    /// and not in the middle of an apply that the log already committed). With `direct`, the
+    /// file is opened with O_DIRECT unless the filesystem refuses it (tmpfs: EINVAL), then
+    /// buffered with a log line.
+    pub fn open(
+        core_dir: &Path,
+        bg: GroupId,
+        size: u64,
+        direct: bool,
+        preallocate: bool,
+    ) -> Result<DataFile> {
         let path = data_path(core_dir, bg);
         let file_err = |op, source| Error::File {
             bg,
@@ -257,7 +265,11 @@ impl DataFile {
                 ),
             });
         }
-        if len != size {
+        if len != size && !preallocate {
+            file.set_len(size).map_err(|e| file_err("set_len", e))?;
+            file.sync_all().map_err(|e| file_err("fsync", e))?;
+            sync_dir(core_dir).map_err(|e| file_err("fsync dir", e))?;
+        } else if len != size {
             if let Err(e) = fallocate(&file, 0, 0, size) {
                 // Filesystems without fallocate (tmpfs on old kernels) still get a file of the
                 // right length; it is sparse.
@@ -301,6 +313,12 @@ impl DataFile {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Bytes of disk the data file occupies (allocated blocks; less than `size` when thin).
+    pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map_or(0, |m| m.blocks() * 512)
     }
 
     pub fn path(&self) -> &Path {
@@ -883,15 +901,54 @@ mod tests {
     use super::*;
     use crate::dataio::{DataIo, DataIoBackend};
 
+    /// Thin (the default): a new data file has the volume's size but occupies nothing until
+    /// written, and a punched hole gives the space back; thick allocates it all at creation.
+    #[test]
+    fn thin_files_allocate_on_write_and_thick_ones_up_front() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4u64 << 20;
+        let thin = DataFile::open(dir.path(), 1, size, false, false).unwrap();
+        assert_eq!(thin.size(), size);
+        assert_eq!(std::fs::metadata(thin.path()).unwrap().len(), size);
+        assert!(
+            thin.allocated_bytes() < 64 << 10,
+            "{}",
+            thin.allocated_bytes()
+        );
+        let f = OpenOptions::new().write(true).open(thin.path()).unwrap();
+        f.write_all_at(&vec![7u8; 1 << 20], 1 << 20).unwrap();
+        f.sync_all().unwrap();
+        let written = thin.allocated_bytes();
+        assert!((1 << 20..2 << 20).contains(&written), "{written}");
+        fallocate(
+            &f,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            1 << 20,
+            1 << 20,
+        )
+        .unwrap();
+        assert!(
+            thin.allocated_bytes() < written,
+            "{}",
+            thin.allocated_bytes()
+        );
+        let thick = DataFile::open(dir.path(), 2, size, false, true).unwrap();
+        assert!(
+            thick.allocated_bytes() >= size,
+            "{}",
+            thick.allocated_bytes()
+        );
+    }
+
     /// The data file's size is the group's from creation on: reopening it with another
     /// configured size, larger or smaller, is refused with both sizes named, and changes nothing.
     #[test]
     fn reopening_with_another_size_is_refused_naming_both() {
         let dir = tempfile::tempdir().unwrap();
         let created = 1u64 << 20;
-        drop(DataFile::open(dir.path(), 9, created, false).unwrap());
+        drop(DataFile::open(dir.path(), 9, created, false, true).unwrap());
         for other in [created * 2, created / 2] {
-            let err = match DataFile::open(dir.path(), 9, other, false) {
+            let err = match DataFile::open(dir.path(), 9, other, false, true) {
                 Err(e) => e.to_string(),
                 Ok(_) => panic!("opening bg 9 with {other} bytes instead of {created} succeeded"),
             };
@@ -903,7 +960,7 @@ mod tests {
             let len = std::fs::metadata(data_path(dir.path(), 9)).unwrap().len();
             assert_eq!(len, created, "the refused open left the file as it was");
         }
-        let f = DataFile::open(dir.path(), 9, created, false).unwrap();
+        let f = DataFile::open(dir.path(), 9, created, false, true).unwrap();
         assert_eq!(f.size(), created);
     }
 
@@ -992,7 +1049,7 @@ mod tests {
             (true, DataIoBackend::Sync),
         ] {
             let dir = tempfile::tempdir().unwrap();
-            let f = DataFile::open(dir.path(), 7, 1 << 20, direct).unwrap();
+            let f = DataFile::open(dir.path(), 7, 1 << 20, direct, true).unwrap();
             let mut io = DataIo::open(backend, 8, 0).unwrap();
             let mut model = vec![0u8; 1 << 20];
             let ops = [
@@ -1056,7 +1113,7 @@ mod tests {
     fn sync_in_ranges_covers_a_file_whose_size_is_not_a_multiple_of_the_range() {
         let dir = tempfile::tempdir().unwrap();
         let size = (1 << 20) + 3 * 4096;
-        let f = DataFile::open(dir.path(), 4, size, false).unwrap();
+        let f = DataFile::open(dir.path(), 4, size, false, true).unwrap();
         f.file.write_at(b"head", 0).unwrap();
         f.file.write_at(b"tail", size - 4).unwrap();
         f.sync_in_ranges(64 << 10).unwrap();
@@ -1073,7 +1130,7 @@ mod tests {
     #[test]
     fn applier_orders_overlapping_ops_and_tracks_the_applied_prefix() {
         let dir = tempfile::tempdir().unwrap();
-        let f = DataFile::open(dir.path(), 1, 1 << 20, false).unwrap();
+        let f = DataFile::open(dir.path(), 1, 1 << 20, false, true).unwrap();
         let w = |offset, n| BlockOp::Write {
             offset,
             data: Bytes::from(vec![1u8; n]),
@@ -1104,7 +1161,7 @@ mod tests {
         assert_eq!(a.applied(), 40);
 
         // With O_DIRECT, ops in the same 4 KiB block overlap on disk.
-        let d = DataFile::open(dir.path(), 2, 1 << 20, true).unwrap();
+        let d = DataFile::open(dir.path(), 2, 1 << 20, true, true).unwrap();
         if d.is_direct() {
             let mut a = Applier::new(0);
             a.push(1, 1, w(0, 10));
@@ -1141,7 +1198,7 @@ mod tests {
             for round in 0..2 {
                 let completed = recover_install(d, 3).unwrap();
                 let meta = read_meta(d, 3).unwrap().unwrap();
-                let data = DataFile::open(d, 3, size as u64, false).unwrap();
+                let data = DataFile::open(d, 3, size as u64, false, true).unwrap();
                 let mut io = DataIo::open(DataIoBackend::Sync, 1, 0).unwrap();
                 let bytes = read(&mut io, &data, 0, size as u32);
                 let byte = bytes[0];

@@ -119,9 +119,7 @@ pub fn message_len(m: &Message) -> usize {
         MessageBody::AppendEntries { entries, .. } => {
             36 + entries.iter().map(|e| 21 + e.data.len()).sum::<usize>()
         }
-        MessageBody::InstallSnapshot { meta } => {
-            20 + meta.conf.encoded_len_max()
-        }
+        MessageBody::InstallSnapshot { meta } => 20 + meta.conf.encoded_len_max(),
         _ => 48,
     }
 }

@@ -27,6 +27,11 @@ pub struct BgSpec {
     /// campaigning, until the leader adds it (`Engine::change_peers`, `bdctl add-peer`) and
     /// sends it the log or a snapshot. `members` are then the group's current voters.
     pub join: bool,
+    /// Allocate the replica's data file in full when it is created (thick). Off (thin, the
+    /// default): the file is sparse, space is allocated on first write and given back by TRIM
+    /// and WRITE_ZEROES; a full disk then shows up at an apply (fatal for the node) rather than
+    /// at creation.
+    pub preallocate: bool,
 }
 
 impl BgSpec {

@@ -536,7 +536,13 @@ fn open_group(
 ) -> Result<Group> {
     let bg = spec.id;
     block::recover_install(dir, bg)?;
-    let data = DataFile::open(dir, bg, spec.size_bytes, cfg.data_direct_io)?;
+    let data = DataFile::open(
+        dir,
+        bg,
+        spec.size_bytes,
+        cfg.data_direct_io,
+        spec.preallocate,
+    )?;
     let snapshot = block::read_meta(dir, bg)?;
     let st = wal.group_state(bg).unwrap_or_default();
     let entries = if st.last_index > st.compacted_index {
@@ -1926,6 +1932,7 @@ impl Core {
         let dir = self.dir.clone();
         let size = g.spec.size_bytes;
         let direct = self.cfg.data_direct_io;
+        let preallocate = g.spec.preallocate;
         let lock = g.meta_epoch.clone();
         let tx = self.internal_tx.clone();
         let job_meta = meta.clone();
@@ -1934,7 +1941,7 @@ impl Core {
             *epoch += 1;
             block::install_snapshot_files(&dir, bg, &job_meta)?;
             drop(epoch);
-            DataFile::open(&dir, bg, size, direct)
+            DataFile::open(&dir, bg, size, direct, preallocate)
         });
         tokio::task::spawn_local(async move {
             let result = match job.await {
@@ -2045,6 +2052,7 @@ impl Core {
                     log_bytes: g.raft.log_bytes(),
                     hibernating: self.hib.asleep(g.spec.id),
                     member: s.conf.contains(s.id),
+                    allocated_bytes: g.data.allocated_bytes(),
                     disk_id: s.disk,
                     rebuilding: s.rebuilding,
                     rebuild_bytes_done: download.0,

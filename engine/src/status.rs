@@ -64,6 +64,8 @@ pub struct BgStatus {
     /// This node is a member (voter or learner) of the group's configuration as it knows it; a
     /// removed replica, or one waiting to be added, answers client requests with an error at once.
     pub member: bool,
+    /// Bytes of disk this replica's data file occupies (below `size_bytes` when thin).
+    pub allocated_bytes: u64,
     /// This replica's storage identity (random, created with its files, kept in its raft meta).
     pub disk_id: u64,
     /// This replica is being rebuilt: its configuration binds it to other storage than its own, or
@@ -202,6 +204,7 @@ impl BgStatus {
             self.last_snapshot_index, self.last_snapshot_term
         );
         let _ = writeln!(s, "size_bytes: {}", self.size_bytes);
+        let _ = writeln!(s, "allocated_bytes: {}", self.allocated_bytes);
         let _ = writeln!(s, "pending_requests: {}", self.pending_requests);
         let _ = writeln!(s, "log_bytes: {}", self.log_bytes);
         let _ = writeln!(s, "hibernating: {}", self.hibernating);

@@ -5,7 +5,7 @@ use crate::core::types::{GroupId, Index, NodeId, Term};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     // ---- raft core: why a request was refused ----
-    #[error("group {group}: not the leader (leader hint: {leader:?})")]
+    #[error("group {group}: not the leader (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
     NotLeader {
         group: GroupId,
         leader: Option<NodeId>,

@@ -12,7 +12,10 @@ fn carries_conf(m: &raftlog::core::Message, want: &Configuration) -> bool {
     match &m.body {
         MessageBody::AppendEntries { entries, .. } => entries.iter().any(|e| {
             e.kind == EntryKind::Config
-                && Configuration::decode(&e.data).map(|c| c.without_disks()).as_ref() == Ok(want)
+                && Configuration::decode(&e.data)
+                    .map(|c| c.without_disks())
+                    .as_ref()
+                    == Ok(want)
         }),
         _ => false,
     }
@@ -142,7 +145,9 @@ fn pre_candidate_grants_a_same_term_vote_it_has_not_cast() {
     c.isolate(1);
     if first != 1 {
         let to = if first == 2 { 3 } else { 2 };
-        c.node_mut(first).transfer_leadership(Some(to)).expect("transfer starts");
+        c.node_mut(first)
+            .transfer_leadership(Some(to))
+            .expect("transfer starts");
         c.settle();
     }
     let l = (0..200)

@@ -1214,7 +1214,10 @@ fn add_peer_appends_config_only_after_catchup() {
     // Still catching up: no config entry, the configuration is unchanged.
     assert_eq!(c.node(l).last_index(), last);
     assert!(c.node(l).status().conf_change_in_progress);
-    assert_eq!(&c.node(l).conf().without_disks(), &Configuration::new([1, 2, 3]));
+    assert_eq!(
+        &c.node(l).conf().without_disks(),
+        &Configuration::new([1, 2, 3])
+    );
     // The peer being brought in is one the leader talks to; no other outsider is.
     assert!(c.node(l).is_peer(4) && c.node(l).is_peer(2));
     assert!(!c.node(l).is_peer(5));
@@ -1251,7 +1254,10 @@ fn add_peer_appends_config_only_after_catchup() {
     assert!(c
         .events(l)
         .contains(&Event::ConfChangeDone { result: Ok(()) }));
-    assert_eq!(&c.node(4).conf().without_disks(), &Configuration::new([1, 2, 3, 4]));
+    assert_eq!(
+        &c.node(4).conf().without_disks(),
+        &Configuration::new([1, 2, 3, 4])
+    );
 }
 
 /// A new peer built from a snapshot is not timed out while the snapshot is on its way (a
@@ -1292,7 +1298,10 @@ fn a_new_peer_receiving_a_snapshot_is_not_timed_out() {
     assert!(c
         .events(l)
         .contains(&Event::ConfChangeDone { result: Ok(()) }));
-    assert_eq!(&c.node(l).conf().without_disks(), &Configuration::new([1, 2, 3, 4]));
+    assert_eq!(
+        &c.node(l).conf().without_disks(),
+        &Configuration::new([1, 2, 3, 4])
+    );
 }
 
 /// A new peer that cannot catch up within catchup_timeout_ticks aborts the
@@ -1327,7 +1336,10 @@ fn add_peer_catchup_timeout_aborts() {
             result: Err(ConfChangeError::CatchupTimeout)
         }]
     );
-    assert_eq!(&c.node(l).conf().without_disks(), &Configuration::new([1, 2, 3]));
+    assert_eq!(
+        &c.node(l).conf().without_disks(),
+        &Configuration::new([1, 2, 3])
+    );
     assert!(
         !c.node(l).is_peer(4),
         "an aborted peer is an outsider again"
@@ -1367,7 +1379,10 @@ fn change_peers_goes_through_joint_config() {
             Configuration::new(target.clone()),
         ]
     );
-    assert_eq!(&c.node(l).conf().without_disks(), &Configuration::new(target.clone()));
+    assert_eq!(
+        &c.node(l).conf().without_disks(),
+        &Configuration::new(target.clone())
+    );
     let committed: Vec<&Configuration> = c
         .events(l)
         .iter()
@@ -1437,7 +1452,10 @@ fn joint_config_needs_both_majorities() {
     c.rewrite = None;
     c.ticks(3);
     assert!(c.node(l).commit_index() > ji);
-    assert_eq!(&c.node(l).conf().without_disks(), &Configuration::new(target));
+    assert_eq!(
+        &c.node(l).conf().without_disks(),
+        &Configuration::new(target)
+    );
 }
 
 /// A leader that change_peers removes (with other changes: joint) keeps

@@ -166,7 +166,11 @@ fn session(c: WalConfig, sim: PowerLossSim, acked: &mut Acked, what: &str) -> (S
                     shared.borrow_mut().last_index[gi] = last;
                     if idx % 5 == 0 {
                         term += 1;
-                        let hs = HardState { term, vote: g, disk: g + 1 };
+                        let hs = HardState {
+                            term,
+                            vote: g,
+                            disk: g + 1,
+                        };
                         if h.set_hard_state(g, hs).await.is_err() {
                             return;
                         }

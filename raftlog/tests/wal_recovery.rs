@@ -92,7 +92,15 @@ fn crashed_store(dir: &Path) -> PathBuf {
     w.sync().unwrap();
     w.append(1, &ents(11, 20, 1, 100)).unwrap();
     w.sync().unwrap();
-    w.set_hard_state(1, HardState { term: 1, vote: 2, disk: 900 + 1 }).unwrap();
+    w.set_hard_state(
+        1,
+        HardState {
+            term: 1,
+            vote: 2,
+            disk: 900 + 1,
+        },
+    )
+    .unwrap();
     w.append(1, &ents(21, 30, 1, 100)).unwrap();
     w.sync().unwrap();
     w.close_unsealed();
@@ -125,7 +133,11 @@ fn torn_tail_is_truncated_with_a_warning() {
     assert_eq!(w.entries(1, 1, 31).unwrap(), ents(1, 30, 1, 100));
     assert_eq!(
         w.group_state(1).unwrap().hard_state,
-        HardState { term: 1, vote: 2, disk: 900 + 1 }
+        HardState {
+            term: 1,
+            vote: 2,
+            disk: 900 + 1
+        }
     );
     // The cut tail is sealed: the next restart sees a clean log.
     w.append(1, &ents(31, 31, 2, 10)).unwrap();
@@ -154,7 +166,14 @@ fn zeroed_last_record_is_truncated_with_a_warning() {
     assert_eq!(w.status().truncated_at_open.len(), 1);
     let st = w.group_state(1).unwrap();
     assert_eq!(st.last_index, 20);
-    assert_eq!(st.hard_state, HardState { term: 1, vote: 2, disk: 900 + 1 });
+    assert_eq!(
+        st.hard_state,
+        HardState {
+            term: 1,
+            vote: 2,
+            disk: 900 + 1
+        }
+    );
     assert_eq!(w.entries(1, 1, 21).unwrap(), ents(1, 20, 1, 100));
 }
 
@@ -223,7 +242,15 @@ fn missing_segment_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     for _ in 0..3 {
         let mut w = Wal::open(cfg(tmp.path())).unwrap();
-        w.set_hard_state(1, HardState { term: 1, vote: 1, disk: 900 + 1 }).unwrap();
+        w.set_hard_state(
+            1,
+            HardState {
+                term: 1,
+                vote: 1,
+                disk: 900 + 1,
+            },
+        )
+        .unwrap();
         w.sync().unwrap();
     }
     let segs = segments(tmp.path());
@@ -314,8 +341,15 @@ fn steady_workload_with_compaction_keeps_segments_bounded() {
     c.entry_cache_bytes_max = 32 << 10;
     let mut w = Wal::open(c.clone()).unwrap();
     // One idle group written once: without rewrite it would pin segment 1.
-    w.set_hard_state(999, HardState { term: 3, vote: 1, disk: 900 + 3 })
-        .unwrap();
+    w.set_hard_state(
+        999,
+        HardState {
+            term: 3,
+            vote: 1,
+            disk: 900 + 3,
+        },
+    )
+    .unwrap();
     w.append(999, &ents(1, 4, 3, 500)).unwrap();
     w.sync().unwrap();
     let mut last = [0u64; 16];
@@ -349,7 +383,11 @@ fn steady_workload_with_compaction_keeps_segments_bounded() {
     assert_eq!(w.entries(999, 1, 5).unwrap(), ents(1, 4, 3, 500));
     assert_eq!(
         w.group_state(999).unwrap().hard_state,
-        HardState { term: 3, vote: 1, disk: 900 + 3 }
+        HardState {
+            term: 3,
+            vote: 1,
+            disk: 900 + 3
+        }
     );
     for (g, l) in last.iter().enumerate() {
         let st = w.group_state(g as u64).unwrap();
@@ -381,7 +419,15 @@ fn compacting_cfg(dir: &Path) -> WalConfig {
 /// keeps the last 10. `each` sees the store after every round. Returns the
 /// last index.
 fn compacting_workload(w: &mut Wal, rounds: u64, mut each: impl FnMut(u64, &Wal)) -> u64 {
-    w.set_hard_state(1, HardState { term: 2, vote: 3, disk: 900 + 2 }).unwrap();
+    w.set_hard_state(
+        1,
+        HardState {
+            term: 2,
+            vote: 3,
+            disk: 900 + 2,
+        },
+    )
+    .unwrap();
     let mut last = 0u64;
     for round in 0..rounds {
         w.append(1, &ents(last + 1, last + 4, 2, 700)).unwrap();
@@ -398,7 +444,14 @@ fn compacting_workload(w: &mut Wal, rounds: u64, mut each: impl FnMut(u64, &Wal)
 /// The state `compacting_workload` leaves, read back after a restart.
 fn assert_compacted_state(w: &mut Wal, last: u64) {
     let g = w.group_state(1).unwrap();
-    assert_eq!(g.hard_state, HardState { term: 2, vote: 3, disk: 900 + 2 });
+    assert_eq!(
+        g.hard_state,
+        HardState {
+            term: 2,
+            vote: 3,
+            disk: 900 + 2
+        }
+    );
     assert_eq!((g.compacted_index, g.compacted_term), (last - 10, 2));
     assert_eq!(g.last_index, last);
     assert_eq!(
@@ -1285,7 +1338,15 @@ fn purged_segments_are_reused_and_read_back_after_a_crash() {
     let mut rec = Vec::new();
     format::encode(
         &mut rec,
-        &format::RecordHeader::hard_state(1, HardState { term: 9, vote: 9, disk: 900 + 9 }).in_batch(1, 0, 4),
+        &format::RecordHeader::hard_state(
+            1,
+            HardState {
+                term: 9,
+                vote: 9,
+                disk: 900 + 9,
+            },
+        )
+        .in_batch(1, 0, 4),
         next,
         |_| {},
     );

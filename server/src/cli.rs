@@ -12,6 +12,7 @@ use crate::backend::BgBackend;
 use crate::config::{BgConfig, PeerConfig, ServerConfig, BG_SIZE_BYTES_DEFAULT};
 use crate::error::Error;
 use crate::nbd::{Exports, NbdConfig, NbdServerHandle};
+use crate::units::{parse_block_size, size_parser, SizeRule};
 
 /// Largest NBD read or write (advertised maximum block size). Bounded well below the transport's
 /// frame limit because a follower forwards the whole request to the leader in one frame.
@@ -36,8 +37,9 @@ pub struct Cli {
 pub enum Command {
     /// Run one node (settings from --config and/or flags; flags win).
     Run(Box<RunArgs>),
-    /// Start a local 3-node cluster on loopback (three processes, insecure transport), create
-    /// block group bg0 on all three, and print each node's NBD URI. Ctrl-C stops it.
+    /// Start a local cluster on loopback (3 processes by default, `--nodes` up to 9; insecure
+    /// transport) with block group bg0 (`--bgs` for more, each on three nodes), print each
+    /// node's command line and NBD URIs, restart a node that dies. Ctrl-C stops it.
     Dev(DevArgs),
     /// Create a cluster CA (ca.pem, ca.key) in DIR. Keep ca.key off the nodes.
     InitCa {
@@ -96,9 +98,15 @@ pub struct RunArgs {
     /// this node (for --bg) and every --peer.
     #[arg(long, value_delimiter = ',', value_name = "IDS")]
     pub bg_members: Vec<u64>,
-    /// Size of the groups given with --bg and --join-bg.
-    #[arg(long)]
+    /// Size of the groups given with --bg and --join-bg: bytes or a binary unit (64MiB, 1G,
+    /// 1TiB), a multiple of 4096 (default 1GiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_block_size)]
     pub bg_size_bytes: Option<u64>,
+    /// Allocate the data files of the groups given with --bg and --join-bg in full when they
+    /// are created (thick). Default: thin (sparse; space is taken on first write and given back
+    /// by TRIM), so a full disk shows up at a write rather than at creation.
+    #[arg(long)]
+    pub bg_preallocate: bool,
     /// Directory with node.pem, node.key and ca.pem (from `issue-cert`).
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
@@ -117,11 +125,12 @@ pub struct RunArgs {
     /// Log entries in one AppendEntries, at most (default 256).
     #[arg(long)]
     pub max_entries_per_message: Option<usize>,
-    /// Entry bytes in one AppendEntries, at most (default 1048576).
-    #[arg(long)]
+    /// Entry bytes in one AppendEntries, at most (default 1MiB; sizes take K/M/G/T or
+    /// KiB/MiB/GiB/TiB, powers of 1024).
+    #[arg(long, value_name = "SIZE", value_parser = size_parser::<usize>(SizeRule::Positive))]
     pub max_bytes_per_message: Option<usize>,
-    /// WAL segment file size (default 67108864).
-    #[arg(long)]
+    /// WAL segment file size (default 64MiB).
+    #[arg(long, value_name = "SIZE", value_parser = size_parser::<u64>(SizeRule::Positive))]
     pub segment_size_bytes: Option<u64>,
     /// fdatasync the WAL (false = benchmarks only, acknowledged writes are NOT durable).
     #[arg(long)]
@@ -141,22 +150,22 @@ pub struct RunArgs {
     /// Every group snapshots itself this often (default 3600; also on --snapshot-log-bytes-max).
     #[arg(long)]
     pub snapshot_interval_s: Option<u64>,
-    /// Bytes of one InstallSnapshot chunk, each with its own crc (default 131072).
-    #[arg(long)]
+    /// Bytes of one InstallSnapshot chunk, each with its own crc (default 128KiB).
+    #[arg(long, value_name = "SIZE", value_parser = size_parser::<usize>(SizeRule::Positive))]
     pub snapshot_chunk_bytes: Option<usize>,
     /// Log entries kept below a snapshot for followers that lag a little.
     #[arg(long)]
     pub snapshot_keep_entries: Option<u64>,
-    /// ... and at most this many bytes of them (per group).
-    #[arg(long)]
+    /// ... and at most this many bytes of them (per group; default 16MiB).
+    #[arg(long, value_name = "SIZE", value_parser = size_parser::<usize>(SizeRule::Positive))]
     pub snapshot_keep_bytes_max: Option<usize>,
-    /// In-memory raft log bytes per core, at most (0 = no budget); over it the core
-    /// snapshots its largest groups.
-    #[arg(long)]
+    /// In-memory raft log bytes per core, at most (default 1GiB; 0 = no budget); over it the
+    /// core snapshots its largest groups.
+    #[arg(long, value_name = "SIZE", value_parser = size_parser::<usize>(SizeRule::ZeroAllowed))]
     pub log_memory_bytes_max: Option<usize>,
     /// A group snapshots itself once its log since the last snapshot is this large (default
-    /// 268435456; see docs/server.md for the trade-off).
-    #[arg(long)]
+    /// 256MiB; see docs/server.md for the trade-off).
+    #[arg(long, value_name = "SIZE", value_parser = size_parser::<usize>(SizeRule::Positive))]
     pub snapshot_log_bytes_max: Option<usize>,
     /// Open the data files with O_DIRECT (see docs/server.md).
     #[arg(long)]
@@ -195,18 +204,30 @@ fn parse_peer(s: &str) -> Result<PeerConfig, String> {
 
 #[derive(Args, Debug, Clone)]
 pub struct DevArgs {
-    /// Where the three nodes keep their data (node1/, node2/, node3/ and their logs).
+    /// Where the nodes keep their data (node1/, node2/, ...), their logs (nodeN.log), their
+    /// config files (nodeN.toml, rewritten on each start) and cluster.toml (for bdctl).
     #[arg(long, default_value = "bd-data")]
     pub data_dir: PathBuf,
-    /// NBD ports are BASE, BASE+1, BASE+2; HTTP BASE+100..; QUIC BASE+200.. (32 per node).
+    /// Number of nodes, 1..=9.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u64,
+    /// Number of block groups (exports bg0, bg1, ...), at least 1; each is replicated on
+    /// min(3, --nodes) nodes, spread round-robin over the nodes.
+    #[arg(long, default_value_t = 1)]
+    pub bgs: u64,
+    /// NBD port of node N is BASE+N-1; HTTP BASE+100+N-1; QUIC BASE+200+32*(N-1) (32 per node).
     #[arg(long, default_value_t = 10809)]
     pub base_port: u16,
     /// Core threads per node.
     #[arg(long, default_value_t = 1)]
     pub cores: usize,
-    /// Size of the block group bg0 when it is first created.
-    #[arg(long, default_value_t = BG_SIZE_BYTES_DEFAULT)]
+    /// Size of each block group when it is first created: bytes or a binary unit (64MiB, 1G,
+    /// 1TiB), a multiple of 4096.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_block_size)]
     pub bg_size_bytes: u64,
+    /// Do not restart a node that dies (by default it is restarted after 2 s).
+    #[arg(long)]
+    pub no_restart: bool,
 }
 
 impl RunArgs {
@@ -279,6 +300,7 @@ impl RunArgs {
                 members,
                 size_bytes: self.bg_size_bytes.unwrap_or(BG_SIZE_BYTES_DEFAULT),
                 join,
+                preallocate: self.bg_preallocate,
             });
         }
         Ok(c)
@@ -405,6 +427,71 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--wal-batches-in-flight-max"), "{e}");
+    }
+
+    #[test]
+    fn size_flags_take_units_and_bad_sizes_name_the_flag_and_value() {
+        let run = |extra: &[&str]| {
+            let mut a = vec!["bd-server", "run", "--node-id", "1", "--insecure-loopback"];
+            a.extend_from_slice(extra);
+            Cli::try_parse_from(a).map(|cli| match cli.command {
+                Command::Run(args) => *args,
+                _ => panic!("not run"),
+            })
+        };
+        let args = run(&[
+            "--bg",
+            "0",
+            "--bg-size-bytes",
+            "64MiB",
+            "--segment-size-bytes=32M",
+            "--max-bytes-per-message",
+            "512k",
+            "--snapshot-chunk-bytes",
+            "256KiB",
+            "--snapshot-keep-bytes-max",
+            "8388608",
+            "--log-memory-bytes-max",
+            "0",
+            "--snapshot-log-bytes-max",
+            "1G",
+        ])
+        .unwrap();
+        let e = args.resolve().unwrap().engine_config().unwrap();
+        assert_eq!(e.bgs[0].size_bytes, 64 << 20);
+        assert_eq!(e.wal_segment_bytes_max, 32 << 20);
+        assert_eq!(e.append_bytes_max, 512 << 10);
+        assert_eq!(e.snapshot_chunk_bytes, 256 << 10);
+        assert_eq!(e.snapshot_keep_bytes_max, 8 << 20);
+        assert_eq!(e.log_memory_bytes_max, 0);
+        assert_eq!(e.snapshot_log_bytes_max, 1 << 30);
+        for (flag, value, says) in [
+            ("--bg-size-bytes", "1GB", "ambiguous"),
+            ("--bg-size-bytes", "0", "above 0"),
+            ("--bg-size-bytes", "1000000", "not a multiple of 4096"),
+            ("--bg-size-bytes", "1.5G", "whole numbers"),
+            ("--segment-size-bytes", "64Q", "unknown unit `Q`"),
+            ("--segment-size-bytes", "99999999999T", "too large"),
+            ("--snapshot-chunk-bytes", "x", "not a size"),
+            ("--snapshot-log-bytes-max", "0", "above 0"),
+        ] {
+            let e = run(&[flag, value]).unwrap_err().to_string();
+            assert!(
+                e.contains(flag) && e.contains(&format!("'{value}'")) && e.contains(says),
+                "{flag} {value}: {e}"
+            );
+        }
+        let Command::Dev(dev) = Cli::try_parse_from(["bd-server", "dev"]).unwrap().command else {
+            panic!("not dev");
+        };
+        assert_eq!(dev.bg_size_bytes, BG_SIZE_BYTES_DEFAULT);
+        let Command::Dev(dev) = Cli::try_parse_from(["bd-server", "dev", "--bg-size-bytes", "4k"])
+            .unwrap()
+            .command
+        else {
+            panic!("not dev");
+        };
+        assert_eq!(dev.bg_size_bytes, 4096);
     }
 
     #[test]

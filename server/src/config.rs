@@ -1,6 +1,10 @@
 //! bd-server's configuration: a TOML file (every key optional, defaults below) overridden by
 //! command-line flags, turned into the engine's and the NBD server's settings.
 //!
+//! Sizes (the `*_bytes*` keys) are an integer number of bytes or a string with a binary unit:
+//! `"4KiB"`, `"512M"`, `"1GiB"`, `"1T"` (K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024;
+//! `"1GB"` is refused as ambiguous), see [`crate::units`].
+//!
 //! ```toml
 //! node_id = 1
 //! data_dir = "bd-data/node1"
@@ -23,7 +27,7 @@
 //! [[bgs]]
 //! id = 0                            # NBD export "bg0"
 //! members = [1, 2, 3]
-//! size_bytes = 1073741824
+//! size_bytes = "1GiB"                # or 1073741824; a multiple of 4096
 //! # join = true                   # a replica that waits for `bdctl add-peer` (members: the
 //!                                 # group's current voters, without this node)
 //!
@@ -33,19 +37,19 @@
 //! heartbeat_factor = 10
 //! max_entries_per_message = 256
 //! max_bytes_per_message = 1048576
-//! segment_size_bytes = 67108864
+//! segment_size_bytes = "64MiB"
 //! raft_sync = true
 //! wal_direct_io = true              # O_DIRECT + RWF_DSYNC WAL writes (docs/wal.md)
 //! wal_segment_zero_fill = true      # zero the next segment ahead (direct I/O only)
 //! wal_batches_in_flight_max = 4     # WAL batches on the disk at once (1..=64)
 //! wal_small_batches_in_flight_max = 2  # ... while the batch is under 256 KiB
 //! snapshot_interval_s = 3600
-//! snapshot_chunk_bytes = 131072
+//! snapshot_chunk_bytes = "128KiB"
 //! snapshot_keep_entries = 1024
-//! snapshot_keep_bytes_max = 16777216   # per group, on top of the entry count
-//! log_memory_bytes_max = 1073741824    # per core: in-memory raft logs of its groups
-//! snapshot_log_bytes_max = 268435456   # per group: log since the last snapshot that triggers one
-//! snapshot_bytes_per_sec_max = 209715200
+//! snapshot_keep_bytes_max = "16MiB"    # per group, on top of the entry count
+//! log_memory_bytes_max = "1GiB"        # per core: in-memory raft logs of its groups; 0 = no budget
+//! snapshot_log_bytes_max = "256MiB"    # per group: log since the last snapshot that triggers one
+//! snapshot_bytes_per_sec_max = "200MiB"  # per core; 0 = no throttle
 //! hibernate_idle_ms = 2000          # idle groups stop ticking and heartbeating; 0 = never
 //! ```
 
@@ -56,6 +60,7 @@ use engine::{BgSpec, EngineConfig};
 use serde::Deserialize;
 
 use crate::error::Error;
+use crate::units::{deserialize_size, SizeRule};
 
 /// Default block group size: 1 GiB.
 pub const BG_SIZE_BYTES_DEFAULT: u64 = 1 << 30;
@@ -72,16 +77,44 @@ pub struct PeerConfig {
 pub struct BgConfig {
     pub id: u64,
     pub members: Vec<u64>,
-    #[serde(default = "bg_size_default")]
+    #[serde(default = "bg_size_default", deserialize_with = "size::size_bytes")]
     pub size_bytes: u64,
     /// A replica that waits to be added (`bdctl add-peer`): `members` are the group's current
     /// voters and do not include this node.
     #[serde(default)]
     pub join: bool,
+    /// Allocate the replica's data file in full at creation (thick); default thin (sparse,
+    /// allocated on first write, TRIM gives space back).
+    #[serde(default)]
+    pub preallocate: bool,
 }
 
 fn bg_size_default() -> u64 {
     BG_SIZE_BYTES_DEFAULT
+}
+
+/// `deserialize_with` functions of the size keys: each names its key in its errors.
+mod size {
+    use super::*;
+
+    macro_rules! size_keys {
+        ($($key:ident: $t:ty = $rule:ident),* $(,)?) => {$(
+            pub fn $key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<$t, D::Error> {
+                deserialize_size(d, stringify!($key), SizeRule::$rule)
+            }
+        )*};
+    }
+
+    size_keys!(
+        size_bytes: u64 = Blocks,
+        max_bytes_per_message: usize = Positive,
+        segment_size_bytes: u64 = Positive,
+        snapshot_chunk_bytes: usize = Positive,
+        snapshot_keep_bytes_max: usize = Positive,
+        log_memory_bytes_max: usize = ZeroAllowed,
+        snapshot_log_bytes_max: usize = Positive,
+        snapshot_bytes_per_sec_max: u64 = ZeroAllowed,
+    );
 }
 
 /// braft-like raft settings.
@@ -92,7 +125,9 @@ pub struct RaftSettings {
     pub election_timeout_ms: u64,
     pub heartbeat_factor: u64,
     pub max_entries_per_message: usize,
+    #[serde(deserialize_with = "size::max_bytes_per_message")]
     pub max_bytes_per_message: usize,
+    #[serde(deserialize_with = "size::segment_size_bytes")]
     pub segment_size_bytes: u64,
     pub raft_sync: bool,
     /// WAL writes with O_DIRECT + RWF_DSYNC (else buffered + fdatasync).
@@ -104,12 +139,19 @@ pub struct RaftSettings {
     /// ... and at most this many while the batch is under 256 KiB.
     pub wal_small_batches_in_flight_max: usize,
     pub snapshot_interval_s: u64,
+    #[serde(deserialize_with = "size::snapshot_chunk_bytes")]
     pub snapshot_chunk_bytes: usize,
     pub snapshot_keep_entries: u64,
+    #[serde(deserialize_with = "size::snapshot_keep_bytes_max")]
     pub snapshot_keep_bytes_max: usize,
+    /// 0 = no budget.
+    #[serde(deserialize_with = "size::log_memory_bytes_max")]
     pub log_memory_bytes_max: usize,
     /// A group snapshots itself once this much log accumulated since its last snapshot.
+    #[serde(deserialize_with = "size::snapshot_log_bytes_max")]
     pub snapshot_log_bytes_max: usize,
+    /// 0 = no throttle.
+    #[serde(deserialize_with = "size::snapshot_bytes_per_sec_max")]
     pub snapshot_bytes_per_sec_max: u64,
     /// Idle groups stop ticking and heartbeating after this long (0 = never).
     pub hibernate_idle_ms: u64,
@@ -245,6 +287,7 @@ impl ServerConfig {
                 members: b.members.clone(),
                 size_bytes: b.size_bytes,
                 join: b.join,
+                preallocate: b.preallocate,
             })
             .collect();
         let r = &self.raft;
@@ -298,6 +341,97 @@ mod tests {
     }
 
     #[test]
+    fn a_config_file_takes_sizes_as_strings_with_units() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            r#"
+node_id = 1
+insecure_loopback = true
+
+[[peers]]
+id = 2
+addr = "127.0.0.1:7200"
+
+[[bgs]]
+id = 0
+members = [1, 2]
+size_bytes = "64MiB"
+
+[[bgs]]
+id = 1
+members = [1, 2]
+size_bytes = 8388608
+
+[[bgs]]
+id = 2
+members = [1, 2]
+size_bytes = "2 G"
+
+[raft]
+max_bytes_per_message = "512K"
+segment_size_bytes = "32MiB"
+snapshot_chunk_bytes = "256KiB"
+snapshot_keep_bytes_max = "8M"
+log_memory_bytes_max = 0
+snapshot_log_bytes_max = "1GiB"
+snapshot_bytes_per_sec_max = "100MiB"
+"#,
+        )
+        .unwrap();
+        let c = ServerConfig::load(&path).unwrap();
+        let sizes: Vec<u64> = c.bgs.iter().map(|b| b.size_bytes).collect();
+        assert_eq!(sizes, [64 << 20, 8 << 20, 2 << 30]);
+        let e = c.engine_config().unwrap();
+        assert_eq!(e.bgs[0].size_bytes, 64 << 20);
+        assert_eq!(e.append_bytes_max, 512 << 10);
+        assert_eq!(e.wal_segment_bytes_max, 32 << 20);
+        assert_eq!(e.snapshot_chunk_bytes, 256 << 10);
+        assert_eq!(e.snapshot_keep_bytes_max, 8 << 20);
+        assert_eq!(e.log_memory_bytes_max, 0, "0 = no budget is allowed");
+        assert_eq!(e.snapshot_log_bytes_max, 1 << 30);
+        assert_eq!(e.snapshot_bytes_per_sec_max, 100 << 20);
+
+        // Bad sizes: the error names the file, the key and the value given.
+        for (line, says) in [
+            (
+                "[[bgs]]\nid = 0\nmembers = [1]\nsize_bytes = \"1GB\"",
+                "size_bytes = \"1GB\": unit `GB` is ambiguous",
+            ),
+            (
+                "[[bgs]]\nid = 0\nmembers = [1]\nsize_bytes = 0",
+                "size_bytes = 0: must be above 0",
+            ),
+            (
+                "[[bgs]]\nid = 0\nmembers = [1]\nsize_bytes = \"1000000\"",
+                "size_bytes = \"1000000\": 1000000 bytes is not a multiple of 4096",
+            ),
+            (
+                "[raft]\nsegment_size_bytes = \"64Q\"",
+                "segment_size_bytes = \"64Q\": unknown unit `Q`",
+            ),
+            (
+                "[raft]\nsnapshot_chunk_bytes = \"big\"",
+                "snapshot_chunk_bytes = \"big\": not a size",
+            ),
+            (
+                "[raft]\nsnapshot_log_bytes_max = \"99999999T\"",
+                "snapshot_log_bytes_max = \"99999999T\": too large",
+            ),
+            (
+                "[raft]\nmax_bytes_per_message = 0",
+                "max_bytes_per_message = 0: must be above 0",
+            ),
+        ] {
+            std::fs::write(&path, format!("node_id = 1\n{line}\n")).unwrap();
+            let e = ServerConfig::load(&path).unwrap_err().to_string();
+            assert!(e.contains(says), "{line:?}: {e}");
+            assert!(e.contains("node.toml"), "{e}");
+        }
+    }
+
+    #[test]
     fn engine_config_requires_security_choice_and_node_id() {
         let mut c = ServerConfig {
             node_id: 1,
@@ -313,6 +447,7 @@ mod tests {
             members: vec![1],
             size_bytes: 1 << 20,
             join: false,
+            preallocate: false,
         });
         let e = c.engine_config().unwrap();
         assert_eq!(e.bgs[0].id, 0);

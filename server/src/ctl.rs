@@ -1,19 +1,23 @@
 //! `bdctl`: braft_cli-style control of a running cluster through the nodes' HTTP endpoints
-//! (see [`crate::http`]): `status`, `snapshot`, `transfer-leader`, `balance-leaders` (spread the
+//! (see [`crate::http`]): `status`, `state` (braft_cli's per-replica raft node state),
+//! `snapshot`, `transfer-leader`, `balance-leaders` (spread the
 //! block groups' leaders evenly over the nodes by leadership transfers), and membership changes:
 //! `add-peer`, `remove-peer` and `move-replica` (add the new replica, then remove the old one:
 //! the group keeps three voters throughout, and a majority of the old ones and of the new ones
 //! agree on every step).
 //!
 //! Nodes do not know each other's HTTP addresses, so `bdctl` takes them all (`--node`,
-//! repeatable; by default the three nodes of `bd-server dev`) and finds a block group's leader
-//! itself from their `/status.json`.
+//! repeatable; else a cluster file: `--cluster FILE`, `$BD_CLUSTER` or `./bd-data/cluster.toml`
+//! as `bd-server dev` writes it; else the three nodes of a default `bd-server dev`) and finds a
+//! block group's leader itself from their `/status.json`.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use engine::PeerChange;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::dashboard::{human_bytes, rebuilding_text};
@@ -29,14 +33,22 @@ pub const DEV_NODES: [&str; 3] = ["127.0.0.1:10909", "127.0.0.1:10910", "127.0.0
     version,
     about = "Control a bd cluster: block group status, snapshots, leadership transfer, membership changes",
     long_about = "Control a bd cluster through the nodes' HTTP endpoints (`http_listen`).\n\n\
-        Without --node, talks to the three nodes of `bd-server dev` \
-        (127.0.0.1:10909, :10910, :10911). Exit status 1 if anything failed; every error names \
-        the node it is about."
+        Which nodes: the --node flags if any; else the nodes listed in the cluster file given \
+        with --cluster FILE, else in the file named by the environment variable BD_CLUSTER, \
+        else in ./bd-data/cluster.toml (written by `bd-server dev` with its default \
+        --data-dir; `bd-server dev --data-dir DIR` writes DIR/cluster.toml); without any of \
+        these, the three nodes of a default `bd-server dev` (127.0.0.1:10909, :10910, :10911). \
+        A cluster file is TOML with one [[nodes]] table per node: id = 1, http = \"HOST:PORT\". \
+        Exit status 1 if anything failed; every error names the node it is about."
 )]
 pub struct CtlArgs {
     /// HTTP address (HOST:PORT) of a node; repeat for every node of the cluster.
     #[arg(long = "node", value_name = "HOST:PORT", global = true)]
     pub nodes: Vec<SocketAddr>,
+    /// Cluster file listing the nodes' HTTP addresses (as `bd-server dev` writes to
+    /// DATA_DIR/cluster.toml); default: $BD_CLUSTER, else ./bd-data/cluster.toml if it exists.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub cluster: Option<PathBuf>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -51,6 +63,20 @@ pub enum CtlCommand {
         /// Only this block group.
         #[arg(long)]
         bg: Option<u64>,
+    },
+    /// The raft node state of every replica (braft_cli's get_raft_node_state): one row per
+    /// block group and node with group_id, peer_id, raft_conf (voters), state, term, leader,
+    /// fsm_state (applied, applying, saving_snapshot, loading_snapshot, downloading_snapshot),
+    /// disk_id, known_applied_id, last_committed_id, last_snapshot_id, last_snapshot_term and
+    /// snapshot_status.
+    State {
+        /// Only this block group.
+        #[arg(long)]
+        bg: Option<u64>,
+        /// A JSON array instead of the table, each row with the node's HTTP address (`addr`)
+        /// and its /raft_stat block for the group (`raw_raft_stat`).
+        #[arg(long)]
+        json: bool,
     },
     /// Take a snapshot of a block group now, on every given node (each replica snapshots its
     /// own copy; braft_cli snapshot).
@@ -126,17 +152,76 @@ pub struct PeerArgs {
 }
 
 impl CtlArgs {
-    /// The nodes to talk to: `--node`s, else the dev cluster's.
-    pub fn nodes(&self) -> Vec<SocketAddr> {
-        if self.nodes.is_empty() {
-            DEV_NODES
-                .iter()
-                .map(|a| a.parse().expect("valid address"))
-                .collect()
-        } else {
-            self.nodes.clone()
-        }
+    /// The nodes to talk to: `--node`s, else those of the cluster file (`--cluster`,
+    /// `$BD_CLUSTER`, `./bd-data/cluster.toml`), else the default dev cluster's.
+    pub fn nodes(&self) -> Result<Vec<SocketAddr>, Error> {
+        self.nodes_from(
+            std::env::var_os(CLUSTER_ENV).map(PathBuf::from),
+            Path::new(DEV_CLUSTER_FILE),
+        )
     }
+
+    /// [`CtlArgs::nodes`] with the environment's cluster file and the default one given.
+    pub fn nodes_from(
+        &self,
+        env: Option<PathBuf>,
+        default_file: &Path,
+    ) -> Result<Vec<SocketAddr>, Error> {
+        if !self.nodes.is_empty() {
+            return Ok(self.nodes.clone());
+        }
+        let env = env.filter(|p| !p.as_os_str().is_empty());
+        if let Some(file) = self.cluster.clone().or(env) {
+            return read_cluster_file(&file);
+        }
+        if default_file.is_file() {
+            return read_cluster_file(default_file);
+        }
+        Ok(DEV_NODES
+            .iter()
+            .map(|a| a.parse().expect("valid address"))
+            .collect())
+    }
+}
+
+/// The environment variable naming a cluster file.
+pub const CLUSTER_ENV: &str = "BD_CLUSTER";
+/// The cluster file `bd-server dev` writes with its default data directory.
+pub const DEV_CLUSTER_FILE: &str = "bd-data/cluster.toml";
+
+/// A cluster file: the nodes and their HTTP addresses (other keys, such as `nbd`, are ignored).
+#[derive(Debug, Deserialize)]
+struct ClusterFile {
+    #[serde(default)]
+    nodes: Vec<ClusterNode>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ClusterNode {
+    id: u64,
+    http: SocketAddr,
+}
+
+/// The HTTP addresses listed in a cluster file's `[[nodes]]`, in the order of their ids.
+pub fn parse_cluster_file(text: &str) -> Result<Vec<(u64, SocketAddr)>, String> {
+    let f: ClusterFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    if f.nodes.is_empty() {
+        return Err("no [[nodes]] (each with id and http = \"HOST:PORT\")".into());
+    }
+    let mut nodes: Vec<(u64, SocketAddr)> = f.nodes.iter().map(|n| (n.id, n.http)).collect();
+    nodes.sort_unstable_by_key(|&(id, _)| id);
+    if let Some(w) = nodes.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(format!("node {} is listed twice", w[0].0));
+    }
+    Ok(nodes)
+}
+
+fn read_cluster_file(path: &Path) -> Result<Vec<SocketAddr>, Error> {
+    let bad =
+        |reason: String| Error::AdminOutcome(format!("cluster file {}: {reason}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let nodes = parse_cluster_file(&text).map_err(bad)?;
+    Ok(nodes.into_iter().map(|(_, a)| a).collect())
 }
 
 /// Runs `args`, printing results on stdout; an error on one node does not stop the others,
@@ -146,10 +231,11 @@ pub fn run(args: &CtlArgs) -> Result<(), Error> {
         .enable_all()
         .build()
         .map_err(|e| Error::AdminOutcome(format!("cannot start a runtime: {e}")))?;
-    let nodes = args.nodes();
+    let nodes = args.nodes()?;
     rt.block_on(async {
         match &args.command {
             CtlCommand::Status { bg } => status(&nodes, *bg).await,
+            CtlCommand::State { bg, json } => state(&nodes, *bg, *json).await,
             CtlCommand::Snapshot { bg } => snapshot(&nodes, *bg).await,
             CtlCommand::TransferLeader { bg, to, wait_ms } => {
                 transfer_leader(&nodes, *bg, *to, ms(*wait_ms)).await
@@ -198,7 +284,26 @@ async fn call(addr: SocketAddr, method: &str, path: &str) -> Result<Value, Error
             .unwrap_or_else(|| body.trim().to_string());
         return Err(admin(format!("{msg} (HTTP {code})")));
     }
-    doc.ok_or_else(|| admin(format!("{method} {path}: answer is not JSON: {body:?}")))
+    doc.ok_or_else(|| {
+        admin(format!(
+            "{method} {path}: answer is not JSON (it starts with \"{}\")",
+            body.chars().take(80).collect::<String>().escape_debug()
+        ))
+    })
+}
+
+/// GETs a text page (`/raft_stat`); a non-200 answer or none is an error naming the node.
+async fn call_text(addr: SocketAddr, path: &str) -> Result<String, Error> {
+    let admin = |reason: String| Error::Admin { addr, reason };
+    let (code, body) =
+        tokio::time::timeout(Duration::from_secs(30), http::request(addr, "GET", path))
+            .await
+            .map_err(|_| admin(format!("GET {path}: no answer within 30 s")))?
+            .map_err(|e| admin(format!("GET {path}: {e}")))?;
+    if code != 200 {
+        return Err(admin(format!("GET {path}: {} (HTTP {code})", body.trim())));
+    }
+    Ok(body)
 }
 
 /// Every node's `bgs` entries, with the errors of the nodes that did not answer.
@@ -354,6 +459,212 @@ async fn status(nodes: &[SocketAddr], only: Option<u64>) -> Result<(), Error> {
     rows.sort_by_key(|(addr, b)| (b["bg"].as_u64(), b["node"].as_u64(), *addr));
     print!("{}", status_table(&rows));
     report(errors, nodes.len())
+}
+
+/// `/raft_stat`'s block of each block group, by group id: from its `[name] (bg N, core C)`
+/// line to the blank line that ends it (the per-core and per-link lines after the blocks are
+/// left out).
+pub fn raft_stat_blocks(text: &str) -> std::collections::BTreeMap<u64, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut current: Option<(u64, String)> = None;
+    for line in text.lines() {
+        if let Some((_, block)) = current.as_mut() {
+            if line.trim().is_empty() {
+                let (bg, block) = current.take().expect("in a block");
+                out.insert(bg, block);
+            } else {
+                block.push_str(line);
+                block.push('\n');
+            }
+            continue;
+        }
+        let bg = line
+            .strip_prefix('[')
+            .and_then(|l| l.split_once("] (bg "))
+            .and_then(|(_, rest)| rest.split([',', ')']).next())
+            .and_then(|id| id.trim().parse::<u64>().ok());
+        if let Some(bg) = bg {
+            current = Some((bg, format!("{line}\n")));
+        }
+    }
+    if let Some((bg, block)) = current {
+        out.insert(bg, block);
+    }
+    out
+}
+
+/// What a replica's state machine is doing, from its status row: `loading_snapshot` (installing
+/// one; it applies nothing meanwhile), `downloading_snapshot` (receiving one), `saving_snapshot`,
+/// `applying` (committed entries not applied yet) or `applied` (caught up with its commit index).
+pub fn fsm_state(b: &Value) -> &'static str {
+    let snap = b["snapshot_status"].as_str().unwrap_or("");
+    if snap.starts_with("LOADING") {
+        "loading_snapshot"
+    } else if snap.starts_with("DOWNLOADING") {
+        "downloading_snapshot"
+    } else if snap.starts_with("SAVING") {
+        "saving_snapshot"
+    } else if b["known_applied_index"].as_u64() < b["last_committed_index"].as_u64() {
+        "applying"
+    } else {
+        "applied"
+    }
+}
+
+/// One replica's row of `bdctl state` (braft_cli's raft node state); `--json` prints these
+/// fields in this order. A field the node's status did not give is `None` (`null`, `-`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StateRow {
+    pub group_id: Option<u64>,
+    /// The node id.
+    pub peer_id: Option<u64>,
+    /// The node's HTTP address the row came from.
+    pub addr: String,
+    /// The voters.
+    pub raft_conf: Vec<u64>,
+    pub state: Option<String>,
+    pub term: Option<u64>,
+    pub leader: Option<u64>,
+    /// See [`fsm_state`].
+    pub fsm_state: &'static str,
+    /// 16 hex digits, as in `/raft_stat`.
+    pub disk_id: Option<String>,
+    pub known_applied_id: Option<u64>,
+    pub last_committed_id: Option<u64>,
+    pub last_snapshot_id: Option<u64>,
+    pub last_snapshot_term: Option<u64>,
+    pub snapshot_status: Option<String>,
+    /// The node's `/raft_stat` block of the group (`--json` only).
+    pub raw_raft_stat: Option<String>,
+}
+
+/// The `state` rows, one per (node, block group) status row, in the order of `rows`;
+/// `raft_stat` holds each node's `/raft_stat` text (for `raw_raft_stat`, `None` when the node's
+/// page is not at hand or lacks the group).
+pub fn state_rows(
+    rows: &[(SocketAddr, Value)],
+    raft_stat: &[(SocketAddr, String)],
+) -> Vec<StateRow> {
+    let blocks: Vec<(SocketAddr, std::collections::BTreeMap<u64, String>)> = raft_stat
+        .iter()
+        .map(|(addr, text)| (*addr, raft_stat_blocks(text)))
+        .collect();
+    rows.iter()
+        .map(|(addr, b)| {
+            let n = |k: &str| b[k].as_u64();
+            let s = |k: &str| b[k].as_str().map(str::to_string);
+            let raw = blocks
+                .iter()
+                .find(|(a, _)| a == addr)
+                .and_then(|(_, m)| m.get(&n("bg")?).cloned());
+            StateRow {
+                group_id: n("bg"),
+                peer_id: n("node"),
+                addr: addr.to_string(),
+                raft_conf: voters_of(b),
+                state: s("state"),
+                term: n("term"),
+                leader: n("leader"),
+                fsm_state: fsm_state(b),
+                disk_id: n("disk_id").map(|d| format!("{d:016x}")),
+                known_applied_id: n("known_applied_index"),
+                last_committed_id: n("last_committed_index"),
+                last_snapshot_id: n("last_snapshot_index"),
+                last_snapshot_term: n("last_snapshot_term"),
+                snapshot_status: s("snapshot_status"),
+                raw_raft_stat: raw,
+            }
+        })
+        .collect()
+}
+
+/// The `state` table of [`state_rows`] (without `addr` and `raw_raft_stat`; `--json` has
+/// them). A missing field or an unknown leader shows as `-`.
+pub fn state_table(rows: &[StateRow]) -> String {
+    let line = |f: [&str; 13]| {
+        format!(
+            "{:>8} {:>7} {:<10} {:<10} {:>6} {:>6} {:<20} {:<16} {:>16} {:>17} {:>16} {:>18}  {}\n",
+            f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12]
+        )
+    };
+    let mut out = line([
+        "group_id",
+        "peer_id",
+        "raft_conf",
+        "state",
+        "term",
+        "leader",
+        "fsm_state",
+        "disk_id",
+        "known_applied_id",
+        "last_committed_id",
+        "last_snapshot_id",
+        "last_snapshot_term",
+        "snapshot_status",
+    ]);
+    let n = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    let s = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_string());
+    for r in rows {
+        let conf = if r.raft_conf.is_empty() {
+            "-".to_string()
+        } else {
+            let ids: Vec<String> = r.raft_conf.iter().map(u64::to_string).collect();
+            ids.join(",")
+        };
+        out.push_str(&line([
+            &n(r.group_id),
+            &n(r.peer_id),
+            &conf,
+            &s(&r.state),
+            &n(r.term),
+            &n(r.leader),
+            r.fsm_state,
+            &s(&r.disk_id),
+            &n(r.known_applied_id),
+            &n(r.last_committed_id),
+            &n(r.last_snapshot_id),
+            &n(r.last_snapshot_term),
+            &s(&r.snapshot_status),
+        ]));
+    }
+    out
+}
+
+async fn state(nodes: &[SocketAddr], only: Option<u64>, json: bool) -> Result<(), Error> {
+    let (mut rows, mut errors) = statuses(nodes).await;
+    if let Some(bg) = only {
+        rows.retain(|(_, b)| b["bg"].as_u64() == Some(bg));
+        if rows.is_empty() && errors.is_empty() {
+            errors.push(Error::AdminOutcome(format!(
+                "bg {bg}: hosted by none of {}",
+                list(nodes)
+            )));
+        }
+    }
+    rows.sort_by_key(|(addr, b)| (b["bg"].as_u64(), b["node"].as_u64(), *addr));
+    let mut raft_stat = Vec::new();
+    let mut asked = nodes.len();
+    if json {
+        let mut answered: Vec<SocketAddr> = rows.iter().map(|(a, _)| *a).collect();
+        answered.sort_unstable();
+        answered.dedup();
+        asked += answered.len();
+        for addr in answered {
+            match call_text(addr, "/raft_stat").await {
+                Ok(text) => raft_stat.push((addr, text)),
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    let out = state_rows(&rows, &raft_stat);
+    if json {
+        let text = serde_json::to_string_pretty(&out)
+            .map_err(|e| Error::AdminOutcome(format!("cannot render JSON: {e}")))?;
+        println!("{text}");
+    } else {
+        print!("{}", state_table(&out));
+    }
+    report(errors, asked)
 }
 
 async fn snapshot(nodes: &[SocketAddr], bg: u64) -> Result<(), Error> {
@@ -546,7 +857,8 @@ async fn balance_leaders(nodes: &[SocketAddr], dry_run: bool, wait: Duration) ->
         .map(|g| g.bg)
         .collect();
     if !leaderless.is_empty() {
-        eprintln!("bdctl: no leader now for bg {leaderless:?}; left out");
+        let bgs: Vec<String> = leaderless.iter().map(u64::to_string).collect();
+        eprintln!("bdctl: no leader now for bg {}; left out", bgs.join(", "));
     }
     let counts = |groups: &[Led]| -> String {
         ids.iter()
@@ -797,6 +1109,183 @@ mod tests {
         );
     }
 
+    /// `/raft_stat` of a node holding bg 0 and bg 1, as `BgStatus::raft_stat_text` and the
+    /// per-core and per-link lines write it.
+    const RAFT_STAT_NODE1: &str = "[bg0] (bg 0, core 0)\npeer_id: 1\nstate: LEADER\nterm: 3\n\
+        leader: 1\npeers: 1 2 3\nsnapshot_status: IDLE\ndisk_id: 00000000000000ab\n\
+        replicator_2: next_index=11 match_index=10 state=Replicate connected=true voter=true \
+        disk_id=00000000000000cd counted=true\n\n\
+        [bg1] (bg 1, core 1)\npeer_id: 1\nstate: FOLLOWER\nterm: 2\nleader: none\n\n\
+        [core 0] raft_messages_sent: 5 frames_sent: 3\n[core 1] raft_messages_sent: 0\n\
+        [core 0 -> node 2] connected: true frames_sent: 3\n";
+
+    #[test]
+    fn raft_stat_splits_into_one_block_per_group() {
+        let b = raft_stat_blocks(RAFT_STAT_NODE1);
+        assert_eq!(b.keys().copied().collect::<Vec<_>>(), [0, 1]);
+        assert!(
+            b[&0].starts_with("[bg0] (bg 0, core 0)\npeer_id: 1\n"),
+            "{}",
+            b[&0]
+        );
+        assert!(b[&0].ends_with("counted=true\n"), "{}", b[&0]);
+        assert_eq!(
+            b[&1],
+            "[bg1] (bg 1, core 1)\npeer_id: 1\nstate: FOLLOWER\nterm: 2\nleader: none\n"
+        );
+        assert!(!b.values().any(|t| t.contains("[core")), "{b:?}");
+        assert!(raft_stat_blocks("").is_empty());
+    }
+
+    type Rows = Vec<(SocketAddr, Value)>;
+
+    /// Status rows of bg 0 on nodes 1-3 (node 3 installing a snapshot, node 2 behind its
+    /// commit index) and bg 1 on node 1 without a leader.
+    fn state_fixture() -> (Rows, Vec<(SocketAddr, String)>) {
+        let mut rows = vec![
+            row("127.0.0.1:1", 1, 0, "LEADER", 3),
+            row("127.0.0.1:2", 2, 0, "FOLLOWER", 3),
+            row("127.0.0.1:3", 3, 0, "FOLLOWER", 3),
+            row("127.0.0.1:1", 1, 1, "FOLLOWER", 2),
+        ];
+        for (i, (_, b)) in rows.iter_mut().enumerate() {
+            b["disk_id"] = serde_json::json!(0xab + i as u64);
+            b["last_snapshot_term"] = serde_json::json!(2);
+        }
+        rows[1].1["known_applied_index"] = serde_json::json!(7);
+        rows[2].1["snapshot_status"] = serde_json::json!("LOADING");
+        rows[3].1["leader"] = Value::Null;
+        let raft_stat = vec![("127.0.0.1:1".parse().unwrap(), RAFT_STAT_NODE1.to_string())];
+        (rows, raft_stat)
+    }
+
+    #[test]
+    fn state_json_has_one_object_per_replica_with_braft_cli_fields() {
+        let (rows, raft_stat) = state_fixture();
+        let out = state_rows(&rows, &raft_stat);
+        assert_eq!(out.len(), 4);
+        // What `--json` prints.
+        let text = serde_json::to_string_pretty(&out).unwrap();
+        let back: Vec<Value> = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            back[0],
+            serde_json::json!({
+                "group_id": 0, "peer_id": 1, "addr": "127.0.0.1:1", "raft_conf": [1, 2, 3],
+                "state": "LEADER", "term": 3, "leader": 1, "fsm_state": "applied",
+                "disk_id": "00000000000000ab", "known_applied_id": 9, "last_committed_id": 9,
+                "last_snapshot_id": 4, "last_snapshot_term": 2, "snapshot_status": "IDLE",
+                "raw_raft_stat": raft_stat_blocks(RAFT_STAT_NODE1)[&0],
+            })
+        );
+        assert_eq!(back[1]["fsm_state"], "applying");
+        assert_eq!(back[2]["fsm_state"], "loading_snapshot");
+        assert!(
+            back[1]["raw_raft_stat"].is_null(),
+            "node 2's page not at hand"
+        );
+        assert_eq!(back[3]["group_id"], 1);
+        assert!(back[3]["leader"].is_null());
+        assert!(back[3]["raw_raft_stat"]
+            .as_str()
+            .unwrap()
+            .starts_with("[bg1] (bg 1, core 1)"));
+        // The keys come in braft_cli's order, not sorted.
+        let first = text.split("\n  },").next().unwrap();
+        let keys: Vec<&str> = first
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix('"')?.split('"').next())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "group_id",
+                "peer_id",
+                "addr",
+                "raft_conf",
+                "state",
+                "term",
+                "leader",
+                "fsm_state",
+                "disk_id",
+                "known_applied_id",
+                "last_committed_id",
+                "last_snapshot_id",
+                "last_snapshot_term",
+                "snapshot_status",
+                "raw_raft_stat"
+            ],
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn state_table_has_a_header_and_a_row_per_replica() {
+        let (rows, _) = state_fixture();
+        let t = state_table(&state_rows(&rows, &[]));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 5, "{t}");
+        let head: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(
+            head,
+            [
+                "group_id",
+                "peer_id",
+                "raft_conf",
+                "state",
+                "term",
+                "leader",
+                "fsm_state",
+                "disk_id",
+                "known_applied_id",
+                "last_committed_id",
+                "last_snapshot_id",
+                "last_snapshot_term",
+                "snapshot_status"
+            ]
+        );
+        let f: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            f,
+            [
+                "0",
+                "1",
+                "1,2,3",
+                "LEADER",
+                "3",
+                "1",
+                "applied",
+                "00000000000000ab",
+                "9",
+                "9",
+                "4",
+                "2",
+                "IDLE"
+            ]
+        );
+        assert!(
+            lines[3].contains(" loading_snapshot ") && lines[3].ends_with("LOADING"),
+            "{t}"
+        );
+        let f: Vec<&str> = lines[4].split_whitespace().collect();
+        assert_eq!((f[0], f[3], f[5]), ("1", "FOLLOWER", "-"), "{t}");
+        // A row with missing fields shows dashes, not `null` or a Rust Option.
+        let t = state_table(&state_rows(
+            &[("127.0.0.1:9".parse().unwrap(), serde_json::json!({}))],
+            &[],
+        ));
+        let last = t.lines().nth(1).unwrap();
+        assert!(!last.contains("null") && !last.contains("None"), "{t}");
+        assert_eq!(
+            last.split_whitespace().filter(|f| *f == "-").count(),
+            12,
+            "{t}"
+        );
+        assert!(
+            CtlArgs::try_parse_from(["bdctl", "state", "--bg", "0", "--json"]).is_ok(),
+            "state takes --bg and --json"
+        );
+    }
+
     fn led(bg: u64, leader: u64, voters: &[u64]) -> Led {
         Led {
             bg,
@@ -912,15 +1401,17 @@ mod tests {
 
     #[test]
     fn without_node_flags_the_dev_cluster_is_used() {
+        let none = Path::new("/nonexistent/bd-data/cluster.toml");
         let a = CtlArgs::try_parse_from(["bdctl", "status"]).unwrap();
-        assert_eq!(a.nodes().len(), 3);
+        let nodes = a.nodes_from(None, none).unwrap();
+        assert_eq!(nodes.len(), 3);
         let dev0: SocketAddr = "127.0.0.1:10909".parse().unwrap();
-        assert_eq!(a.nodes()[0], dev0);
+        assert_eq!(nodes[0], dev0);
         let a =
             CtlArgs::try_parse_from(["bdctl", "snapshot", "--bg", "4", "--node", "10.0.0.1:8100"])
                 .unwrap();
         let given: SocketAddr = "10.0.0.1:8100".parse().unwrap();
-        assert_eq!(a.nodes(), vec![given]);
+        assert_eq!(a.nodes_from(None, none).unwrap(), vec![given]);
         assert!(
             CtlArgs::try_parse_from(["bdctl", "snapshot"]).is_err(),
             "--bg required"
@@ -929,5 +1420,63 @@ mod tests {
             CtlArgs::try_parse_from(["bdctl", "--node", "nohost", "status"]).is_err(),
             "HOST:PORT"
         );
+    }
+
+    #[test]
+    fn a_cluster_file_replaces_the_dev_nodes_unless_nodes_are_given() {
+        let text = "# bd-server dev\n\
+            [[nodes]]\nid = 2\nhttp = \"127.0.0.1:20101\"\nnbd = \"127.0.0.1:20001\"\n\
+            [[nodes]]\nid = 1\nhttp = \"127.0.0.1:20100\"\n";
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        assert_eq!(
+            parse_cluster_file(text).unwrap(),
+            vec![(1, a("127.0.0.1:20100")), (2, a("127.0.0.1:20101"))]
+        );
+        for (bad, says) in [
+            ("", "no [[nodes]]"),
+            ("[[nodes]]\nid = 1\n", "missing field `http`"),
+            ("[[nodes]]\nid = 1\nhttp = \"nohost\"\n", "invalid socket address"),
+            (
+                "[[nodes]]\nid = 1\nhttp = \"127.0.0.1:1\"\n[[nodes]]\nid = 1\nhttp = \"127.0.0.1:2\"\n",
+                "node 1 is listed twice",
+            ),
+        ] {
+            let e = parse_cluster_file(bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cluster.toml");
+        std::fs::write(&file, text).unwrap();
+        let other = dir.path().join("other.toml");
+        std::fs::write(&other, "[[nodes]]\nid = 7\nhttp = \"127.0.0.1:7\"\n").unwrap();
+        let status = CtlArgs::try_parse_from(["bdctl", "status"]).unwrap();
+        let both = vec![a("127.0.0.1:20100"), a("127.0.0.1:20101")];
+        // The default file, when it exists.
+        assert_eq!(status.nodes_from(None, &file).unwrap(), both);
+        // $BD_CLUSTER before the default file; --cluster before both; --node before all.
+        assert_eq!(
+            status.nodes_from(Some(other.clone()), &file).unwrap(),
+            vec![a("127.0.0.1:7")]
+        );
+        let flag = file.to_str().unwrap();
+        let with_flag = CtlArgs::try_parse_from(["bdctl", "status", "--cluster", flag]).unwrap();
+        assert_eq!(
+            with_flag.nodes_from(Some(other.clone()), &other).unwrap(),
+            both
+        );
+        let with_node =
+            CtlArgs::try_parse_from(["bdctl", "--cluster", flag, "--node", "10.0.0.1:1", "status"])
+                .unwrap();
+        assert_eq!(
+            with_node.nodes_from(None, &file).unwrap(),
+            vec![a("10.0.0.1:1")]
+        );
+        // A cluster file asked for but missing is an error naming it.
+        let missing = dir.path().join("missing.toml");
+        let e = status
+            .nodes_from(Some(missing.clone()), &file)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.toml"), "{e}");
     }
 }

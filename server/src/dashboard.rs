@@ -244,6 +244,7 @@ mod tests {
             log_bytes: 3 << 20,
             hibernating: false,
             member: true,
+            allocated_bytes: 3 << 20,
             disk_id: 0xd15c,
             rebuilding: false,
             rebuild_bytes_done: 0,

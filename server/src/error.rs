@@ -26,7 +26,7 @@ pub enum Error {
     NbdConfig { field: &'static str, reason: String },
 
     /// An NBD client broke the protocol; its connection is closed (only that one).
-    #[error("NBD peer {peer} (export {export:?}): {reason}")]
+    #[error("NBD peer {peer} ({}): {reason}", export_text(export))]
     NbdProtocol {
         peer: SocketAddr,
         export: Option<String>,
@@ -34,7 +34,7 @@ pub enum Error {
     },
 
     /// Socket I/O with an NBD client failed; its connection is closed.
-    #[error("NBD peer {peer} (export {export:?}): {op}: {source}")]
+    #[error("NBD peer {peer} ({}): {op}: {source}", export_text(export))]
     NbdIo {
         peer: SocketAddr,
         export: Option<String>,
@@ -44,7 +44,7 @@ pub enum Error {
     },
 
     /// A block operation failed inside a backend; `errno` is what the NBD client is told.
-    #[error("export {export}: {op} at offset {offset} failed ({errno:?}): {detail}")]
+    #[error("export {export}: {op} at offset {offset} failed ({}): {detail}", errno_name(*errno))]
     Backend {
         export: String,
         op: &'static str,
@@ -101,6 +101,28 @@ pub enum Error {
     AdminOutcome(String),
 }
 
+/// `export "bg0"`, or `no export yet` for a connection still in its handshake.
+fn export_text(export: &Option<String>) -> String {
+    match export {
+        Some(name) => format!("export \"{name}\""),
+        None => "no export yet".to_string(),
+    }
+}
+
+/// The errno's C name, as in `errno(3)`.
+fn errno_name(e: Errno) -> &'static str {
+    match e {
+        Errno::Perm => "EPERM",
+        Errno::Io => "EIO",
+        Errno::NoMem => "ENOMEM",
+        Errno::Inval => "EINVAL",
+        Errno::NoSpc => "ENOSPC",
+        Errno::Overflow => "EOVERFLOW",
+        Errno::NotSup => "ENOTSUP",
+        Errno::Shutdown => "ESHUTDOWN",
+    }
+}
+
 impl Error {
     /// The NBD error code a client should see when this error ends one of its requests.
     pub fn errno(&self) -> Errno {
@@ -120,5 +142,44 @@ impl Error {
             | Error::Admin { .. }
             | Error::AdminOutcome(_) => Errno::Io,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_errors_show_the_export_and_errno_by_name() {
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let e = Error::NbdProtocol {
+            peer,
+            export: Some("bg0".into()),
+            reason: "bad magic".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "NBD peer 127.0.0.1:5000 (export \"bg0\"): bad magic"
+        );
+        let e = Error::NbdProtocol {
+            peer,
+            export: None,
+            reason: "bad magic".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "NBD peer 127.0.0.1:5000 (no export yet): bad magic"
+        );
+        let e = Error::Backend {
+            export: "bg0".into(),
+            op: "write",
+            offset: 4096,
+            errno: Errno::NoSpc,
+            detail: "disk full".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "export bg0: write at offset 4096 failed (ENOSPC): disk full"
+        );
     }
 }

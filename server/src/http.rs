@@ -123,7 +123,7 @@ async fn handle(head: &str, engine: &Engine) -> Reply {
         Route::Admin { .. } => Reply::json(405, error_doc("use POST for admin actions")),
         Route::BadBg(raw) => Reply::json(
             400,
-            error_doc(&format!("bad block group id {raw:?} (a decimal number)")),
+            error_doc(&format!("bad block group id \"{raw}\" (a decimal number)")),
         ),
         Route::NotFound => Reply::text(404, NOT_FOUND),
     }
@@ -341,11 +341,11 @@ fn node_param(query: &str, name: &str) -> Result<Option<NodeId>, String> {
             Some((k, v)) if k == name => match v.parse::<NodeId>() {
                 Ok(id) if id > 0 && found.is_none() => found = Some(id),
                 Ok(_) if found.is_some() => return Err(format!("`{name}` given twice")),
-                _ => return Err(format!("bad node id {v:?} in `{name}` (a number > 0)")),
+                _ => return Err(format!("bad node id \"{v}\" in `{name}` (a number > 0)")),
             },
             _ => {
                 return Err(format!(
-                    "unknown parameter {kv:?} (only `{name}=<node id>`)"
+                    "unknown parameter \"{kv}\" (only `{name}=<node id>`)"
                 ))
             }
         }
@@ -368,7 +368,7 @@ fn admin_error(node: NodeId, bg: GroupId, e: &engine::Error) -> Reply {
         engine::Error::ShuttingDown { .. } => 503,
         _ => 500,
     };
-    let mut doc = serde_json::json!({ "node": node, "bg": bg, "error": e.to_string() });
+    let mut doc = serde_json::json!({ "node": node, "bg": bg, "error": error_text(e) });
     if let engine::Error::Raft {
         source: R::NotLeader { leader, .. },
         ..
@@ -377,6 +377,27 @@ fn admin_error(node: NodeId, bg: GroupId, e: &engine::Error) -> Reply {
         doc["leader"] = serde_json::json!(leader);
     }
     Reply::json(code, doc)
+}
+
+/// An engine error as an operator reads it: its own text, except that a refusal because this
+/// node is not the leader names the leader as `leader: node 2` or `leader: unknown` (the raft
+/// core's own message shows the hint as a Rust `Option`).
+pub fn error_text(e: &engine::Error) -> String {
+    match e {
+        engine::Error::Raft {
+            bg,
+            source: raftlog::Error::NotLeader { leader, .. },
+        } => format!("bg {bg}: not the leader ({})", leader_text(*leader)),
+        _ => e.to_string(),
+    }
+}
+
+/// `leader: node 2`, or `leader: unknown` when no leader is known.
+pub fn leader_text(leader: Option<NodeId>) -> String {
+    match leader {
+        Some(l) => format!("leader: node {l}"),
+        None => "leader: unknown".to_string(),
+    }
 }
 
 async fn respond(sock: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Result<()> {
@@ -430,8 +451,8 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str) -> std::io::Res
         .and_then(|c| c.parse::<u16>().ok())
         .ok_or_else(|| {
             std::io::Error::other(format!(
-                "malformed HTTP status line from {addr}: {:?}",
-                head.lines().next().unwrap_or("")
+                "malformed HTTP status line from {addr}: \"{}\"",
+                head.lines().next().unwrap_or("").escape_debug()
             ))
         })?;
     Ok((code, body.to_string()))
@@ -541,5 +562,54 @@ mod tests {
             let e = node_param(q, "peer").unwrap_err();
             assert!(e.contains(says), "{q:?}: {e}");
         }
+    }
+
+    #[test]
+    fn a_not_leader_error_names_the_leader_without_debug_formatting() {
+        let not_leader = |leader| engine::Error::Raft {
+            bg: 3,
+            source: raftlog::Error::NotLeader { group: 3, leader },
+        };
+        let known = not_leader(Some(2));
+        assert_eq!(error_text(&known), "bg 3: not the leader (leader: node 2)");
+        let unknown = not_leader(None);
+        assert_eq!(
+            error_text(&unknown),
+            "bg 3: not the leader (leader: unknown)"
+        );
+        for e in [&known, &unknown] {
+            let text = error_text(e);
+            assert!(!text.contains("Some(") && !text.contains("None"), "{text}");
+        }
+        // The JSON answer: 409, the text above, and the leader as a number (null if unknown).
+        let reply = admin_error(1, 3, &known);
+        assert_eq!(reply.code, 409);
+        let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!(doc["error"], "bg 3: not the leader (leader: node 2)");
+        assert_eq!(
+            (doc["node"].as_u64(), doc["bg"].as_u64()),
+            (Some(1), Some(3))
+        );
+        assert_eq!(doc["leader"], 2);
+        let doc: serde_json::Value =
+            serde_json::from_str(&admin_error(1, 3, &unknown).body).unwrap();
+        assert_eq!(doc["error"], "bg 3: not the leader (leader: unknown)");
+        assert!(doc["leader"].is_null());
+        // Other errors keep their own text.
+        let e = engine::Error::UnknownBg { bg: 7 };
+        assert_eq!(error_text(&e), "bg 7: not hosted on this node");
+        assert_eq!(admin_error(1, 7, &e).code, 404);
+    }
+
+    #[test]
+    fn bad_inputs_are_quoted_as_given() {
+        assert_eq!(
+            node_param("to=x", "to").unwrap_err(),
+            "bad node id \"x\" in `to` (a number > 0)"
+        );
+        assert_eq!(
+            node_param("now=1", "to").unwrap_err(),
+            "unknown parameter \"now=1\" (only `to=<node id>`)"
+        );
     }
 }

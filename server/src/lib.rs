@@ -9,7 +9,7 @@
 //!   [`dashboard`]: `/dashboard`, an HTML page of the same; [`ctl`]: `bdctl`, the admin
 //!   actions' command-line client (with `move-replica`, the move-BG job).
 //! - [`config`] and [`cli`]: the TOML config, flags, `run`, `init-ca`, `issue-cert`; [`dev`]: the
-//!   local 3-process cluster.
+//!   local 3-process cluster; [`units`]: sizes with units (`64MiB`) for flags and config keys.
 //!
 //! # Data flow
 //! Write: NBD connection task → `BgBackend::write` ([`backend::BgBackend`], a
@@ -28,5 +28,6 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod nbd;
+pub mod units;
 
 pub use error::Error;

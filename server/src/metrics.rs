@@ -83,7 +83,7 @@ pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat
         )
     };
     type BgValue = fn(&BgStatus) -> f64;
-    let bg_gauges: [(&'static str, &'static str, BgValue); 17] = [
+    let bg_gauges: [(&'static str, &'static str, BgValue); 18] = [
         (
             "bd_bg_is_leader",
             "1 if this node leads the block group.",
@@ -145,6 +145,11 @@ pub fn render(node: u64, bgs: &[BgStatus], cores: &[CoreStat], links: &[LinkStat
         ("bd_bg_size_bytes", "Size of the block volume.", |b| {
             b.size_bytes as f64
         }),
+        (
+            "bd_bg_allocated_bytes",
+            "Disk space this replica's data file occupies (below the size when thin).",
+            |b| b.allocated_bytes as f64,
+        ),
         (
             "bd_bg_under_replicated",
             "On the leader: 1 while some member is being rebuilt (a rebuilding learner, or a voter answering from other storage than it is bound to).",
@@ -449,6 +454,7 @@ mod tests {
             log_bytes: 4096,
             hibernating: false,
             member: true,
+            allocated_bytes: 3 << 20,
             disk_id: 0xd15c,
             rebuilding: false,
             rebuild_bytes_done: 0,
@@ -563,6 +569,7 @@ mod tests {
         let bg7 = "node=\"1\",bg=\"7\",export=\"bg7\"";
         for (series, value) in [
             (format!("bd_bg_under_replicated{{{bg0}}}"), "1"),
+            (format!("bd_bg_allocated_bytes{{{bg0}}}"), "3145728"),
             (format!("bd_bg_under_replicated{{{bg7}}}"), "0"),
             (format!("bd_bg_rebuilding{{{bg0}}}"), "0"),
             (format!("bd_bg_rebuilding{{{bg7}}}"), "1"),

@@ -592,17 +592,16 @@ impl Sim {
 
     fn crash(&mut self, i: usize) {
         let tear = self.rng.random_bool(self.faults.tear);
-        let node = &mut self.nodes[i];
-        if node.raft.is_none() {
+        if self.nodes[i].raft.is_none() {
             return;
         }
+        let may_wipe = self.faults.amnesia > 0.0 && self.amnesia_allowed();
+        let node = &mut self.nodes[i];
         node.raft = None;
         node.epoch += 1;
         node.store.crash(tear);
         self.report.crashes += 1;
-        let wipe = self.faults.amnesia > 0.0
-            && self.amnesia_allowed()
-            && self.amnesia_rng.random_bool(self.faults.amnesia);
+        let wipe = may_wipe && self.amnesia_rng.random_bool(self.faults.amnesia);
         if wipe {
             let node = &mut self.nodes[i];
             node.store = MemStore::new();
@@ -623,24 +622,25 @@ impl Sim {
         self.schedule(down, Ev::Restart(i));
     }
 
-    /// Whether a crash may also wipe a node's storage now: no other node is
-    /// still being rebuilt, and the leader's configuration is settled (committed,
-    /// not joint, no change running) with at least three voters, so that the
-    /// others still hold a majority that can rebuild the wiped one. (Losing the
-    /// storage of one of two voters stops a group for good, in any raft.)
+    /// Whether a crash may also wipe a node's storage now (asked before the crash takes the
+    /// node down: it may be the leader): no other node is still being rebuilt, and every node's
+    /// configuration is settled (committed there, not joint, no change running on a leader)
+    /// with at least three voters, so that the others still hold a majority that can rebuild
+    /// the wiped one. (Losing the storage of one of two voters stops a group for good, in any
+    /// raft.) Every node is asked, not just the leader (a stale leader of an older term may be
+    /// the one that looks settled), and every node must be up: a down node's log may hold a
+    /// configuration entry that commits once it is back.
     fn amnesia_allowed(&self) -> bool {
-        if self.amnesiac.is_some() {
-            return false;
-        }
-        let Some(l) = self.leader() else {
-            return false;
-        };
-        let raft = self.nodes[l].raft.as_ref().expect("leader is up");
-        let conf = raft.conf();
-        conf.voters.len() >= 3
-            && !conf.is_joint()
-            && raft.conf_index() <= raft.commit_index()
-            && !raft.status().conf_change_in_progress
+        self.amnesiac.is_none()
+            && self.nodes.iter().all(|n| {
+                n.raft.as_ref().is_some_and(|r| {
+                    let conf = r.conf();
+                    conf.voters.len() >= 3
+                        && !conf.is_joint()
+                        && r.conf_index() <= r.commit_index()
+                        && !(r.role() == Role::Leader && r.status().conf_change_in_progress)
+                })
+            })
     }
 
     /// The wiped node is a voter bound to its new disk in a leader's committed
@@ -655,6 +655,13 @@ impl Sim {
         let conf = raft.conf();
         let settled = raft.conf_index() <= raft.commit_index() && !conf.is_joint();
         if settled && (!conf.contains(id) || (conf.is_voter(id) && conf.disk(id) == disk)) {
+            if self.opts.verbose {
+                eprintln!(
+                    "[{}] node {id} rebuilt: leader {} conf {conf:?}",
+                    self.now,
+                    leader + 1
+                );
+            }
             self.amnesiac = None;
         }
     }
@@ -1730,9 +1737,22 @@ pub fn membership_change_scenario(
         let e = 2 * sim.cfg.election_timeout_ticks as u64 * TICK;
         sim.quiet();
         sim.faults.hibernate = 0.0;
-        sim.run_until(20 * e, "a leader committed in its term", |s| {
-            s.settled_leader().is_some()
-        })?;
+        // Every node also learns that commit: the first leader's entry is the configuration
+        // binding the voters to their disks, and a later leader that does not know it committed
+        // refuses changes because of it (another configuration change running), which is not the
+        // moment this scenario is after.
+        sim.run_until(
+            20 * e,
+            "a leader committed in its term, known to all",
+            |s| {
+                s.settled_leader().is_some_and(|l| {
+                    let commit = s.nodes[l].raft.as_ref().map_or(0, |r| r.commit_index());
+                    s.nodes
+                        .iter()
+                        .all(|n| n.raft.as_ref().is_some_and(|r| r.commit_index() >= commit))
+                })
+            },
+        )?;
         let l1 = sim.settled_leader().expect("checked");
         let t1 = sim.nodes[l1].raft.as_ref().expect("up").term();
         let x1 = (0..4).find(|&i| i != l1).expect("four nodes");

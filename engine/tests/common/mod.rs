@@ -46,6 +46,7 @@ pub fn node_config(
             members: addrs.keys().copied().collect(),
             size_bytes: bg_bytes,
             join: false,
+            preallocate: false,
         })
         .collect();
     c

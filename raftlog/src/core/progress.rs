@@ -45,6 +45,10 @@ pub(crate) struct Progress {
     pub readonly: bool,
     /// The disk id the follower last answered with (0 = not heard yet).
     pub disk: DiskId,
+    /// Highest round stamped on an answer from `disk`: an answer from another disk stamped
+    /// with no later round was sent by an earlier life of the follower (its old storage) and
+    /// is dropped.
+    pub disk_round: u64,
     /// Highest round stamped on a response that showed the follower holding
     /// `match_index` (for a snapshot, the leader's round when it was
     /// acknowledged): a response stamped with a later round that shows less
@@ -70,6 +74,7 @@ impl Progress {
             acked_round: 0,
             readonly: false,
             disk: 0,
+            disk_round: 0,
             match_round: 0,
             forgot: false,
         }

@@ -277,20 +277,76 @@ pub fn invalid_appends_refused<H: Harness>(h: &mut H) {
 /// a hard state exists.
 pub fn hard_state<H: Harness>(h: &mut H) {
     let mut s = h.open_fresh();
-    ok(s.set_hard_state(1, HardState { term: 1, vote: 2, disk: 900 + 1 }));
-    ok(s.set_hard_state(2, HardState { term: 5, vote: 0, disk: 900 + 5 }));
-    ok(s.set_hard_state(1, HardState { term: 3, vote: 4, disk: 900 + 3 }));
+    ok(s.set_hard_state(
+        1,
+        HardState {
+            term: 1,
+            vote: 2,
+            disk: 900 + 1,
+        },
+    ));
+    ok(s.set_hard_state(
+        2,
+        HardState {
+            term: 5,
+            vote: 0,
+            disk: 900 + 5,
+        },
+    ));
+    ok(s.set_hard_state(
+        1,
+        HardState {
+            term: 3,
+            vote: 4,
+            disk: 900 + 3,
+        },
+    ));
     assert_eq!(s.groups(), vec![1, 2]);
-    assert_eq!(state(&s, 1).hard_state, HardState { term: 3, vote: 4, disk: 900 + 3 });
+    assert_eq!(
+        state(&s, 1).hard_state,
+        HardState {
+            term: 3,
+            vote: 4,
+            disk: 900 + 3
+        }
+    );
     ok(s.sync());
     let mut s = h.restart(s);
-    assert_eq!(state(&s, 1).hard_state, HardState { term: 3, vote: 4, disk: 900 + 3 });
-    assert_eq!(state(&s, 2).hard_state, HardState { term: 5, vote: 0, disk: 900 + 5 });
+    assert_eq!(
+        state(&s, 1).hard_state,
+        HardState {
+            term: 3,
+            vote: 4,
+            disk: 900 + 3
+        }
+    );
+    assert_eq!(
+        state(&s, 2).hard_state,
+        HardState {
+            term: 5,
+            vote: 0,
+            disk: 900 + 5
+        }
+    );
     assert_eq!(state(&s, 2).last_index, 0);
-    ok(s.set_hard_state(1, HardState { term: 4, vote: 0, disk: 900 + 4 }));
+    ok(s.set_hard_state(
+        1,
+        HardState {
+            term: 4,
+            vote: 0,
+            disk: 900 + 4,
+        },
+    ));
     ok(s.sync());
     let s = h.restart(s);
-    assert_eq!(state(&s, 1).hard_state, HardState { term: 4, vote: 0, disk: 900 + 4 });
+    assert_eq!(
+        state(&s, 1).hard_state,
+        HardState {
+            term: 4,
+            vote: 0,
+            disk: 900 + 4
+        }
+    );
 }
 
 /// Many groups interleaved in one store keep separate logs.
@@ -324,7 +380,14 @@ pub fn groups_interleaved<H: Harness>(h: &mut H) {
 pub fn remove_group<H: Harness>(h: &mut H) {
     let mut s = h.open_fresh();
     ok(s.append(1, &make_entries(1, 1, 5, 1)));
-    ok(s.set_hard_state(1, HardState { term: 1, vote: 1, disk: 900 + 1 }));
+    ok(s.set_hard_state(
+        1,
+        HardState {
+            term: 1,
+            vote: 1,
+            disk: 900 + 1,
+        },
+    ));
     ok(s.append(2, &make_entries(2, 1, 5, 1)));
     ok(s.remove_group(1));
     ok(s.remove_group(42));
@@ -347,7 +410,14 @@ pub fn restart_shows_synced_state<H: Harness>(h: &mut H) {
     let mut s = h.restart(s);
     assert_eq!(image(&mut s), s0);
     for g in 1..=4u64 {
-        ok(s.set_hard_state(g, HardState { term: g, vote: g, disk: 900 + g }));
+        ok(s.set_hard_state(
+            g,
+            HardState {
+                term: g,
+                vote: g,
+                disk: 900 + g,
+            },
+        ));
         ok(s.append(g, &make_entries(g, 1, 20 + g, 1)));
     }
     ok(s.compact(2, 10, 1));
@@ -373,7 +443,16 @@ pub fn restart_loses_only_a_suffix<H: Harness>(h: &mut H) {
     type Op = Box<dyn Fn(&mut dyn DynStore)>;
     let ops: Vec<Op> = vec![
         Box::new(|s| s.do_append(1, &make_entries(1, 6, 8, 1))),
-        Box::new(|s| s.do_set_hard_state(1, HardState { term: 2, vote: 1, disk: 900 + 2 })),
+        Box::new(|s| {
+            s.do_set_hard_state(
+                1,
+                HardState {
+                    term: 2,
+                    vote: 1,
+                    disk: 900 + 2,
+                },
+            )
+        }),
         Box::new(|s| s.do_append(1, &make_entries(1, 4, 4, 2))),
         Box::new(|s| s.do_append(2, &make_entries(2, 1, 3, 1))),
         Box::new(|s| s.do_compact(1, 3, 1)),

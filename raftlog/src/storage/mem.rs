@@ -365,7 +365,15 @@ mod tests {
         s.append(1, &ents(1, 3, 1)).unwrap();
         s.sync().unwrap();
         s.append(1, &ents(4, 6, 1)).unwrap();
-        s.set_hard_state(1, HardState { term: 2, vote: 3, disk: 900 + 2 }).unwrap();
+        s.set_hard_state(
+            1,
+            HardState {
+                term: 2,
+                vote: 3,
+                disk: 900 + 2,
+            },
+        )
+        .unwrap();
         s.crash(false);
         let st = s.group_state(1).unwrap();
         assert_eq!(st.last_index, 3);

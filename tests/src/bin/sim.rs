@@ -31,7 +31,7 @@ struct Args {
     #[arg(long)]
     verbose: bool,
     /// Test only: break a safety rule to prove the simulator catches it.
-    #[arg(long, value_parser = ["none", "commit-previous-term", "vote-skips-log-check", "resume-keeps-lease", "amnesiac-votes"], default_value = "none", hide = true)]
+    #[arg(long, value_parser = ["none", "commit-previous-term", "vote-skips-log-check", "resume-keeps-lease", "amnesiac-votes", "conf-change-before-term-commit"], default_value = "none", hide = true)]
     broken_rule: String,
 }
 
@@ -45,6 +45,7 @@ fn main() {
         "vote-skips-log-check" => BrokenRule::VoteSkipsLogCheck,
         "resume-keeps-lease" => BrokenRule::ResumeKeepsLease,
         "amnesiac-votes" => BrokenRule::AmnesiacVotes,
+        "conf-change-before-term-commit" => BrokenRule::ConfChangeBeforeTermCommit,
         _ => BrokenRule::None,
     };
     let (start, count) = match args.seed {
