@@ -173,7 +173,11 @@ pub fn state_table(rows: &[StateRow]) -> String {
     out
 }
 
-pub(super) async fn state(nodes: &[SocketAddr], only: Option<u64>, json: bool) -> Result<(), Error> {
+pub(super) async fn state(
+    nodes: &[SocketAddr],
+    only: Option<u64>,
+    json: bool,
+) -> Result<(), Error> {
     let (mut rows, mut errors) = statuses(nodes).await;
     if let Some(bg) = only {
         rows.retain(|(_, b)| b["bg"].as_u64() == Some(bg));
