@@ -77,6 +77,8 @@ pub struct StateRow {
     pub last_snapshot_id: Option<u64>,
     pub last_snapshot_term: Option<u64>,
     pub snapshot_status: Option<String>,
+    /// Disk space the replica's data file occupies (below the volume's size when thin).
+    pub allocated_bytes: Option<u64>,
     /// The node's `/raft_stat` block of the group (`--json` only).
     pub raw_raft_stat: Option<String>,
 }
@@ -115,6 +117,7 @@ pub fn state_rows(
                 last_snapshot_id: n("last_snapshot_index"),
                 last_snapshot_term: n("last_snapshot_term"),
                 snapshot_status: s("snapshot_status"),
+                allocated_bytes: n("allocated_bytes"),
                 raw_raft_stat: raw,
             }
         })
@@ -124,10 +127,10 @@ pub fn state_rows(
 /// The `state` table of [`state_rows`] (without `addr` and `raw_raft_stat`; `--json` has
 /// them). A missing field or an unknown leader shows as `-`.
 pub fn state_table(rows: &[StateRow]) -> String {
-    let line = |f: [&str; 13]| {
+    let line = |f: [&str; 14]| {
         format!(
-            "{:>8} {:>7} {:<10} {:<10} {:>6} {:>6} {:<20} {:<16} {:>16} {:>17} {:>16} {:>18}  {}\n",
-            f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12]
+            "{:>8} {:>7} {:<10} {:<10} {:>6} {:>6} {:<20} {:<16} {:>16} {:>17} {:>16} {:>18} {:>15}  {}\n",
+            f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12], f[13]
         )
     };
     let mut out = line([
@@ -143,6 +146,7 @@ pub fn state_table(rows: &[StateRow]) -> String {
         "last_committed_id",
         "last_snapshot_id",
         "last_snapshot_term",
+        "allocated_bytes",
         "snapshot_status",
     ]);
     let n = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
@@ -167,6 +171,7 @@ pub fn state_table(rows: &[StateRow]) -> String {
             &n(r.last_committed_id),
             &n(r.last_snapshot_id),
             &n(r.last_snapshot_term),
+            &n(r.allocated_bytes),
             &s(&r.snapshot_status),
         ]));
     }
@@ -271,6 +276,7 @@ mod tests {
         for (i, (_, b)) in rows.iter_mut().enumerate() {
             b["disk_id"] = serde_json::json!(0xab + i as u64);
             b["last_snapshot_term"] = serde_json::json!(2);
+            b["allocated_bytes"] = serde_json::json!(4096 * (i as u64 + 1));
         }
         rows[1].1["known_applied_index"] = serde_json::json!(7);
         rows[2].1["snapshot_status"] = serde_json::json!("LOADING");
@@ -294,6 +300,7 @@ mod tests {
                 "state": "LEADER", "term": 3, "leader": 1, "fsm_state": "applied",
                 "disk_id": "00000000000000ab", "known_applied_id": 9, "last_committed_id": 9,
                 "last_snapshot_id": 4, "last_snapshot_term": 2, "snapshot_status": "IDLE",
+                "allocated_bytes": 4096,
                 "raw_raft_stat": raft_stat_blocks(RAFT_STAT_NODE1)[&0],
             })
         );
@@ -332,6 +339,7 @@ mod tests {
                 "last_snapshot_id",
                 "last_snapshot_term",
                 "snapshot_status",
+                "allocated_bytes",
                 "raw_raft_stat"
             ],
             "{text}"
@@ -360,6 +368,7 @@ mod tests {
                 "last_committed_id",
                 "last_snapshot_id",
                 "last_snapshot_term",
+                "allocated_bytes",
                 "snapshot_status"
             ]
         );
@@ -379,6 +388,7 @@ mod tests {
                 "9",
                 "4",
                 "2",
+                "4096",
                 "IDLE"
             ]
         );
@@ -397,7 +407,7 @@ mod tests {
         assert!(!last.contains("null") && !last.contains("None"), "{t}");
         assert_eq!(
             last.split_whitespace().filter(|f| *f == "-").count(),
-            12,
+            13,
             "{t}"
         );
         assert!(
