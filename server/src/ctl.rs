@@ -781,7 +781,13 @@ fn list(nodes: &[SocketAddr]) -> String {
 mod tests {
     use super::*;
 
-    fn row(addr: &str, node: u64, bg: u64, state: &str, term: u64) -> (SocketAddr, Value) {
+    pub(super) fn row(
+        addr: &str,
+        node: u64,
+        bg: u64,
+        state: &str,
+        term: u64,
+    ) -> (SocketAddr, Value) {
         (
             addr.parse().unwrap(),
             serde_json::json!({"node": node, "bg": bg, "state": state, "term": term,

@@ -223,16 +223,8 @@ pub(super) async fn state(
 mod tests {
     use super::*;
 
-    fn row(addr: &str, node: u64, bg: u64, state: &str, term: u64) -> (SocketAddr, Value) {
-        (
-            addr.parse().unwrap(),
-            serde_json::json!({"node": node, "bg": bg, "state": state, "term": term,
-                "leader": 1, "voters": [1, 2, 3], "conf_index": 1,
-                "last_log_index": 10, "last_committed_index": 9,
-                "known_applied_index": 9, "last_snapshot_index": 4,
-                "snapshot_status": "IDLE", "hibernating": node == 3}),
-        )
-    }
+    // The status rows `bdctl status` is tested with.
+    use crate::ctl::tests::row;
 
     /// `/raft_stat` of a node holding bg 0 and bg 1, as `BgStatus::raft_stat_text` and the
     /// per-core and per-link lines write it.
