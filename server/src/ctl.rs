@@ -448,7 +448,12 @@ fn replication_marks(rows: &[(SocketAddr, Value)], b: &Value) -> String {
     out
 }
 
-async fn status(nodes: &[SocketAddr], only: Option<u64>) -> Result<(), Error> {
+/// Every node's status rows (of bg `only`, if given), ordered by BG, node and address, and the
+/// errors of the nodes that did not answer (or that no node hosts `only`).
+async fn bg_rows(
+    nodes: &[SocketAddr],
+    only: Option<u64>,
+) -> (Vec<(SocketAddr, Value)>, Vec<Error>) {
     let (mut rows, mut errors) = statuses(nodes).await;
     if let Some(bg) = only {
         rows.retain(|(_, b)| b["bg"].as_u64() == Some(bg));
@@ -460,6 +465,11 @@ async fn status(nodes: &[SocketAddr], only: Option<u64>) -> Result<(), Error> {
         }
     }
     rows.sort_by_key(|(addr, b)| (b["bg"].as_u64(), b["node"].as_u64(), *addr));
+    (rows, errors)
+}
+
+async fn status(nodes: &[SocketAddr], only: Option<u64>) -> Result<(), Error> {
+    let (rows, errors) = bg_rows(nodes, only).await;
     print!("{}", status_table(&rows));
     report(errors, nodes.len())
 }

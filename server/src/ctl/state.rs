@@ -183,17 +183,7 @@ pub(super) async fn state(
     only: Option<u64>,
     json: bool,
 ) -> Result<(), Error> {
-    let (mut rows, mut errors) = statuses(nodes).await;
-    if let Some(bg) = only {
-        rows.retain(|(_, b)| b["bg"].as_u64() == Some(bg));
-        if rows.is_empty() && errors.is_empty() {
-            errors.push(Error::AdminOutcome(format!(
-                "bg {bg}: hosted by none of {}",
-                list(nodes)
-            )));
-        }
-    }
-    rows.sort_by_key(|(addr, b)| (b["bg"].as_u64(), b["node"].as_u64(), *addr));
+    let (rows, mut errors) = bg_rows(nodes, only).await;
     let mut raft_stat = Vec::new();
     let mut asked = nodes.len();
     if json {
